@@ -1,0 +1,266 @@
+"""The model bundle: ``manifest.json`` + ``model.onnx`` + ``arrays.npz`` (+ optional ``segmenter.onnx``).
+
+A bundle is a folder or a zip of one. The manifest describes everything needed to reproduce a
+prediction (taxonomy, preprocessing, temperature, operating points, OOD threshold) and the model
+card (training data, licence, intended use, limits, validation metrics); ``files`` holds the
+sha256 of every other file, and loading refuses a bundle whose files do not match.
+``arrays.npz`` holds the classifier weights (for heatmaps) and the OOD statistics; it is read
+with ``allow_pickle=False``: no pickles anywhere.
+
+A zipped bundle is read into memory, never extracted to disk.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import zipfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from . import __version__
+from .calibration import OperatingPoint
+from .errors import BundleError
+from .metadata import MetadataSpec
+from .preprocess import Preprocessing
+from .taxonomy import Taxonomy
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+ARRAYS_FILE = "arrays.npz"
+SEGMENTER_FILE = "segmenter.onnx"
+SCHEMA_VERSION = 1
+
+
+class ModelSpec(BaseModel):
+    """The ONNX graph's contract."""
+
+    file: str = MODEL_FILE
+    backbone: str
+    # inputs: "image" (N,3,S,S) float32, and "metadata" (N, metadata.dim) float32 when metadata is set
+    inputs: list[str] = ["image"]
+    # outputs: "logits" (N,C), "embedding" (N,D) pooled features, "features" (N,D,h,w) last feature map
+    outputs: list[str] = ["logits", "embedding", "features"]
+    embedding_dim: int
+    feature_stride: int = 32
+    metadata: MetadataSpec | None = None
+
+
+class OODSpec(BaseModel):
+    """Out-of-distribution detection: method, threshold, and how the threshold was chosen."""
+
+    method: str = "mahalanobis"
+    threshold: float
+    validation_kept: float = Field(description="share of in-distribution validation images with score <= threshold")
+
+
+class Calibration(BaseModel):
+    temperature: float = 1.0
+    ece_before: float | None = None
+    ece_after: float | None = None
+    split: str = "val"
+
+
+class ModelCard(BaseModel):
+    """What a user must know before trusting the model."""
+
+    intended_use: str = (
+        "Screening aid for dermoscopic images of skin lesions, to help clinicians decide which lesions "
+        "to refer. Not a diagnosis; not for use on clinical (non-dermoscopic) photographs."
+    )
+    licence: str = "CC BY-NC-SA 4.0 (non-commercial use only; inherited from the training data)"
+    training_data: str = ""
+    limitations: list[str] = []
+    citation: str = ""
+
+
+class Manifest(BaseModel):
+    """The bundle's self-description; see the module docstring."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str = "0.1.0"
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    dermscreen_version: str = __version__
+    taxonomy: Taxonomy
+    preprocessing: Preprocessing
+    model: ModelSpec
+    calibration: Calibration = Calibration()
+    operating_points: list[OperatingPoint] = []
+    ood: OODSpec | None = None
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    card: ModelCard = ModelCard()
+    files: dict[str, str] = {}
+
+    def operating_point(self, name: str) -> OperatingPoint:
+        for op in self.operating_points:
+            if op.name == name:
+                return op
+        raise BundleError(f"This bundle has no operating point named {name!r} "
+                          f"(it has: {', '.join(o.name for o in self.operating_points) or 'none'}).")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Bundle:
+    """A loaded, verified bundle: manifest, file bytes, arrays, and a lazily built ONNX session."""
+
+    def __init__(self, manifest: Manifest, files: dict[str, bytes], source: str = "<memory>"):
+        self.manifest = manifest
+        self._files = files
+        self.source = source
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        """Read a bundle folder or zip; with ``verify`` (default) refuse any file whose sha256 differs."""
+        path = Path(path)
+        if not path.exists():
+            raise BundleError(f"Model bundle not found: {path}.")
+        files: dict[str, bytes] = {}
+        if path.is_dir():
+            for p in sorted(path.iterdir()):
+                if p.is_file():
+                    files[p.name] = p.read_bytes()
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        files[Path(info.filename).name] = zf.read(info)
+        else:
+            raise BundleError(f"{path} is neither a bundle folder nor a zip of one.")
+        if MANIFEST not in files:
+            raise BundleError(f"{path} has no {MANIFEST}: it is not a dermscreen model bundle.")
+        try:
+            manifest = Manifest.model_validate_json(files[MANIFEST])
+        except ValidationError as exc:
+            raise BundleError(f"{path}/{MANIFEST} does not match the bundle schema: {exc}") from None
+        if manifest.schema_version > SCHEMA_VERSION:
+            raise BundleError(f"{path} needs a newer dermscreen (bundle schema {manifest.schema_version}).")
+        bundle = cls(manifest, files, str(path))
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Raise BundleError unless every file listed in the manifest is present with its sha256."""
+        if not self.manifest.files:
+            raise BundleError(f"{self.source}: the manifest lists no file hashes; refusing an unverifiable bundle.")
+        for name, digest in self.manifest.files.items():
+            if name not in self._files:
+                raise BundleError(f"{self.source}: {name} is listed in the manifest but missing.")
+            if sha256_bytes(self._files[name]) != digest:
+                raise BundleError(
+                    f"{self.source}: {name} does not match its sha256 in the manifest; the bundle was modified "
+                    "or corrupted. Re-export or re-download it."
+                )
+        for required in (self.manifest.model.file, ARRAYS_FILE):
+            if required not in self.manifest.files:
+                raise BundleError(f"{self.source}: {required} is not covered by the manifest's hashes.")
+
+    # ---- saving --------------------------------------------------------------------------
+    @staticmethod
+    def write(folder: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Path:
+        """Write ``files`` and a manifest carrying their hashes into ``folder``; returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = manifest.model_copy(update={"files": {n: sha256_bytes(b) for n, b in sorted(files.items())}})
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        return folder
+
+    @staticmethod
+    def zip(folder: str | Path, out: str | Path) -> Path:
+        """Zip a bundle folder into one file."""
+        out = Path(out)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(Path(folder).iterdir()):
+                if p.is_file():
+                    zf.write(p, p.name)
+        return out
+
+    @staticmethod
+    def arrays_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    # ---- contents ------------------------------------------------------------------------
+    def file(self, name: str) -> bytes:
+        if name not in self._files:
+            raise BundleError(f"{self.source} has no {name}.")
+        return self._files[name]
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the bundle: the hash of its manifest (which pins every other file)."""
+        return sha256_bytes(self._files[MANIFEST]) if MANIFEST in self._files else \
+            sha256_bytes(self.manifest.model_dump_json().encode())
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Classifier weights (``classifier_weight`` (C, D), ``classifier_bias`` (C,)) and ``ood_*`` arrays."""
+        with np.load(io.BytesIO(self.file(ARRAYS_FILE)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    @property
+    def has_segmenter(self) -> bool:
+        return SEGMENTER_FILE in self.manifest.files
+
+    def session(self, threads: int | None = None):
+        """A cached onnxruntime InferenceSession for model.onnx (``threads`` = intra-op threads)."""
+        key = ("_session", threads)
+        if not hasattr(self, "_sessions"):
+            self._sessions = {}
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._sessions[key] = ort.InferenceSession(
+                self.file(self.manifest.model.file), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[key]
+
+    def run(self, images: np.ndarray, metadata: np.ndarray | None = None, threads: int | None = None,
+            outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the ONNX model on an (N,3,S,S) float32 batch; returns {output name: array}.
+
+        ``metadata`` is (N, metadata.dim) float32; when the model takes metadata and none is given,
+        every value is encoded as unknown.
+        """
+        spec = self.manifest.model
+        feeds = {"image": np.ascontiguousarray(images, dtype=np.float32)}
+        if "metadata" in spec.inputs:
+            if metadata is None:
+                assert spec.metadata is not None
+                metadata = np.stack([spec.metadata.encode()] * len(images))
+            feeds["metadata"] = np.ascontiguousarray(metadata, dtype=np.float32)
+        names = outputs or spec.outputs
+        values = self.session(threads).run(names, feeds)
+        return dict(zip(names, values))
+
+    def info(self) -> dict[str, Any]:
+        """A short JSON-ready summary: name, version, hash, taxonomy codes, metrics."""
+        m = self.manifest
+        return {
+            "name": m.name, "version": m.version, "sha256": self.sha256, "backbone": m.model.backbone,
+            "classes": m.taxonomy.codes, "temperature": m.calibration.temperature,
+            "operating_points": [o.model_dump() for o in m.operating_points],
+            "metrics": m.metrics, "licence": m.card.licence,
+        }
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

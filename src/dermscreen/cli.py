@@ -1,0 +1,39 @@
+"""The one ``dermscreen`` command line: train, evaluate, predict, info, serve, ...
+
+Each command's implementation lives with its subsystem; this module only wires them together.
+Heavy imports (torch, onnxruntime) happen inside the commands, so ``dermscreen --help`` is instant
+and the core install (no torch) can run everything except training.
+"""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="dermscreen",
+    help="Screening aid for skin lesions in dermoscopic images: train, evaluate, export and use classifiers. "
+    "Outputs are screening aids, not diagnoses.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each subsystem exposes plain functions with typer annotations; registering them here keeps
+    # one command tree while the code stays next to what it drives.
+    from .training import commands as training_commands
+    from .evaluation import commands as evaluation_commands
+
+    app.command("train")(training_commands.train)
+    app.command("evaluate")(evaluation_commands.evaluate)
+
+
+_register()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

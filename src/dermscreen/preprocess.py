@@ -1,0 +1,52 @@
+"""Image → model input. One implementation shared by training and inference, so they cannot drift."""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Preprocessing(BaseModel):
+    """How an RGB image becomes the model's input tensor; stored in every bundle manifest."""
+
+    image_size: int = 224
+    # center_crop: the centred square of the shorter side, resized (matches how the 224 px HAM10000
+    # copy was made from the 600x450 originals); squash: the whole frame resized to a square.
+    resize: Literal["center_crop", "squash"] = "center_crop"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def resize_for_model(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """Crop/resize a PIL RGB image to ``spec.image_size`` square, bilinear."""
+    if spec.resize == "center_crop":
+        w, h = image.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    size = spec.image_size
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return image
+
+
+def normalize(rgb: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """HxWx3 uint8 RGB → 3xHxW float32, scaled to [0, 1] and standardised with spec.mean/std."""
+    x = rgb.astype(np.float32) * (1.0 / 255.0)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x /= np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(image: Image.Image | np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """PIL image or HxWx3 uint8 array → 3xSxS float32 model input."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return normalize(np.asarray(resize_for_model(image, spec)), spec)

@@ -1,0 +1,67 @@
+"""Lesion-grouped, class-stratified, seeded splits.
+
+Images of one lesion (else one patient, else the image alone) always land in the same split:
+several HAM10000 images show the same lesion, and letting them straddle train and test makes
+validation scores leak and mean nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from .manifests import LabelledSet
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _carve(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions into (rest, carved) with ~``fraction`` carved, grouped and stratified."""
+    n_splits = max(2, int(round(1.0 / fraction)))
+    # StratifiedGroupKFold needs every class to appear at least n_splits times to stratify well;
+    # it still works (with a warning) otherwise, which is acceptable for tiny test sets.
+    n_splits = min(n_splits, len(np.unique(groups)))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, carved = next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))
+    return rest, carved
+
+
+def grouped_split(
+    data: LabelledSet,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict[str, list[int]]:
+    """Indices of ``data.samples`` for train/val/test; no group crosses splits; deterministic by seed.
+
+    A fraction of 0 leaves that split empty.
+    """
+    import warnings
+
+    labels = np.asarray(data.labels)
+    groups = np.asarray([s.group_id for s in data.samples])
+    index = np.arange(len(labels))
+    out: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": expected for rare classes in small sets.
+        warnings.simplefilter("ignore", UserWarning)
+        if test_fraction > 0:
+            rest, test = _carve(labels, groups, test_fraction, seed)
+            out["test"] = sorted(index[test].tolist())
+            index = index[rest]
+        if val_fraction > 0:
+            rel = val_fraction / (1.0 - test_fraction)
+            rest, val = _carve(labels[index], groups[index], rel, seed + 1)
+            out["val"] = sorted(index[val].tolist())
+            index = index[rest]
+    out["train"] = sorted(index.tolist())
+    return out
+
+
+def assert_no_group_leak(data: LabelledSet, split: dict[str, list[int]]) -> None:
+    """Raise AssertionError if any lesion/patient group appears in more than one split."""
+    owner: dict[str, str] = {}
+    for name, idx in split.items():
+        for i in idx:
+            g = data.samples[i].group_id
+            if owner.setdefault(g, name) != name:
+                raise AssertionError(f"group {g} is in both {owner[g]} and {name}")

@@ -1,0 +1,49 @@
+"""Shared fixtures: paths to the real data, and a tiny synthetic bundle."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__import__("os").environ.get("DERMSCREEN_DATA", REPO.parent / "shared" / "data"))
+HAM = DATA / "ham10000"
+HAM224 = DATA / "ham10000_224"
+
+
+def _need_data() -> None:
+    if not (HAM / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real data not found at {DATA} (set DERMSCREEN_DATA)")
+
+
+@pytest.fixture(scope="session")
+def ham_dir() -> Path:
+    """../shared/data/ham10000 (200x150 whole-frame copy of HAM10000)."""
+    _need_data()
+    return HAM
+
+
+@pytest.fixture(scope="session")
+def ham224_dir() -> Path:
+    """../shared/data/ham10000_224 (224x224 centre-crop copy of 5,984 images)."""
+    _need_data()
+    return HAM224
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A verified bundle folder with a tiny random ONNX model over the HAM10000 taxonomy (64 px input)."""
+    from tinybundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_meta(tmp_path_factory) -> Path:
+    """Like tiny_bundle, but the model also takes a metadata vector (age, sex, site)."""
+    from tinybundle import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny_meta", metadata=True)

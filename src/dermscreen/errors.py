@@ -23,3 +23,37 @@ class ImageError(DermscreenError, ValueError):
 
 class ConfigError(DermscreenError, ValueError):
     """A training or evaluation configuration is invalid."""
+
+
+# ---- image errors: each maps to one HTTP status, so every front end answers the same way ----------
+ImageError.http_status = 422
+
+
+class UnsupportedImageError(ImageError):
+    """The bytes are not an image format dermscreen reads (HTTP 415)."""
+
+    http_status = 415
+
+
+class CorruptImageError(ImageError):
+    """The file looks like a supported format but is truncated or garbled (HTTP 422)."""
+
+    http_status = 422
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than allowed; raised before its pixels are decoded (HTTP 413)."""
+
+    http_status = 413
+
+
+class ImageTooSmallError(ImageError):
+    """The image is too small to analyse (HTTP 422)."""
+
+    http_status = 422
+
+
+class InputError(DermscreenError, ValueError):
+    """A request parameter other than the image (age, sex, site, an option) is invalid (HTTP 422)."""
+
+    http_status = 422

@@ -20,13 +20,14 @@ class BundleError(DermscreenError):
 class ImageError(DermscreenError, ValueError):
     """An image could not be read or is not acceptable for analysis."""
 
+    http_status = 422
+
 
 class ConfigError(DermscreenError, ValueError):
     """A training or evaluation configuration is invalid."""
 
 
 # ---- image errors: each maps to one HTTP status, so every front end answers the same way ----------
-ImageError.http_status = 422
 
 
 class UnsupportedImageError(ImageError):

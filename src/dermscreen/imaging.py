@@ -1,0 +1,283 @@
+"""Bytes → 8-bit sRGB array: every upload format, orientation, colour profile and size limit in one place.
+
+Reads JPEG, PNG, WebP, BMP, TIFF (Pillow), HEIC/HEIF (pillow-heif) and single-frame DICOM (pydicom).
+The pixel count is read from the header and checked before any pixel is decoded, so a
+decompression bomb costs nothing. Every failure is one typed ``ImageError`` subclass whose message
+a user can act on; each carries the HTTP status a server should answer with.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from .errors import CorruptImageError, ImageError, ImageTooLargeError, ImageTooSmallError, UnsupportedImageError
+
+__all__ = [
+    "DecodedImage", "decode_image", "ImageError", "UnsupportedImageError", "CorruptImageError",
+    "ImageTooLargeError", "ImageTooSmallError", "DEFAULT_MAX_PIXELS", "SUPPORTED_FORMATS",
+]
+
+# 50 megapixels is above any phone or dermatoscope camera (a 48 MP phone sensor is 8064x6048)
+# and keeps the decoded RGB array under 150 MB.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MIN_SIDE = 16
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WebP", "BMP", "TIFF", "HEIC/HEIF", "DICOM")
+# Pillow's format names we accept; MPO is how Pillow names multi-picture JPEGs from phone cameras.
+_PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "HEIF", "AVIF")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+_SUPPORTED_SENTENCE = "Send a JPEG, PNG, WebP, BMP, TIFF, HEIC or single-frame DICOM image."
+
+
+@dataclass
+class DecodedImage:
+    """A decoded upload: ``rgb`` (H, W, 3) uint8 sRGB, plus what was learnt about the file on the way."""
+
+    rgb: np.ndarray
+    format: str
+    original_size: tuple[int, int]  # (width, height) as stored, before EXIF rotation
+    pixel_spacing_mm: float | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. "EXIF orientation applied", "ICC profile converted"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of ``rgb``."""
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
+
+# ---- format sniffing ---------------------------------------------------------------------------
+def _sniff(data: bytes) -> str | None:
+    """Name of the container format the first bytes announce, or None when unrecognised."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIF"
+    for magic, name in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
+                        (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF8", "GIF")):
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+_heif_lock = threading.Lock()
+_heif_registered = False
+
+
+def _register_heif() -> None:
+    """Teach Pillow to open HEIC/HEIF (once, lazily: pillow-heif is only imported when needed)."""
+    global _heif_registered
+    with _heif_lock:
+        if _heif_registered:
+            return
+        try:
+            import pillow_heif
+        except ImportError:  # pragma: no cover - pillow-heif is a core dependency
+            raise UnsupportedImageError(
+                "This is a HEIC/HEIF image, but the pillow-heif package is not installed: "
+                "install it (pip install pillow-heif) or convert the photo to JPEG."
+            ) from None
+        pillow_heif.register_heif_opener()
+        _heif_registered = True
+
+
+def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
+    """Raise ImageTooLargeError / ImageTooSmallError from the header's dimensions."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"This image is {width}x{height} pixels ({width * height / 1e6:.1f} MP), above the limit of "
+            f"{max_pixels / 1e6:.0f} MP: resize it (the model only needs a few hundred pixels across the lesion)."
+        )
+    if min(width, height) < min_side:
+        raise ImageTooSmallError(
+            f"This image is only {width}x{height} pixels; at least {min_side} pixels on each side are needed. "
+            "Send the original photo rather than a thumbnail."
+        )
+
+
+# ---- colour -------------------------------------------------------------------------------------
+_SRGB = ImageCms.createProfile("sRGB")
+_icc_cache: dict[tuple[str, str], ImageCms.ImageCmsTransform | None] = {}
+_icc_lock = threading.Lock()
+
+
+def _icc_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A cached transform from an embedded profile to sRGB; None when the profile is sRGB already."""
+    key = (hashlib.sha1(icc).hexdigest(), mode)
+    with _icc_lock:
+        if key in _icc_cache:
+            return _icc_cache[key]
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    description = (ImageCms.getProfileDescription(profile) or "").lower()
+    transform = None
+    if "srgb" not in description:
+        transform = ImageCms.buildTransform(profile, _SRGB, mode, "RGB",
+                                            renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    with _icc_lock:
+        _icc_cache[key] = transform
+    return transform
+
+
+def _to_srgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """Convert an image carrying a non-sRGB ICC profile to sRGB; a broken profile is ignored with a note."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "CMYK", "L"):
+        return img
+    try:
+        transform = _icc_transform(icc, img.mode)
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+        notes.append("embedded colour profile unreadable; colours used as stored")
+        return img
+    if transform is None:
+        return img
+    notes.append("embedded colour profile converted to sRGB")
+    return ImageCms.applyTransform(img, transform)
+
+
+def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit (or wider) integer or float array to uint8 by its nominal range."""
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        top = 1.0 if float(np.nanmax(arr)) <= 1.0 else 255.0
+        return np.clip(np.nan_to_num(arr) * (255.0 / top), 0, 255).astype(np.uint8)
+    peak = int(arr.max()) if arr.size else 0
+    # A 16-bit container often holds 10-14 significant bits (DICOM, scientific TIFF): scale by the
+    # smallest power of two that holds the data, so a 12-bit image is not left nearly black.
+    bits = max(8, int(peak).bit_length())
+    return (arr.astype(np.float32) * (255.0 / (2**bits - 1)) + 0.5).astype(np.uint8)
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto white (what a viewer would show) and return RGB."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode (1, L, P, LA, PA, RGBA, CMYK, I;16, I, F, ...) → (H, W, 3) uint8 RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = _high_bit_to_uint8(np.asarray(img))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        return np.asarray(_flatten_alpha(img))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+# ---- decoders -----------------------------------------------------------------------------------
+def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: int) -> DecodedImage:
+    """Decode a Pillow-readable image: header size check, first frame, EXIF orientation, sRGB, 8-bit RGB."""
+    if sniffed == "HEIF":
+        _register_heif()
+    try:
+        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"This image declares an enormous size and was refused unread ({exc}).") from None
+    except UnidentifiedImageError:
+        if sniffed and sniffed != "GIF":
+            raise CorruptImageError(
+                f"This file starts like a {sniffed} image but its header is damaged, so it cannot be read: "
+                "export or save the image again."
+            ) from None
+        raise UnsupportedImageError(
+            f"This file is not an image we can read{' (it is a GIF)' if sniffed == 'GIF' else ''}. "
+            f"{_SUPPORTED_SENTENCE}"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"This image file is damaged and cannot be read ({exc}): export it again.") from None
+    fmt = img.format or sniffed or "unknown"
+    width, height = img.size
+    _check_size(width, height, max_pixels, min_side)
+    notes: list[str] = []
+    try:
+        img.load()  # first frame only: multi-page TIFF and animated WebP are read as their first image
+        if img.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: the EXIF Orientation tag
+            img = ImageOps.exif_transpose(img)
+            notes.append("EXIF orientation applied")
+        img = _to_srgb(img, notes)
+        rgb = _pil_to_rgb(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImageError(
+            f"This {fmt} image is truncated or damaged and cannot be decoded ({exc}): upload the complete file again."
+        ) from None
+    return DecodedImage(np.ascontiguousarray(rgb), fmt, (width, height), None, notes)
+
+
+def _dicom_spacing(ds) -> float | None:
+    """Pixel spacing in mm (row spacing) from PixelSpacing or ImagerPixelSpacing, if present and sane."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        value = getattr(ds, tag, None)
+        try:
+            spacing = float(value[0]) if value is not None else None
+        except (TypeError, ValueError, IndexError):
+            spacing = None
+        if spacing and spacing > 0:
+            return spacing
+    return None
+
+
+def _decode_dicom(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
+    """Decode a single-frame DICOM image (e.g. a dermoscopy photograph, Supplement 221) to RGB."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:  # pragma: no cover - pydicom is a core dependency
+        raise UnsupportedImageError("This is a DICOM file, but pydicom is not installed: pip install pydicom.") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CorruptImageError(f"This DICOM file is damaged and cannot be read ({exc}).") from None
+    if "PixelData" not in ds:
+        raise UnsupportedImageError("This DICOM file holds no image (no pixel data): send a DICOM image object.")
+    rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+    _check_size(cols, rows, max_pixels, min_side)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise UnsupportedImageError(
+            f"This DICOM file holds {frames} frames; dermscreen reads single-frame images. "
+            "Export the one dermoscopy frame to analyse."
+        )
+    try:
+        arr = ds.pixel_array  # pydicom converts YBR colour spaces to RGB by default
+    except Exception as exc:  # pydicom raises many types for missing codecs / bad data
+        raise CorruptImageError(
+            f"The pixels of this DICOM file cannot be decoded ({type(exc).__name__}: {exc}). "
+            "It may use a compression this installation cannot read: export it uncompressed or as JPEG."
+        ) from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "RGB")).upper()
+    arr = _high_bit_to_uint8(np.asarray(arr))
+    if arr.ndim == 2:
+        if photometric == "MONOCHROME1":  # MONOCHROME1 stores white as 0
+            arr = 255 - arr
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise UnsupportedImageError(f"This DICOM image has an unexpected pixel layout {arr.shape}; send an RGB image.")
+    return DecodedImage(np.ascontiguousarray(arr[:, :, :3]), "DICOM", (cols, rows), _dicom_spacing(ds), [])
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, filename: str | None = None,
+                 min_side: int = DEFAULT_MIN_SIDE) -> DecodedImage:
+    """Decode uploaded image bytes to a DecodedImage (8-bit sRGB, upright); raises an ImageError subclass."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("decode_image takes the file's bytes")
+    data = bytes(data)
+    label = f"{filename}: " if filename else ""
+    if not data:
+        raise CorruptImageError(f"{label}The file is empty: choose the image file again.")
+    sniffed = _sniff(data)
+    try:
+        if sniffed == "DICOM":
+            return _decode_dicom(data, max_pixels, min_side)
+        return _decode_pillow(data, sniffed, max_pixels, min_side)
+    except ImageError as exc:
+        if label:
+            raise type(exc)(label + str(exc)) from None
+        raise

@@ -1,0 +1,187 @@
+"""Evaluate a model bundle on a labelled set: predictions.csv, metrics.json, plots and an HTML report.
+
+Core install only (numpy, Pillow, onnxruntime, scikit-learn, matplotlib): torch is never imported.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import DISCLAIMER, __version__
+from ..bundle import Bundle
+from ..errors import ConfigError, ManifestError
+from ..inference import Predictions, predict_samples, resolve_model
+from ..manifests import LabelledSet, load_labels
+from .metrics import EvalData, compute_metrics, subgroup_columns
+from .plots import confusion_matrix_png, reliability_png, roc_png
+from .report import render_report
+
+TTA_MODE = "mean of logits over 4 views (identity, horizontal, vertical and both flips), then temperature"
+PLOT_FILES = {"confusion_matrix": "confusion_matrix.png", "roc_curves": "roc_curves.png",
+              "reliability": "reliability.png"}
+
+
+class Progress:
+    """Callbacks for long evaluations; the default does nothing (the CLI draws a progress bar)."""
+
+    def phase(self, message: str) -> None:
+        """Called when a new step starts (loading, bootstrap, plots ...)."""
+
+    def start_images(self, total: int) -> None:
+        """Called once before prediction with the number of images."""
+
+    def advance(self, n: int) -> None:
+        """Called after each batch with the number of images it held."""
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation wrote (``files``: name → path) and its metrics (as in metrics.json)."""
+
+    out: Path
+    metrics: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def read_split(path: str | Path, split: str) -> set[str]:
+    """Image ids of ``split`` in an ``image_id,split`` CSV; ManifestError naming the file (and row) on problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"Split file not found: {path}.")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        id_col = "image_id" if "image_id" in header else "image" if "image" in header else None
+        if id_col is None or "split" not in header:
+            raise ManifestError(f"{path} must have the columns image_id,split (found: {', '.join(header) or 'none'}).")
+        reader.fieldnames = header
+        ids, names = set(), set()
+        for rownum, row in enumerate(reader, start=2):
+            if not (row.get(id_col) or "").strip() or not (row.get("split") or "").strip():
+                raise ManifestError(f"{path}, row {rownum}: image id and split must both be given.")
+            names.add(row["split"].strip())
+            if row["split"].strip() == split:
+                ids.add(Path(row[id_col].strip()).stem)
+    if not ids:
+        raise ManifestError(f"{path} lists no images in split {split!r} (it has: {', '.join(sorted(names)) or 'none'}).")
+    return ids
+
+
+def select_split(data: LabelledSet, path: str | Path, split: str) -> tuple[LabelledSet, dict[str, Any]]:
+    """The samples of ``data`` listed in ``split`` of the split file, and a summary of the selection."""
+    ids = read_split(path, split)
+    keep = [i for i, s in enumerate(data.samples) if s.image_id in ids]
+    if not keep:
+        raise ManifestError(
+            f"None of the {len(ids)} images of split {split!r} in {path} is in the labels {data.source}; "
+            "use the labels file the model was trained from."
+        )
+    found = {data.samples[i].image_id for i in keep}
+    info = {"file": str(path), "split": split, "listed": len(ids), "evaluated": len(keep),
+            "missing_from_labels": len(ids - found)}
+    return data.subset(keep), info
+
+
+def bootstrap_unit(data: LabelledSet) -> str:
+    """What the bootstrap resamples: ``lesion`` when lesion ids are known, else ``patient``, else ``image``."""
+    if any(s.lesion_id for s in data.samples):
+        return "lesion"
+    return "patient" if any(s.patient_id for s in data.samples) else "image"
+
+
+def write_predictions(path: Path, data: LabelledSet, preds: Predictions) -> None:
+    """Write one row per image: true dx, calibrated probabilities, P(malignant), predicted dx, OOD score."""
+    codes = data.taxonomy.codes
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "true_dx", *[f"p_{c}" for c in codes], "p_malignant", "predicted_dx",
+                         "ood_score", "in_distribution"])
+        for i, sample in enumerate(data.samples):
+            writer.writerow([
+                sample.image_id, sample.dx, *[f"{p:.6f}" for p in preds.probs[i]], f"{preds.p_malignant[i]:.6f}",
+                codes[int(preds.predicted[i])], f"{preds.ood_score[i]:.4f}", bool(preds.in_distribution[i]),
+            ])
+
+
+def _model_info(bundle: Bundle) -> dict[str, Any]:
+    m = bundle.manifest
+    return {"name": m.name, "version": m.version, "sha256": bundle.sha256, "source": bundle.source,
+            "backbone": m.model.backbone, "temperature": m.calibration.temperature,
+            "image_size": m.preprocessing.image_size, "licence": m.card.licence}
+
+
+def _ood_summary(bundle: Bundle, preds: Predictions) -> dict[str, Any]:
+    if bundle.manifest.ood is None:
+        return {"available": False}
+    return {"available": True, "threshold": bundle.manifest.ood.threshold,
+            "in_distribution": int(preds.in_distribution.sum()),
+            "share_in_distribution": float(preds.in_distribution.mean()),
+            "validation_kept": bundle.manifest.ood.validation_kept}
+
+
+def _load(model: str | Path | None, labels: str | Path, images: str | Path | None,
+          split_file: str | Path | None, split: str) -> tuple[Bundle, LabelledSet, dict | None]:
+    if split_file is None and split != "test":
+        raise ConfigError("--split selects ids from a --split-file; give the split file too.")
+    bundle = Bundle.load(resolve_model(model))
+    data = load_labels(labels, images, taxonomy=bundle.manifest.taxonomy)
+    split_info = None
+    if split_file is not None:
+        data, split_info = select_split(data, split_file, split)
+    return bundle, data, split_info
+
+
+def evaluate(model: str | Path | None, labels: str | Path, out: str | Path, images: str | Path | None = None,
+             batch_size: int = 32, tta: bool = False, split_file: str | Path | None = None, split: str = "test",
+             bootstrap: int = 1000, seed: int = 0, min_subgroup: int = 20, workers: int | None = None,
+             progress: Progress | None = None) -> EvaluationResult:
+    """Evaluate bundle ``model`` (None: the default model) on ``labels``; writes every output into ``out``."""
+    progress = progress or Progress()
+    progress.phase("Loading the model and the labels")
+    bundle, data, split_info = _load(model, labels, images, split_file, split)
+    progress.start_images(len(data))
+    preds = predict_samples(bundle, data.samples, batch_size=batch_size, tta=tta, workers=workers,
+                            on_batch=progress.advance)
+    progress.phase(f"Computing metrics ({bootstrap} bootstrap resamples)")
+    scored = EvalData(np.asarray(data.labels), preds.probs, bundle.manifest.taxonomy,
+                      bundle.manifest.operating_points, preds.probs_uncalibrated)
+    unit = bootstrap_unit(data)
+    metrics = {
+        "dermscreen_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": DISCLAIMER,
+        "model": _model_info(bundle),
+        "data": {**data.summary(), "split": split_info},
+        "settings": {"tta": TTA_MODE if tta else False, "batch_size": batch_size, "min_subgroup": min_subgroup},
+        "ood": _ood_summary(bundle, preds),
+        **compute_metrics(scored, [s.group_id for s in data.samples], subgroup_columns(data.samples),
+                          n_boot=bootstrap, seed=seed, min_subgroup=min_subgroup, unit=unit),
+    }
+    progress.phase("Drawing plots and writing the report")
+    return _write_outputs(Path(out), data, preds, scored, metrics)
+
+
+def _write_outputs(out: Path, data: LabelledSet, preds: Predictions, scored: EvalData,
+                   metrics: dict[str, Any]) -> EvaluationResult:
+    headline = metrics["overall"]["headline"]
+    plots = {
+        "confusion_matrix": confusion_matrix_png(scored),
+        "roc_curves": roc_png(scored),
+        "reliability": reliability_png(scored, headline["ece"]["value"],
+                                       headline.get("ece_uncalibrated", {}).get("value")),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json", "report": out / "report.html"}
+    write_predictions(files["predictions"], data, preds)
+    files["metrics"].write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
+    for name, png in plots.items():
+        files[name] = out / PLOT_FILES[name]
+        files[name].write_bytes(png)
+    files["report"].write_text(render_report(metrics, plots, data.taxonomy), encoding="utf-8")
+    return EvaluationResult(out, metrics, files)

@@ -26,6 +26,9 @@ def _register() -> None:
 
     app.command("train")(training_commands.train)
     app.command("evaluate")(evaluation_commands.evaluate)
+    from .serve import commands as serve_commands
+
+    app.command("serve")(serve_commands.serve)
 
 
 _register()

@@ -1,0 +1,282 @@
+"""The web app and REST API: ``create_app(settings)`` returns a FastAPI application.
+
+One Screener per process does all the work; this module only moves bytes in and JSON out.
+Privacy rules that shape the code: request bodies are read into memory by our own capped reader
+(never Starlette's disk-spooling form parser), nothing is stored between requests, no cookies,
+no external assets, and the access log has no query strings, addresses or results.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import DISCLAIMER, __version__
+from ..errors import BundleError, DermscreenError, ImageError
+from ..metadata import HAM10000_SITES
+from .middleware import AccessLogMiddleware, PrivacyHeadersMiddleware
+from .settings import ServeSettings
+from .uploads import Upload, UploadError, multipart_boundary, parse_multipart, read_capped
+
+log = logging.getLogger("dermscreen.serve")
+STATIC = Path(__file__).parent / "static"
+API = "/api/v1"
+
+
+class AnalyzeOptions(BaseModel):
+    """Optional patient metadata and analysis switches for one image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    age: float | None = Field(None, ge=0, le=120, description="Age in years.")
+    sex: Literal["male", "female", "unknown"] | None = Field(None, description="male, female or unknown.")
+    site: str | None = Field(None, description="Anatomical site, e.g. 'back' (see GET /api/v1/model for the list).")
+    heatmap: bool = Field(True, description="Include the heatmap overlay as a PNG data URL.")
+    tta: bool | None = Field(None, description="Test-time augmentation (flips); empty = the server's default.")
+
+    @field_validator("age", "sex", "site", "tta", mode="before")
+    @classmethod
+    def _blank_is_missing(cls, value: Any) -> Any:
+        # HTML forms send empty strings for untouched fields
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("sex", mode="before")
+    @classmethod
+    def _sex_aliases(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"m": "male", "f": "female", "u": "unknown"}.get(value, value)
+        return value
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: HTTP status, its short reason, and a sentence saying what to do."""
+
+    status: int
+    error: str
+    message: str
+
+
+class Health(BaseModel):
+    """GET /healthz: the server is up and which model it serves."""
+
+    status: Literal["ok"]
+    version: str
+    model: dict[str, str]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in [
+        (400, "Malformed request body."),
+        (413, "The upload is over the server's size limit."),
+        (415, "Not an image format the server can read."),
+        (422, "Unreadable or refused image, or invalid options."),
+    ]
+}
+
+IMAGE_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: either a multipart form (file in field `image`, optional fields age, sex, "
+                       "site, heatmap, tta) or the raw image bytes as the body (options as query parameters).",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                "image": {"type": "string", "format": "binary"},
+                "age": {"type": "number"}, "sex": {"type": "string", "enum": ["male", "female", "unknown"]},
+                "site": {"type": "string"}, "heatmap": {"type": "boolean"}, "tta": {"type": "boolean"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """A JSON error answer with the status's reason phrase and ``message``."""
+    from http import HTTPStatus
+
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    return JSONResponse({"status": status, "error": reason, "message": message}, status_code=status)
+
+
+def build_screener(settings: ServeSettings):
+    """The Screener for ``settings`` (model bundle, pixel limit, TTA, threads)."""
+    from ..screening import Screener, ScreenerSettings
+
+    wanted = {"max_pixels": settings.max_pixels, "tta": settings.tta, "threads": settings.threads}
+    known = ScreenerSettings.model_fields
+    return Screener(bundle=settings.model, settings=ScreenerSettings(**{k: v for k, v in wanted.items()
+                                                                         if k in known and v is not None}))
+
+
+def model_card(bundle) -> dict[str, Any]:
+    """The bundle's model card as JSON: identity, taxonomy, metrics, operating points, licence, intended use."""
+    m = bundle.manifest
+    spec = m.model.metadata
+    return {
+        "name": m.name, "version": m.version, "sha256": bundle.sha256, "created": m.created,
+        "backbone": m.model.backbone,
+        "taxonomy": m.taxonomy.model_dump(),
+        "preprocessing": m.preprocessing.model_dump(),
+        "calibration": m.calibration.model_dump(),
+        "operating_points": [op.model_dump() for op in m.operating_points],
+        "ood": m.ood.model_dump() if m.ood else None,
+        "metrics": m.metrics,
+        "metadata": {"used_by_model": spec is not None, "sites": spec.sites if spec else HAM10000_SITES},
+        "intended_use": m.card.intended_use, "licence": m.card.licence,
+        "training_data": m.card.training_data, "limitations": m.card.limitations, "citation": m.card.citation,
+        "disclaimer": DISCLAIMER,
+    }
+
+
+async def read_upload(request: Request, limit: int) -> Upload:
+    """The image (and any form fields) from a multipart or raw-body request, read in memory under ``limit``."""
+    body = await read_capped(request.stream(), limit, request.headers.get("content-length"))
+    content_type = request.headers.get("content-type", "")
+    boundary = multipart_boundary(content_type) if content_type else None
+    upload = parse_multipart(body, boundary) if boundary else Upload(data=body, content_type=content_type or None)
+    if not upload.data:
+        raise UploadError(422, "No image was sent: the upload is empty.")
+    return upload
+
+
+def parse_options(query: AnalyzeOptions, fields: dict[str, str], sites: list[str]) -> AnalyzeOptions:
+    """Query options overridden by form fields, validated; the site must be one the model knows."""
+    merged = {**query.model_dump(exclude_unset=True), **{k: v for k, v in fields.items() if k in AnalyzeOptions.model_fields}}
+    try:
+        options = AnalyzeOptions.model_validate(merged)
+    except ValidationError as exc:
+        raise UploadError(422, "Invalid option: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    if options.site is not None:
+        site = options.site.strip().lower()
+        if site not in sites:
+            raise UploadError(422, f"Unknown site {options.site!r}; use one of: {', '.join(sites)}.")
+        options.site = site
+    return options
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every failure becomes a JSON ErrorBody; none stops the server."""
+
+    @app.exception_handler(UploadError)
+    async def _upload(_: Request, exc: UploadError):
+        return error_response(exc.status, str(exc))
+
+    @app.exception_handler(ImageError)
+    async def _image(_: Request, exc: ImageError):
+        return error_response(getattr(exc, "http_status", 422), str(exc))
+
+    @app.exception_handler(BundleError)
+    async def _bundle(_: Request, exc: BundleError):
+        log.error("model failure: %s", exc)
+        return error_response(500, f"The model could not run: {exc}")
+
+    @app.exception_handler(DermscreenError)
+    async def _dermscreen(_: Request, exc: DermscreenError):
+        return error_response(getattr(exc, "http_status", 422), str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return error_response(422, "Invalid request: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        # the type only: a message could echo request content
+        log.error("unexpected %s while answering a request", type(exc).__name__)
+        return error_response(500, "The server failed on this request; nothing was stored. Try again, "
+                                   "and report the problem if it persists.")
+
+
+def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: anyio.CapacityLimiter) -> None:
+    """The API endpoints and the page."""
+    bundle = screener.bundle
+    card = model_card(bundle)
+    sites = card["metadata"]["sites"]
+    identity = {"name": card["name"], "version": card["version"], "sha256": card["sha256"]}
+    index_html = (STATIC / "index.html").read_text(encoding="utf-8")
+    docs_html = (STATIC / "docs.html").read_text(encoding="utf-8")
+
+    @app.post(f"{API}/analyze", tags=["screening"], responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY_DOC,
+              summary="Screen one dermoscopic image")
+    async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> JSONResponse:
+        """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
+        upload = await read_upload(request, settings.max_upload_bytes)
+        options = parse_options(query, upload.fields, sites)
+
+        def run():
+            return screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
+                                    heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
+
+        result = await anyio.to_thread.run_sync(run, limiter=limiter)
+        return JSONResponse(result.to_json(include_heatmap=options.heatmap))
+
+    @app.get(f"{API}/model", tags=["model"], summary="The model card")
+    async def model() -> dict[str, Any]:
+        """The served model's card: taxonomy, metrics, operating points, licence, intended use."""
+        return card
+
+    @app.get("/healthz", tags=["service"], summary="Liveness and the served model")
+    async def healthz() -> Health:
+        """Whether the server is up, and the model it serves."""
+        return Health(status="ok", version=__version__, model=identity)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index_html)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_html)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask for it; an empty answer beats a 404 in the log
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI arguments that switch off its native OpenTelemetry hooks, where this FastAPI has them."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    # off even if a global provider or FASTAPI_OTEL_AUTO_CONFIGURE is set: nothing leaves this server
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
+
+
+def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
+    """The FastAPI app for ``settings`` (default: from the environment); ``screener`` overrides the model."""
+    settings = settings or ServeSettings()
+    screener = screener or build_screener(settings)
+    app = FastAPI(
+        **_no_telemetry(),
+        title="dermscreen",
+        version=__version__,
+        description="Screening aid for skin lesions in dermoscopic images. " + DISCLAIMER,
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /docs is served locally instead
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.screener = screener
+    _install_error_handlers(app)
+    _install_routes(app, settings, screener, anyio.CapacityLimiter(settings.concurrency))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(PrivacyHeadersMiddleware)
+    app.add_middleware(AccessLogMiddleware)  # outermost: times and records everything, errors included
+    return app

@@ -1,0 +1,76 @@
+"""``dermscreen serve``: the web app and REST API under uvicorn."""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .settings import ServeSettings
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging setup plus our access logger (uvicorn's own access log, with addresses and query strings, is off)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["dermscreen"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def _is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model: Annotated[Optional[Path], typer.Option(help="Model bundle (folder or zip); default: $DERMSCREEN_MODEL or the shipped model.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes, each with its own model copy.")] = 1,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB.")] = 20.0,
+    concurrency: Annotated[Optional[int], typer.Option(help="Analyses run at once per worker (default: CPU cores).")] = None,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation by default.")] = False,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+) -> None:
+    """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""
+    import uvicorn
+
+    from ..errors import DermscreenError
+    from .app import create_app
+
+    overrides = {"host": host, "port": port, "workers": workers, "max_upload_mb": max_upload_mb,
+                 "tta": tta, "log_level": log_level}
+    if model is not None:
+        overrides["model"] = str(model)
+    if concurrency is not None:
+        overrides["concurrency"] = concurrency
+    settings = ServeSettings(**overrides)
+    try:
+        app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly
+    except DermscreenError as exc:
+        typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if not _is_loopback(host):
+        typer.secho(f"Listening on {host}: other machines on the network can reach this server. It speaks plain "
+                    "HTTP; put it behind a TLS reverse proxy before sending patient images over a network.",
+                    fg=typer.colors.YELLOW, err=True)
+    card = app.state.screener.bundle.manifest
+    typer.echo(f"dermscreen: model {card.name} {card.version}; open http://{host}:{port}/ "
+               "(screening aid, not a diagnosis).", err=True)
+    common = dict(host=host, port=port, log_config=log_config(log_level), log_level=log_level,
+                  access_log=False, server_header=False, proxy_headers=False)
+    if workers == 1:
+        uvicorn.run(app, **common)
+    else:
+        # each worker process rebuilds the app from the environment
+        os.environ.update(settings.to_env())
+        uvicorn.run("dermscreen.serve.app:create_app", factory=True, workers=workers, **common)

@@ -1,0 +1,45 @@
+"""Server settings, read from ``DERMSCREEN_*`` environment variables or set by ``dermscreen serve`` flags.
+
+Environment variables are the hand-over between the CLI and uvicorn's worker processes: with
+``--workers N`` each worker builds its own app from the same environment.
+"""
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class ServeSettings(BaseSettings):
+    """Everything the web app and REST API can be configured with (env prefix ``DERMSCREEN_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DERMSCREEN_", extra="ignore", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Server processes; each loads its own copy of the model.")
+    model: str | None = Field(None, description="Model bundle (folder or zip); empty = the shipped default model.")
+    max_upload_mb: float = Field(20.0, gt=0, le=1024, description="Largest accepted request body, in MiB.")
+    max_pixels: int | None = Field(None, ge=10_000, description="Largest decoded image (width x height), "
+                                   "checked before decoding; empty = the Screener's default.")
+    concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
+                             description="Analyses run at once per worker; more requests wait their turn.")
+    threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads per analysis (empty = its default).")
+    tta: bool = Field(False, description="Test-time augmentation (flips) unless a request says otherwise.")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The upload limit in bytes."""
+        return int(self.max_upload_mb * MB)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``DERMSCREEN_*`` variables, for worker processes to read back."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"DERMSCREEN_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env

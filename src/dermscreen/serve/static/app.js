@@ -1,0 +1,405 @@
+// dermscreen page: sends one image to /api/v1/analyze and renders the answer.
+// Privacy: everything here lives in this tab's memory (no storage APIs, no cookies); requests go
+// only to this server. The tier what-if in debug mode is computed here and never sent anywhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const DEBUG = new URLSearchParams(location.search).get("debug") === "1";
+const TIER_WORDS = { high: "High", moderate: "Moderate", low: "Low", cannot_assess: "Cannot assess" };
+
+const state = {
+  card: null,          // GET /api/v1/model
+  lastBlob: null,      // the image of the last analysis, for "Analyse again"
+  lastName: null,
+  entries: [],         // timeline: {id, when, name, url, result}
+  current: null,       // the entry shown in the result card
+  nextId: 1,
+  busy: false,
+};
+
+// ---- small DOM helpers --------------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children) if (child !== null && child !== undefined) node.append(child);
+  return node;
+}
+
+function pct(p) { return `${Math.round(p * 100)}%`; }
+
+function setStatus(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+// ---- model card ---------------------------------------------------------------------------
+async function loadCard() {
+  try {
+    const res = await fetch("/api/v1/model", { cache: "no-store", credentials: "omit" });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    state.card = await res.json();
+  } catch (err) {
+    $("model-line").textContent = "The model card could not be loaded; analyses may still work.";
+    return;
+  }
+  const card = state.card;
+  $("model-line").textContent = `Model ${card.name} ${card.version} (${card.sha256.slice(0, 12)}) · ` +
+    `${card.licence} · Intended use: ${card.intended_use}`;
+  if (card.disclaimer) $("disclaimer-text").textContent = card.disclaimer.replace(/^.*?not a diagnosis\.\s*/, "");
+  const site = $("site");
+  for (const name of card.metadata.sites) site.append(el("option", { value: name, text: name }));
+  $("metadata-note").textContent = card.metadata.used_by_model
+    ? "This model uses these details in its estimate."
+    : "This model does not use these details; they are only passed along for the record.";
+}
+
+// ---- sending an image ---------------------------------------------------------------------
+function formFor(blob, name) {
+  const form = new FormData();
+  form.append("image", blob, name || "image");
+  for (const id of ["age", "sex", "site"]) {
+    const value = $(id).value.trim();
+    if (value) form.append(id, value);
+  }
+  form.append("heatmap", $("opt-heatmap").checked ? "true" : "false");
+  form.append("tta", $("opt-tta").checked ? "true" : "false");
+  return form;
+}
+
+async function analyze(blob, name) {
+  if (state.busy) return;
+  state.busy = true;
+  state.lastBlob = blob;
+  state.lastName = name;
+  $("analyze").disabled = true;
+  setStatus(`Analysing ${name || "the image"}…`);
+  try {
+    const res = await fetch("/api/v1/analyze", {
+      method: "POST", body: formFor(blob, name), cache: "no-store", credentials: "omit",
+    });
+    const body = await res.json().catch(() => ({ message: `The server answered HTTP ${res.status}.` }));
+    if (!res.ok) throw new Error(body.message || `The server answered HTTP ${res.status}.`);
+    const entry = addEntry(blob, name, body);
+    showEntry(entry, true);
+    setStatus(`Done: ${TIER_WORDS[body.risk.tier] || body.risk.tier}.`);
+  } catch (err) {
+    setStatus(err.message || String(err), true);
+  } finally {
+    state.busy = false;
+    $("analyze").disabled = !state.lastBlob;
+  }
+}
+
+function acceptFile(file) {
+  if (!file) return;
+  analyze(file, file.name || "pasted image");
+}
+
+// ---- inputs: file, drag-and-drop, paste, camera ----------------------------------------------
+function wireInputs() {
+  $("file").addEventListener("change", (e) => { acceptFile(e.target.files[0]); e.target.value = ""; });
+  $("camera-fallback").addEventListener("change", (e) => { acceptFile(e.target.files[0]); e.target.value = ""; });
+  const zone = $("dropzone");
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    acceptFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file" && i.type.startsWith("image/"));
+    if (!item) return;
+    e.preventDefault();
+    const file = item.getAsFile();
+    acceptFile(new File([file], file.name && file.name !== "image.png" ? file.name : "pasted image", { type: file.type }));
+  });
+  $("analyze").addEventListener("click", () => state.lastBlob && analyze(state.lastBlob, state.lastName));
+  $("camera-open").addEventListener("click", openCamera);
+  $("camera-close").addEventListener("click", closeCamera);
+  $("camera-snap").addEventListener("click", snapCamera);
+}
+
+let cameraStream = null;
+
+async function openCamera() {
+  if (!navigator.mediaDevices?.getUserMedia) { $("camera-fallback").click(); return; }
+  try {
+    cameraStream = await navigator.mediaDevices.getUserMedia({
+      video: { facingMode: "environment", width: { ideal: 1920 } }, audio: false,
+    });
+  } catch (err) {
+    // no camera, or permission refused: the phone's own camera app via the capture input still works
+    $("camera-fallback").click();
+    return;
+  }
+  $("camera-video").srcObject = cameraStream;
+  $("camera").hidden = false;
+  $("camera-snap").focus();
+}
+
+function closeCamera() {
+  if (cameraStream) cameraStream.getTracks().forEach((t) => t.stop());
+  cameraStream = null;
+  $("camera-video").srcObject = null;
+  $("camera").hidden = true;
+  $("camera-open").focus();
+}
+
+function snapCamera() {
+  const video = $("camera-video");
+  const canvas = el("canvas", { width: video.videoWidth, height: video.videoHeight });
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.toBlob((blob) => { closeCamera(); if (blob) analyze(blob, "camera photo"); }, "image/jpeg", 0.95);
+}
+
+// ---- timeline (page memory only) --------------------------------------------------------------
+function addEntry(blob, name, result) {
+  const entry = { id: state.nextId++, when: new Date(), name, url: URL.createObjectURL(blob), result };
+  state.entries.push(entry);
+  renderTimeline();
+  return entry;
+}
+
+function renderTimeline() {
+  const list = $("timeline");
+  list.replaceChildren();
+  $("timeline-panel").hidden = state.entries.length === 0;
+  for (const entry of state.entries) list.append(timelineItem(entry));
+  updateCompareButton();
+}
+
+function timelineItem(entry) {
+  const r = entry.result;
+  const label = `${entry.name}, ${entry.when.toLocaleTimeString()}, ${TIER_WORDS[r.risk.tier]}`;
+  const open = el("button", { type: "button", class: "entry", "aria-label": `Show ${label}`, onclick: () => showEntry(entry, true) },
+    el("img", { src: entry.url, alt: "" }),
+    el("span", { class: `badge tier-${r.risk.tier}`, text: TIER_WORDS[r.risk.tier] }), " ",
+    el("span", { text: r.status === "ok" ? `${Math.round(r.malignancy_score)}/100` : "—" }),
+    el("div", { class: "when", text: `${entry.when.toLocaleTimeString()} · ${entry.name}` }));
+  const pick = el("input", { type: "checkbox", id: `pick-${entry.id}`, "data-id": entry.id, onchange: updateCompareButton });
+  const item = el("li", { class: state.current === entry ? "current" : "" }, open,
+    el("label", { for: `pick-${entry.id}` }, pick, " compare"));
+  return item;
+}
+
+function selectedEntries() {
+  const ids = [...document.querySelectorAll("#timeline input:checked")].map((c) => Number(c.dataset.id));
+  return state.entries.filter((e) => ids.includes(e.id));
+}
+
+function updateCompareButton() { $("compare").disabled = selectedEntries().length !== 2; }
+
+function showCompare() {
+  const view = $("compare-view");
+  view.replaceChildren(...selectedEntries().map((e) => {
+    const box = el("div", {}, el("h3", { text: `${e.name} · ${e.when.toLocaleTimeString()}` }));
+    box.append(...resultCard(e));
+    return box;
+  }));
+  view.hidden = false;
+  view.querySelector("h3")?.setAttribute("tabindex", "-1");
+  view.querySelector("h3")?.focus();
+}
+
+function forgetAll() {
+  for (const e of state.entries) URL.revokeObjectURL(e.url);
+  state.entries = [];
+  state.current = null;
+  state.lastBlob = null;
+  $("analyze").disabled = true;
+  $("result").hidden = true;
+  $("debug").hidden = true;
+  $("compare-view").hidden = true;
+  renderTimeline();
+  setStatus("Forgotten: this page holds no image or result any more.");
+}
+
+// ---- result card -------------------------------------------------------------------------------
+function showEntry(entry, focus) {
+  state.current = entry;
+  $("result-body").replaceChildren(...resultCard(entry));
+  $("result").hidden = false;
+  renderTimeline();
+  if (DEBUG) showDebug(entry.result);
+  if (focus) $("result").focus();
+}
+
+function resultCard(entry) {
+  const r = entry.result;
+  const parts = [
+    el("div", { class: `tier tier-${r.risk.tier}`, "data-tier": r.risk.tier },
+      el("strong", { text: r.risk.label || TIER_WORDS[r.risk.tier] }),
+      el("span", { text: r.status === "ok" ? "risk tier" : "the model cannot assess this image" })),
+    el("p", { class: "recommendation", text: r.risk.recommendation }),
+  ];
+  if (r.status === "ok") parts.push(scoreBlock(r), diagnosesBlock(r));
+  parts.push(viewerBlock(entry), messagesBlock(r), el("p", { class: "disclaimer", text: r.disclaimer }), metaBlock(r));
+  return parts;
+}
+
+function scoreBlock(r) {
+  const meter = el("div", { class: "meter", role: "img", "aria-label": `Malignancy score ${Math.round(r.malignancy_score)} out of 100` });
+  const fill = el("span");
+  fill.style.width = `${Math.max(0, Math.min(100, r.malignancy_score))}%`;
+  meter.append(fill);
+  return el("div", {},
+    el("div", { class: "score" }, el("span", { class: "value", text: `${Math.round(r.malignancy_score)}` }), meter),
+    el("p", { class: "hint", text: "Malignancy score: the model's calibrated probability (0–100) that the lesion is malignant (melanoma, basal cell carcinoma, actinic keratosis / intraepithelial carcinoma)." }));
+}
+
+function diagnosesBlock(r) {
+  const list = el("ul", { class: "diagnoses", "aria-label": "Most likely diagnoses" });
+  const top = r.top_diagnoses && r.top_diagnoses.length ? r.top_diagnoses : r.probabilities.slice(0, 3);
+  for (const d of top) {
+    const bar = el("span");
+    bar.style.width = `${(d.probability * 100).toFixed(1)}%`;
+    list.append(el("li", {},
+      el("span", { text: `${d.name}${d.group === "malignant" ? " (malignant)" : ""}` }),
+      el("div", { class: `bar ${d.group}`, role: "img", "aria-label": `${d.name}: ${pct(d.probability)}` }, bar),
+      el("span", { class: "pct", text: pct(d.probability) })));
+  }
+  return el("div", {}, el("h3", { text: "Most likely diagnoses" }), list);
+}
+
+function heatmapURL(r) {
+  const h = r.heatmap;
+  if (!h) return null;
+  if (typeof h === "string") return h;
+  return h.overlay_png || h.png || h.data_url || h.overlay || null;
+}
+
+function viewerBlock(entry) {
+  const url = heatmapURL(entry.result);
+  const viewer = el("div", { class: "viewer" }, el("img", { src: entry.url, alt: `The analysed image: ${entry.name}` }));
+  if (!url) return el("div", {}, viewer);
+  const overlay = el("img", { class: "overlay", src: url, alt: "Heatmap: where the model looked (red = most influence)" });
+  overlay.style.opacity = "0.6";
+  viewer.append(overlay);
+  const id = `opacity-${entry.id}-${Math.random().toString(36).slice(2, 8)}`;
+  const slider = el("input", { type: "range", id, min: "0", max: "1", step: "0.05", value: "0.6",
+    oninput: (e) => { overlay.style.opacity = e.target.value; } });
+  return el("div", {}, viewer,
+    el("div", { class: "opacity" }, el("label", { for: id, text: "Heatmap opacity" }), slider));
+}
+
+function messagesBlock(r) {
+  const items = [];
+  const q = r.quality || {};
+  for (const w of q.warnings || []) items.push(el("li", { class: "warn", text: typeof w === "string" ? w : w.message }));
+  for (const w of q.refusals || q.reasons || []) items.push(el("li", { class: "refuse", text: typeof w === "string" ? w : w.message }));
+  if (r.ood && r.ood.in_distribution === false) {
+    items.push(el("li", { class: "refuse", text: r.ood.message || "This image does not look like the dermoscopic images the model was trained on, so it gives no diagnosis." }));
+  }
+  if (r.reason) items.push(el("li", { class: "refuse", text: r.reason }));
+  if (!items.length) items.push(el("li", { text: "Image quality is adequate and the image looks like the model's training images." }));
+  return el("div", {}, el("h3", { text: "Image checks" }), el("ul", { class: "messages" }, ...items));
+}
+
+function metaBlock(r) {
+  const m = r.model || {};
+  const total = r.timings_ms && (r.timings_ms.total ?? Object.values(r.timings_ms).reduce((a, b) => a + b, 0));
+  return el("p", { class: "meta", text: `Model ${m.name} ${m.version} (${(m.sha256 || "").slice(0, 12)})` +
+    (total ? ` · ${Math.round(total)} ms` : "") });
+}
+
+// ---- debug mode: client-side what-if -------------------------------------------------------------
+function softmax(logits, t) {
+  const z = logits.map((v) => v / t);
+  const max = Math.max(...z);
+  const e = z.map((v) => Math.exp(v - max));
+  const sum = e.reduce((a, b) => a + b, 0);
+  return e.map((v) => v / sum);
+}
+
+function classes() { return state.card ? state.card.taxonomy.classes : []; }
+
+function debugOps(r) {
+  const ops = r.debug.operating_points || [];
+  return Array.isArray(ops) ? ops : Object.entries(ops).map(([name, v]) => ({ name, threshold: v.threshold ?? v }));
+}
+
+// The same rule as the Screener: out of distribution -> cannot assess; otherwise the strictest
+// operating point the score reaches decides (thresholds sorted high to low -> high, moderate, ...).
+function whatIfTier(pMal, oodScore, oodThreshold, ops) {
+  if (oodScore !== null && oodThreshold !== null && oodScore > oodThreshold) return "cannot_assess";
+  const sorted = [...ops].sort((a, b) => b.threshold - a.threshold);
+  const names = ["high", "moderate"];
+  for (let i = 0; i < sorted.length && i < names.length; i++) if (pMal >= sorted[i].threshold) return names[i];
+  return "low";
+}
+
+function showDebug(r) {
+  if (!r.debug) return;
+  $("debug").hidden = false;
+  const d = r.debug;
+  const t = $("dbg-temperature");
+  t.value = d.temperature;
+  const ood = $("dbg-ood");
+  const oodMax = Math.max(1, (d.ood_threshold || 0) * 3, (d.ood_score || 0) * 1.5);
+  ood.max = oodMax.toPrecision(3);
+  ood.step = (oodMax / 200).toPrecision(2);
+  ood.value = d.ood_threshold ?? 0;
+  ood.disabled = d.ood_threshold === null || d.ood_threshold === undefined;
+  const box = $("dbg-op-sliders");
+  box.replaceChildren();
+  for (const op of debugOps(r)) {
+    const id = `dbg-op-${op.name}`;
+    box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })),
+      el("input", { type: "range", id, min: "0", max: "1", step: "0.01", value: String(op.threshold), "data-op": op.name, oninput: recompute }));
+  }
+  $("dbg-facts").textContent = `Server: temperature ${d.temperature}, OOD score ${fmt(d.ood_score)} ` +
+    `(threshold ${fmt(d.ood_threshold)}), tier ${r.risk.tier}.`;
+  recompute();
+}
+
+function fmt(v) { return v === null || v === undefined ? "n/a" : Number(v).toFixed(3); }
+
+function recompute() {
+  const r = state.current && state.current.result;
+  if (!r || !r.debug) return;
+  const T = Number($("dbg-temperature").value);
+  $("dbg-temperature-out").textContent = T.toFixed(2);
+  const oodThr = $("dbg-ood").disabled ? null : Number($("dbg-ood").value);
+  $("dbg-ood-out").textContent = fmt(oodThr);
+  const ops = [...document.querySelectorAll("#dbg-op-sliders input")].map((s) => {
+    $(`${s.id}-out`).textContent = Number(s.value).toFixed(2);
+    return { name: s.dataset.op, threshold: Number(s.value) };
+  });
+  const probs = softmax(r.debug.logits, T);
+  const cls = classes();
+  const pMal = probs.reduce((sum, p, i) => sum + (cls[i] && cls[i].group === "malignant" ? p : 0), 0);
+  const tier = whatIfTier(pMal, r.debug.ood_score ?? null, oodThr, ops);
+  $("dbg-tier").textContent = TIER_WORDS[tier];
+  $("dbg-tier").dataset.tier = tier;
+  $("dbg-pmal").textContent = pct(pMal);
+  renderLogits(r, probs, cls);
+}
+
+function renderLogits(r, probs, cls) {
+  const server = Object.fromEntries((r.probabilities || []).map((p) => [p.code, p.probability]));
+  $("dbg-logits").replaceChildren(...r.debug.logits.map((logit, i) => {
+    const code = cls[i] ? cls[i].code : String(i);
+    return el("tr", {}, el("td", { text: cls[i] ? `${cls[i].name} (${code})` : code }),
+      el("td", { text: logit.toFixed(3) }), el("td", { text: server[code] !== undefined ? pct(server[code]) : "" }),
+      el("td", { text: pct(probs[i]) }));
+  }));
+}
+
+function wireDebug() {
+  $("dbg-temperature").addEventListener("input", recompute);
+  $("dbg-ood").addEventListener("input", recompute);
+}
+
+// ---- start --------------------------------------------------------------------------------------
+wireInputs();
+wireDebug();
+$("compare").addEventListener("click", showCompare);
+$("clear").addEventListener("click", forgetAll);
+loadCard();

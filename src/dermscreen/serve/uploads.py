@@ -1,0 +1,126 @@
+"""Request bodies held in memory only: a size-capped reader and an in-memory multipart parser.
+
+Starlette's form parser spools any upload over 1 MB to a temporary file on disk. A patient's
+image must never touch the disk, so the API reads the raw stream itself (refusing it as soon as
+it passes the limit, before the rest arrives) and splits multipart/form-data in memory.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email.message import Message
+
+MAX_PARTS = 32
+MAX_PART_HEADER_BYTES = 8 * 1024
+MAX_TEXT_FIELD_BYTES = 4 * 1024
+
+
+class UploadError(Exception):
+    """A request body we refuse; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Upload:
+    """The image bytes of one request, with its declared file name/type and any text fields."""
+
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def too_large(limit: int) -> UploadError:
+    """The 413 error for a body over ``limit`` bytes."""
+    return UploadError(413, f"The upload is larger than this server accepts ({limit / 2**20:g} MB). "
+                            "Send a smaller image, e.g. a JPEG export of it.")
+
+
+async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length: str | None = None) -> bytes:
+    """Concatenate a body's ``chunks``; raise UploadError(413) once it exceeds ``limit`` bytes."""
+    if declared_length is not None:
+        try:
+            declared = int(declared_length)
+        except ValueError:
+            raise UploadError(400, "The Content-Length header is not a number.") from None
+        if declared > limit:
+            raise too_large(limit)  # refuse before reading a single byte
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large(limit)  # a chunked or lying client: stop reading now
+    return bytes(buf)
+
+
+def _header_params(value: str) -> tuple[str, dict[str, str]]:
+    """Split a MIME header value into its main value and parameters (quoted strings handled)."""
+    msg = Message()
+    msg["content-type"] = value
+    params = dict(msg.get_params(failobj=[])[1:])
+    main = value.split(";", 1)[0].strip().lower()
+    return main, {k.lower(): v for k, v in params.items()}
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary of a multipart/form-data Content-Type, or None for any other type."""
+    main, params = _header_params(content_type)
+    if main != "multipart/form-data":
+        return None
+    boundary = params.get("boundary", "")
+    if not boundary or len(boundary) > 200:
+        raise UploadError(400, "The multipart request has no valid boundary; let your HTTP client build the form.")
+    return boundary.encode("latin-1")
+
+
+def _parse_part(part: bytes) -> tuple[str | None, str | None, str | None, bytes]:
+    """One part (headers CRLF CRLF body) as (field name, filename, content type, body)."""
+    head_end = part.find(b"\r\n\r\n")
+    if head_end < 0 or head_end > MAX_PART_HEADER_BYTES:
+        raise UploadError(400, "A part of the multipart request has malformed headers.")
+    name = filename = ctype = None
+    for line in part[:head_end].decode("utf-8", "replace").split("\r\n"):
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "content-disposition":
+            # reuse the Content-Type parameter parser: it handles quoting and RFC 2231 file names
+            _, params = _header_params("x/x;" + value.partition(";")[2])
+            name, filename = params.get("name"), params.get("filename")
+        elif key == "content-type":
+            ctype = value.strip().lower()
+    return name, filename, ctype, part[head_end + 4:]
+
+
+def parse_multipart(body: bytes, boundary: bytes) -> Upload:
+    """Split an in-memory multipart/form-data ``body`` into the image part and text fields.
+
+    The image is the first part that carries a filename, else the part named ``image`` or ``file``.
+    """
+    delimiter = b"--" + boundary
+    start = body.find(delimiter)
+    if start < 0:
+        raise UploadError(400, "The multipart body does not contain its boundary; the form is malformed.")
+    segments = body[start + len(delimiter):].split(b"\r\n" + delimiter)
+    if len(segments) - 1 > MAX_PARTS:
+        raise UploadError(400, f"The form has more than {MAX_PARTS} parts.")
+    upload: Upload | None = None
+    fields: dict[str, str] = {}
+    for segment in segments:
+        if segment.startswith(b"--"):
+            break  # the closing delimiter
+        if not segment.startswith(b"\r\n"):
+            raise UploadError(400, "The multipart body is malformed (a boundary is not followed by a line break).")
+        name, filename, ctype, data = _parse_part(segment[2:])
+        if upload is None and (filename is not None or name in ("image", "file")):
+            upload = Upload(data=data, filename=filename, content_type=ctype)
+        elif name and len(data) <= MAX_TEXT_FIELD_BYTES:
+            fields[name] = data.decode("utf-8", "replace").strip()
+    else:
+        raise UploadError(400, "The multipart body ends without its closing boundary; the upload was cut short.")
+    if upload is None:
+        raise UploadError(422, "The form has no image: send the file in a field named 'image'.")
+    upload.fields = fields
+    return upload

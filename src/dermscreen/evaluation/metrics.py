@@ -33,6 +33,8 @@ from ..taxonomy import Taxonomy
 ECE_BINS = 15  # the default of calibration.expected_calibration_error, which the bootstrap mirrors
 AGE_BANDS = ((30, "<30"), (45, "30-44"), (60, "45-59"), (75, "60-74"), (float("inf"), "75+"))
 UNKNOWN = "unknown"
+ECE_NOTE = ("ECE is biased upward under resampling (duplicated images widen each bin's gap), so its interval "
+            "can lie above the point estimate; read it as the spread of ECE, not as a bound on it.")
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_auc", "malignant_auc", "melanoma_auc", "ece", "ece_uncalibrated")
 
 
@@ -315,7 +317,8 @@ def compute_metrics(d: EvalData, groups: Sequence | None = None, subgroups: dict
     result: dict[str, Any] = {
         "classes_evaluated": present,
         "classes_absent": [c for c in d.taxonomy.codes if c not in present],
-        "bootstrap": {"resamples": n_boot, "unit": unit, "seed": seed, "interval": "percentile 95%"},
+        "bootstrap": {"resamples": n_boot, "unit": unit, "seed": seed, "interval": "percentile 95%",
+                      "note": ECE_NOTE},
         "overall": scope_metrics(d, everything, groups_arr, n_boot, _scope_seed(seed, "overall")),
         "subgroups": {},
     }

@@ -6,6 +6,7 @@ from html import escape
 from typing import Any
 
 from ..taxonomy import Taxonomy
+from .metrics import ECE_NOTE
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1c2430;max-width:1120px;
@@ -16,7 +17,7 @@ table{border-collapse:collapse;margin:6px 0 12px;font-variant-numeric:tabular-nu
 th,td{border:1px solid #d5dbe3;padding:4px 9px;text-align:right}th{background:#f1f4f8}
 td:first-child,th:first-child{text-align:left}.ci{color:#5b6675;font-size:12px}
 .skip{color:#8a5a00;font-style:italic}img{max-width:100%;border:1px solid #e3e7ee;margin:6px 0}
-code{font-size:12px;word-break:break-all}.grid{display:flex;gap:16px;flex-wrap:wrap}
+.kv td{text-align:left}.kv td:first-child{background:#f1f4f8}code{font-size:12px;word-break:break-all}.grid{display:flex;gap:16px;flex-wrap:wrap}
 """
 
 _HEADLINE_NAMES = {
@@ -38,10 +39,12 @@ def _fmt(entry: dict | None) -> str:
     return f"{entry['value']:.3f}{ci_text}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[str]]) -> str:
+    """An HTML table; cells are trusted HTML (escape before), ``header=None`` gives a key-value table."""
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    css = "" if header else ' class="kv"'
+    return f"<table{css}>{head}<tbody>{body}</tbody></table>"
 
 
 def _model_section(m: dict[str, Any]) -> str:
@@ -49,7 +52,7 @@ def _model_section(m: dict[str, Any]) -> str:
             ["Bundle sha256", f"<code>{escape(m['model']['sha256'])}</code>"],
             ["Backbone", escape(m["model"]["backbone"])], ["Temperature", f"{m['model']['temperature']:.3f}"],
             ["Source", f"<code>{escape(m['model']['source'])}</code>"], ["Licence", escape(m["model"]["licence"])]]
-    return "<h2>Model</h2>" + _table(["", ""], rows)
+    return "<h2>Model</h2>" + _table(None, rows)
 
 
 def _data_section(m: dict[str, Any], taxonomy_names: dict[str, str]) -> str:
@@ -70,14 +73,15 @@ def _data_section(m: dict[str, Any], taxonomy_names: dict[str, str]) -> str:
         note = (f'<p class="warn">Evaluated on the classes present in the labels only: '
                 f'{escape(", ".join(m["classes_evaluated"]))}. Absent, not evaluated: '
                 f'{escape(", ".join(m["classes_absent"]))}. Predictions may still name an absent class.</p>')
-    return "<h2>Data</h2>" + _table(["", ""], rows) + note + _table(["Code", "Class", "Images"], counts)
+    return "<h2>Data</h2>" + _table(None, rows) + note + _table(["Code", "Class", "Images"], counts)
 
 
 def _headline_section(overall: dict[str, Any]) -> str:
     rows = [[escape(_HEADLINE_NAMES[k]), _fmt(v)] for k, v in overall["headline"].items()]
     rows += [[escape(k), f'<span class="skip">skipped: {escape(r)}</span>'] for k, r in overall["skipped"].items()
              if k in _HEADLINE_NAMES]
-    return "<h2>Headline metrics</h2>" + _table(["Metric", "Value [95% CI]"], rows)
+    return ("<h2>Headline metrics</h2>" + _table(["Metric", "Value [95% CI]"], rows)
+            + f'<p class="muted">{escape(ECE_NOTE)}</p>')
 
 
 def _per_class_section(overall: dict[str, Any], taxonomy_names: dict[str, str]) -> str:
@@ -137,8 +141,8 @@ def render_report(metrics: dict[str, Any], plots: dict[str, bytes], taxonomy: Ta
         f"<h1>Evaluation of {escape(metrics['model']['name'])} {escape(metrics['model']['version'])}</h1>",
         f"<p class=\"muted\">{escape(metrics['created'])} &middot; dermscreen {escape(metrics['dermscreen_version'])}"
         f" &middot; 95% CIs: {boot['resamples']} {escape(boot['interval'])} bootstrap resamples of "
-        f"{escape(boot['unit'])}s (seed {boot['seed']}) &middot; TTA: {escape(str(metrics['settings']['tta']))}</p>",
-        f"<p class=\"warn\"><strong>Screening aid, not a diagnosis.</strong> {escape(metrics['disclaimer'])}</p>",
+        f"{escape(boot['unit'])}s (seed {boot['seed']}) &middot; test-time augmentation: {escape(metrics['settings']['tta'] or 'off')}</p>",
+        f"<p class=\"warn\"><strong>{escape(metrics['disclaimer'])}</strong></p>",
         _model_section(metrics), _data_section(metrics, names), _headline_section(overall),
         _per_class_section(overall, names), _operating_points_section(overall), _subgroup_section(metrics),
         _plots_section(plots), "</body></html>",

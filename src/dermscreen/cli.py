@@ -29,6 +29,10 @@ def _register() -> None:
     from .serve import commands as serve_commands
 
     app.command("serve")(serve_commands.serve)
+    from . import screening_commands
+
+    app.command("predict")(screening_commands.predict)
+    app.command("info")(screening_commands.info)
 
 
 _register()

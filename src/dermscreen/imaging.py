@@ -27,8 +27,8 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MIN_SIDE = 16
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WebP", "BMP", "TIFF", "HEIC/HEIF", "DICOM")
-# Pillow's format names we accept; MPO is how Pillow names multi-picture JPEGs from phone cameras.
-_PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "HEIF", "AVIF")
+# Pillow's opener names we accept (multi-picture JPEGs from phones open through "JPEG" as MPO).
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF", "AVIF")
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif")
 _SUPPORTED_SENTENCE = "Send a JPEG, PNG, WebP, BMP, TIFF, HEIC or single-frame DICOM image."
 
@@ -178,7 +178,8 @@ def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: 
     if sniffed == "HEIF":
         _register_heif()
     try:
-        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+        Image.init()
+        img = Image.open(io.BytesIO(data), formats=[f for f in _PIL_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"This image declares an enormous size and was refused unread ({exc}).") from None
     except UnidentifiedImageError:

@@ -1,0 +1,408 @@
+"""The Screener: the one inference pipeline behind the CLI, the REST API and the web page.
+
+bytes → decode → quality gate → preprocess → ONNX model → calibrated probabilities → OOD check →
+risk tier from the bundle's operating points → class activation maps → ScreeningResult.
+
+Only numpy, Pillow and onnxruntime are used here (never torch). A Screener holds no per-request
+state, so one instance may serve many threads at once; onnxruntime sessions are thread-safe.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, PrivateAttr
+
+from . import DISCLAIMER
+from .bundle import Bundle
+from .calibration import OperatingPoint, softmax
+from .errors import BundleError, InputError
+from .explain import Heatmaps, cam, data_url, malignant_direction
+from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .metadata import HAM10000_SITES, MetadataSpec
+from .ood import MahalanobisOOD
+from .preprocess import Preprocessing, preprocess
+from .quality import QualityReport, QualityThresholds, assess
+
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models" / "default"
+MODEL_ENV = "DERMSCREEN_MODEL"
+
+Tier = Literal["high", "moderate", "low", "cannot_assess"]
+TIERS: dict[str, dict[str, str]] = {
+    "high": {"label": "High concern", "colour": "#b71c1c",
+             "recommendation": "Refer urgently to a dermatologist: the model found features it associates "
+                               "with skin cancer."},
+    "moderate": {"label": "Moderate concern", "colour": "#e65100",
+                 "recommendation": "Refer routinely to a dermatologist for examination: skin cancer cannot be "
+                                   "ruled out."},
+    "low": {"label": "Low concern", "colour": "#2e7d32",
+            "recommendation": "No referral suggested by the model: monitor the lesion, and seek advice if it "
+                              "changes in size, shape or colour, bleeds, itches or worries the patient."},
+    "cannot_assess": {"label": "Cannot assess", "colour": "#616161",
+                      "recommendation": "The model cannot assess this image. Take a new, sharp, well-lit "
+                                        "dermoscopic image of the lesion, or have the lesion examined in person."},
+}
+
+
+# ---- settings --------------------------------------------------------------------------------------
+class ScreenerSettings(BaseModel):
+    """How a Screener behaves; every front end builds one of these from its flags or environment."""
+
+    tta: bool = Field(False, description="average the model over horizontal/vertical flips (4x the model time)")
+    heatmap: bool = Field(True, description="compute class activation maps unless a call says otherwise")
+    heatmap_max_side: int = Field(512, ge=16, description="longest side (px) of rendered heatmap overlays")
+    heatmap_alpha: float = Field(0.6, ge=0.0, le=1.0, description="opacity of the hottest overlay pixels")
+    quality_gate: bool = Field(True, description="refuse severely blurred, dark, bright, blank or tiny images")
+    quality: dict[str, float] = Field({}, description="overrides of QualityThresholds fields (settings > bundle)")
+    ood_refusal: bool = Field(True, description="answer 'cannot assess' for images unlike the training data")
+    ood_threshold: float | None = Field(None, description="override of the bundle's OOD threshold")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (None: all cores)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, checked before decoding")
+
+
+# ---- the result ------------------------------------------------------------------------------------
+class Risk(BaseModel):
+    """The risk tier and what to do about it, in plain language."""
+
+    tier: Tier
+    label: str
+    recommendation: str
+    colour: str = Field(description="CSS colour for the tier")
+
+
+class ClassProbability(BaseModel):
+    """Calibrated probability of one diagnosis."""
+
+    code: str
+    name: str
+    group: str
+    probability: float
+
+
+class OODFinding(BaseModel):
+    """Out-of-distribution check: the score (higher = less like the training images) and its threshold."""
+
+    checked: bool
+    score: float | None = None
+    threshold: float | None = None
+    in_distribution: bool | None = None
+    message: str | None = None
+
+
+class ModelIdentity(BaseModel):
+    """Which model answered: enough to reproduce the result."""
+
+    name: str
+    version: str
+    sha256: str
+    backbone: str
+
+
+class ImageFacts(BaseModel):
+    """What was learnt about the uploaded file."""
+
+    format: str
+    width: int
+    height: int
+    pixel_spacing_mm: float | None = None
+    notes: list[str] = []
+
+
+class HeatmapInfo(BaseModel):
+    """Where the model looked. The PNG data URLs are filled only when asked (``to_json(include_heatmap=True)``)."""
+
+    target: str = Field("malignant", description="the overlay_png map: evidence for the malignant group")
+    top_class: str = Field(description="class code of the top_class_overlay_png map")
+    box: tuple[int, int, int, int] = Field(description="(left, top, right, bottom) image region the model saw")
+    size: tuple[int, int] = Field(description="(width, height) of the overlays; they cover the whole image")
+    overlay_png: str | None = Field(None, description="data:image/png URL, colour map with alpha, malignant group")
+    top_class_overlay_png: str | None = Field(None, description="data:image/png URL, same for the top class")
+
+
+class DebugInfo(BaseModel):
+    """Raw numbers behind the answer, for the web page's debug mode and for audits."""
+
+    logits: list[float] = []
+    temperature: float
+    p_malignant: float | None = None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    operating_points: list[OperatingPoint] = []
+    tta: bool = False
+    metadata_used: bool = False
+
+
+class ScreeningResult(BaseModel):
+    """One image's screening answer. A screening aid, not a diagnosis."""
+
+    status: Literal["ok", "cannot_assess"]
+    risk: Risk
+    malignancy_score: float | None = Field(None, description="100 x calibrated P(malignant), 0-100")
+    p_malignant: float | None = None
+    probabilities: list[ClassProbability] = Field([], description="every class, in taxonomy order")
+    top_diagnoses: list[ClassProbability] = Field([], description="the three most probable classes")
+    quality: QualityReport
+    ood: OODFinding
+    reasons: list[str] = Field([], description="why the image cannot be assessed (empty when status is ok)")
+    image: ImageFacts
+    model: ModelIdentity
+    heatmap: HeatmapInfo | None = None
+    timings_ms: dict[str, float] = {}
+    analysed_at: str
+    disclaimer: str = DISCLAIMER
+    debug: DebugInfo
+    _heatmaps: Heatmaps | None = PrivateAttr(None)
+    _rgb: np.ndarray | None = PrivateAttr(None)
+
+    @property
+    def heatmaps(self) -> Heatmaps | None:
+        """The raw and rendered class activation maps (None when not computed)."""
+        return self._heatmaps
+
+    @property
+    def image_rgb(self) -> np.ndarray | None:
+        """The decoded (H, W, 3) uint8 image that was analysed (in memory only; never serialised)."""
+        return self._rgb
+
+    def to_json(self, include_heatmap: bool = False) -> dict[str, Any]:
+        """JSON-ready dict; with ``include_heatmap`` the overlays are embedded as PNG data URLs."""
+        out = self.model_dump(mode="json")
+        if include_heatmap and self._heatmaps is not None and out.get("heatmap"):
+            out["heatmap"]["overlay_png"] = data_url(self._heatmaps.overlay_png("malignant"))
+            out["heatmap"]["top_class_overlay_png"] = data_url(self._heatmaps.overlay_png("top_class"))
+        return out
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+def resolve_bundle(bundle: Bundle | str | Path | None) -> Bundle:
+    """A Bundle from an instance, a path, $DERMSCREEN_MODEL, or the shipped default; BundleError if none."""
+    if isinstance(bundle, Bundle):
+        return bundle
+    if bundle is not None and str(bundle):
+        return Bundle.load(bundle)
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        return Bundle.load(env)
+    for candidate in (DEFAULT_BUNDLE_DIR, DEFAULT_BUNDLE_DIR.with_suffix(".zip")):
+        if candidate.exists():
+            return Bundle.load(candidate)
+    raise BundleError(
+        "No model bundle was given and no default model is installed: pass --model PATH (a bundle folder "
+        f"or zip), or set the {MODEL_ENV} environment variable."
+    )
+
+
+def model_box(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the region of a (width, height) image that preprocessing feeds the model."""
+    w, h = size
+    if spec.resize != "center_crop":
+        return 0, 0, w, h
+    side = min(w, h)  # the same arithmetic as preprocess.resize_for_model
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def _flips(x: np.ndarray) -> np.ndarray:
+    """(3, S, S) → (4, 3, S, S): identity, horizontal, vertical, both flips."""
+    return np.stack([x, x[:, :, ::-1], x[:, ::-1, :], x[:, ::-1, ::-1]])
+
+
+def _unflip_mean(features: np.ndarray) -> np.ndarray:
+    """(4, D, h, w) feature maps of _flips inputs → (D, h, w) mean in the original orientation."""
+    return (features[0] + features[1][:, :, ::-1] + features[2][:, ::-1, :] + features[3][:, ::-1, ::-1]) / 4
+
+
+class Screener:
+    """Analyse images with one bundle; thread-safe. ``bundle``: Bundle, path, or None for the default."""
+
+    def __init__(self, bundle: Bundle | str | Path | None = None, settings: ScreenerSettings | None = None):
+        self.settings = settings or ScreenerSettings()
+        self.bundle = resolve_bundle(bundle)
+        m = self.bundle.manifest
+        if len(m.operating_points) < 2:
+            raise BundleError(f"{self.bundle.source}: the bundle needs two operating points (sensitivity_first, "
+                              "balanced) to give risk tiers; re-export it after calibration.")
+        # highest threshold → "high", the other → "moderate" (normally balanced and sensitivity_first)
+        self.tier_points = sorted(m.operating_points, key=lambda o: o.threshold, reverse=True)[:2]
+        arrays = self.bundle.arrays
+        if "classifier_weight" not in arrays:
+            raise BundleError(f"{self.bundle.source}: arrays.npz lacks classifier_weight; heatmaps need it.")
+        self.classifier_weight = arrays["classifier_weight"].astype(np.float32)
+        self.ood = MahalanobisOOD.from_arrays(arrays) if m.ood and "ood_mean" in arrays else None
+        self.ood_threshold = self.settings.ood_threshold if self.settings.ood_threshold is not None else \
+            (m.ood.threshold if m.ood else None)
+        bundle_quality = getattr(m, "quality", None) or {}
+        self.quality_thresholds = QualityThresholds(**{**bundle_quality, **self.settings.quality})
+        self.metadata_spec: MetadataSpec | None = m.model.metadata
+        self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256,
+                                      backbone=m.model.backbone)
+        self.bundle.session(self.settings.threads)  # build it now: first requests stay fast and race-free
+
+    # ---- public API ----------------------------------------------------------------------------
+    def analyze(self, data: bytes, *, age: float | None = None, sex: str | None = None, site: str | None = None,
+                heatmap: bool | None = True, tta: bool | None = None, filename: str | None = None) -> ScreeningResult:
+        """Screen one image file's bytes → ScreeningResult; raises ImageError (bad file) or InputError."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, max_pixels=self.settings.max_pixels, filename=filename)
+        decode_ms = (time.perf_counter() - t0) * 1000
+        return self._analyze_decoded(decoded, {"decode": decode_ms}, age, sex, site, heatmap, tta, t0)
+
+    def analyze_image(self, rgb: np.ndarray, *, age: float | None = None, sex: str | None = None,
+                      site: str | None = None, heatmap: bool | None = True, tta: bool | None = None) -> ScreeningResult:
+        """Screen an already decoded (H, W, 3) uint8 RGB array → ScreeningResult."""
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise InputError(f"Expected an (H, W, 3) RGB array, got shape {rgb.shape}.")
+        decoded = DecodedImage(rgb, "array", (rgb.shape[1], rgb.shape[0]))
+        return self._analyze_decoded(decoded, {}, age, sex, site, heatmap, tta, time.perf_counter())
+
+    def model_card(self) -> dict[str, Any]:
+        """The bundle's card as a dict: identity, classes, operating points, OOD, metrics, licence, use."""
+        m = self.bundle.manifest
+        return {
+            **self.identity.model_dump(), "created": m.created, "classes": m.taxonomy.model_dump()["classes"],
+            "image_size": m.preprocessing.image_size, "resize": m.preprocessing.resize,
+            "temperature": m.calibration.temperature,
+            "operating_points": [o.model_dump() for o in m.operating_points],
+            "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
+            "uses_metadata": self.metadata_spec is not None, "training": m.training,
+            **m.card.model_dump(), "disclaimer": DISCLAIMER,
+        }
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _metadata_vector(self, age, sex, site) -> np.ndarray | None:
+        """Validate age/sex/site (InputError on nonsense) and encode them if the model takes metadata."""
+        if age is not None:
+            try:
+                age = float(age)
+            except (TypeError, ValueError):
+                raise InputError(f"Age must be a number of years, not {age!r}.") from None
+            if not 0 <= age <= 120:
+                raise InputError(f"Age {age:g} is out of range: give the patient's age in years (0-120).")
+        if sex is not None and str(sex).strip().lower() not in ("", "male", "female", "m", "f", "unknown"):
+            raise InputError(f"Sex {sex!r} is not recognised: use male, female or unknown.")
+        sites = self.metadata_spec.sites if self.metadata_spec else HAM10000_SITES
+        if site is not None and str(site).strip() and str(site).strip().lower() not in sites:
+            raise InputError(f"Unknown site {site!r}; use one of: {', '.join(sites)}.")
+        if self.metadata_spec is None:
+            return None
+        return self.metadata_spec.encode(age, sex, site)[None, :]
+
+    def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
+        """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""
+        t0 = time.perf_counter()
+        x = preprocess(rgb, self.bundle.manifest.preprocessing)
+        batch = _flips(x) if tta else x[None]
+        if meta is not None:
+            meta = np.repeat(meta, len(batch), axis=0)
+        t1 = time.perf_counter()
+        out = self.bundle.run(batch, meta, threads=self.settings.threads)
+        if tta:  # average logits (not probabilities) so the bundle's temperature keeps its meaning
+            return out["logits"].mean(0), out["embedding"].mean(0), _unflip_mean(out["features"]), (t1 - t0) * 1000
+        return out["logits"][0], out["embedding"][0], out["features"][0], (t1 - t0) * 1000
+
+    def _ood(self, embedding: np.ndarray) -> OODFinding:
+        """Score the embedding against the bundle's in-distribution statistics."""
+        if self.ood is None or self.ood_threshold is None or not self.settings.ood_refusal:
+            return OODFinding(checked=False)
+        score = float(self.ood.score(embedding[None])[0])
+        inside = score <= self.ood_threshold
+        return OODFinding(checked=True, score=score, threshold=self.ood_threshold, in_distribution=inside,
+                          message=None if inside else "This image does not look like the dermoscopic skin-lesion "
+                          "images the model was trained on, so the model gives no answer for it.")
+
+    def _tier(self, p_malignant: float) -> Tier:
+        """Risk tier of an assessable image from the bundle's operating points."""
+        high, moderate = self.tier_points
+        if p_malignant >= high.threshold:
+            return "high"
+        return "moderate" if p_malignant >= moderate.threshold else "low"
+
+    def _heatmaps(self, features: np.ndarray, probs: np.ndarray, top: int, size, box) -> Heatmaps:
+        """CAMs for the top class and the malignant group over the model's view of the image."""
+        taxonomy = self.bundle.manifest.taxonomy
+        w = self.classifier_weight
+        direction = malignant_direction(probs, taxonomy.malignant_mask, w, self.bundle.manifest.calibration.temperature)
+        return Heatmaps(top_class=taxonomy.codes[top], raw_top_class=cam(features, w[top]),
+                        raw_malignant=cam(features, direction), box=box, image_size=size,
+                        max_side=self.settings.heatmap_max_side, max_alpha=self.settings.heatmap_alpha)
+
+    def _analyze_decoded(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
+                         heatmap: bool | None, tta: bool | None, t_start: float) -> ScreeningResult:
+        """The pipeline after decoding; ``timings`` already holds the decode time."""
+        result = self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
+        result._rgb = decoded.rgb
+        return self._finish(result, timings, t_start)
+
+    def _pipeline(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
+                  heatmap: bool | None, tta: bool | None) -> ScreeningResult:
+        """Quality gate, model, OOD, tier and heatmaps for a decoded image; fills ``timings``."""
+        tta = self.settings.tta if tta is None else bool(tta)
+        want_heatmap = self.settings.heatmap if heatmap is None else bool(heatmap)
+        meta = self._metadata_vector(age, sex, site)
+        t = time.perf_counter()
+        quality = assess(decoded.rgb, self.quality_thresholds) if self.settings.quality_gate else \
+            QualityReport(passed=True)
+        timings["quality"] = (time.perf_counter() - t) * 1000
+        m = self.bundle.manifest
+        debug = DebugInfo(temperature=m.calibration.temperature, ood_threshold=self.ood_threshold,
+                          operating_points=m.operating_points, tta=tta, metadata_used=meta is not None)
+        image = ImageFacts(format=decoded.format, width=decoded.size[0], height=decoded.size[1],
+                           pixel_spacing_mm=decoded.pixel_spacing_mm, notes=decoded.notes)
+        if not quality.passed:
+            return self._cannot_assess([quality.refused_reason], quality, OODFinding(checked=False), image, debug)
+        t = time.perf_counter()
+        logits, embedding, features, timings["preprocess"] = self._run_model(decoded.rgb, meta, tta)
+        timings["model"] = (time.perf_counter() - t) * 1000 - timings["preprocess"]
+        t = time.perf_counter()
+        probs = softmax(logits[None], m.calibration.temperature)[0]
+        p_mal = float(m.taxonomy.p_malignant(probs))
+        ood = self._ood(embedding)
+        debug.logits, debug.p_malignant, debug.ood_score = [float(v) for v in logits], p_mal, ood.score
+        timings["postprocess"] = (time.perf_counter() - t) * 1000
+        if ood.in_distribution is False:
+            return self._cannot_assess([ood.message], quality, ood, image, debug)
+        result = self._assessed(probs, p_mal, quality, ood, image, debug)
+        if want_heatmap:
+            t = time.perf_counter()
+            box = model_box(decoded.size, m.preprocessing)
+            maps = self._heatmaps(features, probs, int(np.argmax(probs)), decoded.size, box)
+            maps.heat("malignant"), maps.heat("top_class")  # upsample now, so the cost is timed here
+            result._heatmaps = maps
+            result.heatmap = HeatmapInfo(top_class=maps.top_class, box=box, size=maps.display_size)
+            timings["heatmap"] = (time.perf_counter() - t) * 1000
+        return result
+
+    def _assessed(self, probs, p_mal, quality, ood, image, debug) -> ScreeningResult:
+        """The result for an image the model may answer for."""
+        classes = self.bundle.manifest.taxonomy.classes
+        listed = [ClassProbability(code=c.code, name=c.name, group=c.group, probability=float(p))
+                  for c, p in zip(classes, probs)]
+        tier = self._tier(p_mal)
+        return ScreeningResult(
+            status="ok", risk=Risk(tier=tier, **TIERS[tier]), malignancy_score=round(100 * p_mal, 1),
+            p_malignant=p_mal, probabilities=listed,
+            top_diagnoses=sorted(listed, key=lambda c: c.probability, reverse=True)[:3],
+            quality=quality, ood=ood, image=image, model=self.identity, analysed_at=_now(), debug=debug)
+
+    def _cannot_assess(self, reasons, quality, ood, image, debug) -> ScreeningResult:
+        """The result for an image refused by the quality gate or the OOD check."""
+        return ScreeningResult(status="cannot_assess", risk=Risk(tier="cannot_assess", **TIERS["cannot_assess"]),
+                               quality=quality, ood=ood, reasons=[r for r in reasons if r], image=image,
+                               model=self.identity, analysed_at=_now(), debug=debug)
+
+    @staticmethod
+    def _finish(result: ScreeningResult, timings: dict[str, float], t_start: float) -> ScreeningResult:
+        """Attach rounded per-stage timings and the total."""
+        timings["total"] = (time.perf_counter() - t_start) * 1000
+        result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
+        return result
+
+
+def _now() -> str:
+    """Current UTC time, ISO 8601 to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

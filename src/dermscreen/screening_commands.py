@@ -1,0 +1,200 @@
+"""``dermscreen predict`` and ``dermscreen info``: the Screener from the command line (no torch imported)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import DISCLAIMER
+from .errors import DermscreenError, ImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".dcm", ".dicom"}
+_TIER_STYLE = {"high": "bold white on red3", "moderate": "bold black on dark_orange",
+               "low": "bold white on green4", "cannot_assess": "bold white on grey42"}
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Bundle folder or zip (default: "
+                                                  "$DERMSCREEN_MODEL, then the installed default model).")]
+
+
+def iter_images(paths: list[Path]) -> Iterator[Path]:
+    """Files given directly, and image files (by suffix, sorted, recursive) inside given folders."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+class _Outputs:
+    """Writes the per-image files the user asked for, with unique names per run."""
+
+    def __init__(self, html_dir: Path | None, fhir_dir: Path | None, heatmap_dir: Path | None):
+        self.dirs = {"html": html_dir, "fhir": fhir_dir, "heatmap": heatmap_dir}
+        for d in self.dirs.values():
+            if d is not None:
+                d.mkdir(parents=True, exist_ok=True)
+        self.used: set[str] = set()
+
+    def stem(self, path: Path) -> str:
+        """A file stem not used yet in this run (two folders may hold files with the same name)."""
+        stem, n = path.stem, 1
+        while stem in self.used:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        self.used.add(stem)
+        return stem
+
+    def write(self, path: Path, result, rgb) -> list[Path]:
+        """Write the HTML / FHIR / heatmap files for one result; returns the paths written."""
+        from .report import to_fhir, to_html
+        from .explain import png_bytes
+
+        stem, written = self.stem(path), []
+        if self.dirs["html"]:
+            out = self.dirs["html"] / f"{stem}.html"
+            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {path.name}"), encoding="utf-8")
+            written.append(out)
+        if self.dirs["fhir"]:
+            out = self.dirs["fhir"] / f"{stem}.fhir.json"
+            out.write_text(json.dumps(to_fhir(result), indent=2), encoding="utf-8")
+            written.append(out)
+        if self.dirs["heatmap"] and result.heatmaps is not None:
+            out = self.dirs["heatmap"] / f"{stem}.heatmap.png"
+            out.write_bytes(png_bytes(result.heatmaps.blended(rgb, "malignant"), compress_level=6))
+            written.append(out)
+        return written
+
+
+def _row(table: Table, path: Path, result) -> None:
+    """One human-readable table row."""
+    tier = result.risk.tier
+    top = result.top_diagnoses[0] if result.top_diagnoses else None
+    notes = "; ".join(result.reasons + result.quality.warnings)
+    table.add_row(path.name, f"[{_TIER_STYLE[tier]}] {result.risk.label} [/]",
+                  "—" if result.malignancy_score is None else f"{result.malignancy_score:.0f}",
+                  f"{top.name} ({100 * top.probability:.0f} %)" if top else "—", notes)
+
+
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.", exists=True)],
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (JSON lines).")] = False,
+    html_dir: Annotated[Optional[Path], typer.Option("--html", help="Write an HTML report per image here.")] = None,
+    fhir_dir: Annotated[Optional[Path], typer.Option("--fhir", help="Write a FHIR R4 DiagnosticReport per image here.")] = None,
+    heatmap_dir: Annotated[Optional[Path], typer.Option("--heatmap", help="Write the heatmap over each image here (PNG).")] = None,
+    age: Annotated[Optional[float], typer.Option(help="Patient age in years (used by models that take metadata).")] = None,
+    sex: Annotated[Optional[str], typer.Option(help="male | female | unknown.")] = None,
+    site: Annotated[Optional[str], typer.Option(help="Anatomical site, e.g. back, face, lower extremity.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over flipped copies (slower, slightly steadier).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+) -> None:
+    """Screen dermoscopic images: a risk tier, malignancy score and top diagnoses per image."""
+    from .screening import Screener, ScreenerSettings
+
+    err = Console(stderr=True)
+    try:
+        screener = Screener(model, ScreenerSettings(tta=tta, threads=threads))
+    except DermscreenError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    files = list(iter_images(images))
+    if not files:
+        err.print("[red]error:[/] no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
+        raise typer.Exit(2)
+    outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)
+    want_heatmap = bool(html_dir or heatmap_dir)
+    failures = _predict_files(screener, files, outputs, as_json, want_heatmap, dict(age=age, sex=sex, site=site), err)
+    if not as_json:
+        err.print(f"[dim]{DISCLAIMER}[/]")
+    if failures:
+        err.print(f"[red]{failures} of {len(files)} file(s) could not be analysed.[/]")
+        raise typer.Exit(1)
+
+
+def _predict_files(screener, files: list[Path], outputs: _Outputs, as_json: bool, want_heatmap: bool,
+                   meta: dict, err: Console) -> int:
+    """Analyse every file, print results as they come, report bad files and go on; returns the failure count."""
+    from rich.progress import Progress
+
+    table = Table(title="dermscreen — screening aid, not a diagnosis")
+    for col in ("image", "risk", "score", "top diagnosis", "notes"):
+        table.add_column(col, overflow="fold")
+    failures = 0
+    with Progress(console=err, transient=True, disable=len(files) < 2) as progress:
+        task = progress.add_task("Screening", total=len(files))
+        for path in files:
+            try:
+                result = screener.analyze(path.read_bytes(), heatmap=want_heatmap, **meta)
+                outputs.write(path, result, result.image_rgb)
+            except (ImageError, OSError) as exc:
+                failures += 1
+                message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
+                progress.console.print(f"[red]{path}:[/] {message}")
+                if as_json:
+                    print(json.dumps({"file": str(path), "error": {"type": type(exc).__name__, "message": message}}),
+                          flush=True)
+            except DermscreenError as exc:  # a bad option (e.g. --site) fails every file alike: stop at once
+                progress.console.print(f"[red]error:[/] {exc}")
+                raise typer.Exit(2)
+            else:
+                if as_json:
+                    print(json.dumps({"file": str(path), **result.to_json()}), flush=True)
+                else:
+                    _row(table, path, result)
+            progress.advance(task)
+    if not as_json and table.row_count:
+        Console().print(table)
+    return failures
+
+
+def info(
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full model card as JSON.")] = False,
+) -> None:
+    """Show the model card of a bundle: identity, classes, operating points, metrics, licence, intended use."""
+    from .screening import Screener
+
+    try:
+        card = Screener(model).model_card()
+    except DermscreenError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(card, indent=2, default=str))
+        return
+    _print_card(card, Console())
+
+
+def _print_card(card: dict, console: Console) -> None:
+    """Human-readable model card summary."""
+    console.print(f"[bold]{card['name']}[/] {card['version']}  ({card['backbone']}, {card['image_size']} px)")
+    console.print(f"sha256 {card['sha256']}  created {card['created']}")
+    console.print("classes: " + ", ".join(f"{c['code']} ({c['group']})" for c in card["classes"]))
+    ops = Table(title="Operating points (validation)")
+    for col in ("name", "threshold P(malignant)", "sensitivity", "specificity"):
+        ops.add_column(col)
+    for op in card["operating_points"]:
+        ops.add_row(op["name"], f"{op['threshold']:.3f}", f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}")
+    console.print(ops)
+    console.print(f"temperature {card['temperature']:.3f}; OOD threshold "
+                  f"{card['ood']['threshold']:.3g} (keeps {card['ood']['validation_kept']:.1%} of validation)"
+                  if card["ood"] else f"temperature {card['temperature']:.3f}; no OOD statistics")
+    scalar = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))}
+    if scalar:
+        console.print("metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
+    console.print(f"uses patient metadata: {'yes' if card['uses_metadata'] else 'no'}")
+    for label, key in (("intended use", "intended_use"), ("training data", "training_data"), ("licence", "licence")):
+        if card.get(key):
+            console.print(f"[bold]{label}:[/] {card[key]}")
+    for item in card.get("limitations") or []:
+        console.print(f"  • {item}")
+    console.print(f"[dim]{card['disclaimer']}[/]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the dermscreen command")

@@ -58,7 +58,8 @@ def _rich_progress(console):
                 self.bar.stop()
 
         def close(self) -> None:
-            self.bar.stop()
+            if self.task is not None:
+                self.bar.stop()
 
     return RichEvaluationProgress()
 
@@ -96,7 +97,7 @@ def evaluate(
                                 min_subgroup=min_subgroup, progress=progress)
     except DermscreenError as exc:
         progress.close()
-        console.print("[bold red]Error:[/bold red]", escape(str(exc)), highlight=False)
+        console.print("[bold red]Error:[/bold red]", escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     stdout.print(_summary_table(result.metrics))
     if result.metrics["classes_absent"]:

@@ -181,7 +181,10 @@ def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: 
         Image.init()
         img = Image.open(io.BytesIO(data), formats=[f for f in _PIL_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"This image declares an enormous size and was refused unread ({exc}).") from None
+        raise ImageTooLargeError(
+            f"This image declares an enormous size and was refused without decoding it ({exc}): "
+            "send a normal-sized photo."
+        ) from None
     except UnidentifiedImageError:
         if sniffed and sniffed != "GIF":
             raise CorruptImageError(

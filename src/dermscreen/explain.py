@@ -63,7 +63,7 @@ def overlay_rgba(heat: np.ndarray, max_alpha: float = 0.6) -> np.ndarray:
     rgba = np.empty(heat.shape + (4,), dtype=np.uint8)
     rgba[..., :3] = TURBO[idx]
     # Cold regions stay transparent, so the skin shows through where the model did not look.
-    rgba[..., 3] = np.clip(np.sqrt(np.clip(heat, 0, 1)) * max_alpha * 255.0, 0, 255).astype(np.uint8)
+    rgba[..., 3] = np.clip(np.sqrt(np.clip(heat, 0, 1)) * max_alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return rgba
 
 

@@ -25,6 +25,7 @@ def _register() -> None:
     from .evaluation import commands as evaluation_commands
 
     app.command("train")(training_commands.train)
+    app.command("export")(training_commands.export)
     app.command("evaluate")(evaluation_commands.evaluate)
     from .serve import commands as serve_commands
 

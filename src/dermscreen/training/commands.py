@@ -1,0 +1,89 @@
+"""``dermscreen train`` and ``dermscreen export``: command-line front ends of the training pipeline.
+
+torch is imported inside the commands only, so ``dermscreen --help`` and the core install work without it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import DermscreenError
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _need_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail(DermscreenError("Training needs the train extra: pip install 'dermscreen[train]'."))
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training recipe YAML (e.g. configs/default.yaml). "
+                                          "With --resume, defaults to the run's saved config.yaml."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled CSV: HAM10000 metadata, ISIC one-hot, or image,dx."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images folder (default: <CSV folder>/images, "
+                                          "or the CSV's folder for image,dx files)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder for config, log, split, checkpoints, curves and bundle."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the config's number of epochs."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (GPU if present), cpu, cuda or cuda:N."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Train on a lesion-grouped subsample (smoke runs)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars (logs still go to train.log)."),
+) -> None:
+    """Train a classifier, calibrate it on validation and export a bundle into OUT/bundle.
+
+    Runs unchanged under torchrun --nproc_per_node N (one process per GPU, or CPU processes).
+    """
+    _need_torch()
+    from .config import load_config
+    from .fit import train as run_training
+
+    try:
+        if config is None and resume and (out / "config.yaml").is_file():
+            config = out / "config.yaml"
+        overrides = dict(data=_str(data), images=_str(images), epochs=epochs, device=device, max_images=max_images,
+                         num_workers=num_workers, threads=threads)
+        cfg = load_config(config, **overrides)
+        result = run_training(cfg, out, resume=resume, progress=not no_progress)
+    except DermscreenError as exc:
+        _fail(exc)
+        return
+    if result.bundle_dir is not None:
+        m = result.metrics
+        typer.echo(f"Trained {result.epochs_run} epoch(s) (best: {result.best_epoch}) in {result.wall_time_s:.0f} s. "
+                   f"Validation balanced accuracy {m.get('balanced_accuracy', float('nan')):.3f}, "
+                   f"malignant AUC {m.get('malignant_auc', float('nan')):.3f}.")
+        typer.echo(f"Bundle: {result.bundle_dir}   held-out test split: {result.run_dir / 'split.csv'}")
+
+
+def export(
+    run: Path = typer.Argument(..., help="A finished or interrupted training run folder (holds config.yaml, "
+                               "split.csv and checkpoints/best.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder to write (default: RUN/bundle)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The run's labelled CSV, if it moved."),
+    images: Optional[Path] = typer.Option(None, "--images", help="The run's images folder, if it moved."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Re-calibrate a run's best checkpoint on its validation split and export it as a bundle."""
+    _need_torch()
+    from .reexport import export_run
+
+    try:
+        folder = export_run(run, out, data=_str(data), images=_str(images), device=device)
+    except DermscreenError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"Bundle: {folder}")
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)

@@ -1,0 +1,108 @@
+"""The training recipe: a pydantic model read from YAML; unknown keys are errors, not silently ignored."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+from .data import AugmentConfig
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run; saved resolved as ``config.yaml`` in the run folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "dermscreen-model"
+    # data: a manifest CSV (HAM10000 metadata, ISIC one-hot or plain image,dx) and its images folder;
+    # both can be given (or overridden) on the command line
+    data: str | None = None
+    images: str | None = None
+    taxonomy: str = Field("ham10000", description="'ham10000' or a taxonomy YAML path")
+    # use at most this many images (a class-stratified, lesion-grouped subsample; for smoke runs)
+    max_images: int | None = Field(None, ge=10)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = Field("imagenet", description="imagenet | none | timm | timm:<tag> | path to .pth/.safetensors")
+    image_size: int = Field(224, ge=32, le=1024)
+    resize: Literal["center_crop", "squash"] = "center_crop"
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+    metadata_fusion: bool = False
+    metadata_hidden: int = Field(32, ge=4)
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the new layers")
+    backbone_lr_scale: float = Field(0.3, ge=0, le=1, description="backbone lr = lr * this")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    # epochs at the start where only the new layers learn (backbone lr 0), so the random head
+    # does not wreck the pretrained features
+    freeze_epochs: int = Field(0, ge=0)
+    # stem + this many block stages never train (cheaper on CPU; 0 = train everything)
+    freeze_stages: int = Field(0, ge=0)
+    balance: Literal["sampler", "loss", "none"] = "sampler"
+    balance_power: float = Field(0.5, ge=0, le=1, description="weights ∝ count^-power; 1 = fully balanced")
+    label_smoothing: float = Field(0.05, ge=0, lt=0.5)
+    patience: int = Field(6, ge=1, description="epochs without validation balanced-accuracy gain before stopping")
+    augment: AugmentConfig = AugmentConfig()
+
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    export: bool = True
+    export_check_images: int = Field(4, ge=1)
+    # dynamo (torch.export, the supported exporter) or torchscript (deprecated, several times faster)
+    onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo"
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "TrainConfig":
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% of images for training")
+        return self
+
+
+def load_config(path: str | Path | None, **overrides) -> TrainConfig:
+    """Read a YAML recipe (or defaults when ``path`` is None), apply non-None ``overrides``, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"Config file not found: {path}.") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} must be a mapping of settings (key: value).")
+        data = _resolve_relative(data, path.parent)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"Config file {path}" if path else "The training settings"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where} is invalid: {problems}. "
+                          "See configs/default.yaml for every setting and its meaning.") from None
+
+
+def _resolve_relative(data: dict, base: Path) -> dict:
+    # paths in a recipe are relative to the recipe's folder, so a config works from any cwd
+    out = dict(data)
+    tax = out.get("taxonomy")
+    if isinstance(tax, str) and tax.lower() != "ham10000" and not Path(tax).is_absolute():
+        candidate = base / tax
+        if candidate.exists() or not Path(tax).exists():
+            out["taxonomy"] = str(candidate)
+    return out
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML to ``path``."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

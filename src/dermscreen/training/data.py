@@ -1,0 +1,197 @@
+"""Training data: a torch Dataset over a LabelledSet, dermoscopy augmentation, class balancing.
+
+Every image goes through :func:`dermscreen.preprocess.normalize` and the same resize as at
+inference (:func:`dermscreen.preprocess.resize_for_model`), so training and serving cannot drift.
+Augmentation acts on the PIL image before that final resize/normalise step.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import ImageError
+from ..manifests import LabelledSet
+from ..metadata import MetadataSpec
+from ..preprocess import Preprocessing, normalize, preprocess, resize_for_model
+
+
+class AugmentConfig(BaseModel):
+    """Augmentation strengths; dermoscopy has no canonical orientation, so flips and 90° turns are free."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    flips: bool = True
+    rotate90: bool = True
+    # random-resized crop: share of the (model-view) area kept, and aspect-ratio range
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (0.8, 1.25)
+    # small free rotation on top of the 90° turns (degrees); corners are filled by reflection
+    rotate_degrees: float = Field(10.0, ge=0, le=45)
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    saturation: float = Field(0.2, ge=0, le=1)
+    hue: float = Field(0.03, ge=0, le=0.5)
+
+
+def load_rgb(path) -> Image.Image:
+    """Open an image file as an RGB PIL image; raises ImageError naming the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"Could not read image {path}: {exc}. Check the file or remove it from the manifest.") from None
+
+
+def _model_view(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """The part of the frame the model sees at inference (the centred square for center_crop)."""
+    if spec.resize != "center_crop":
+        return image
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _random_resized_crop(image: Image.Image, aug: AugmentConfig, rng: random.Random) -> Image.Image:
+    w, h = image.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*aug.scale)
+        ratio = math.exp(rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1])))
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return image.crop((left, top, left + cw, top + ch))
+    return image
+
+
+def _small_rotation(image: Image.Image, degrees: float, rng: random.Random) -> Image.Image:
+    if degrees <= 0:
+        return image
+    angle = rng.uniform(-degrees, degrees)
+    # pad by reflection first so the rotated corners show skin, not black wedges the model could learn
+    arr = np.asarray(image)
+    pad = int(math.ceil(max(arr.shape[:2]) * 0.21))
+    padded = Image.fromarray(np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect"))
+    rotated = padded.rotate(angle, resample=Image.BILINEAR)
+    return rotated.crop((pad, pad, pad + image.size[0], pad + image.size[1]))
+
+
+def _colour_jitter(image: Image.Image, aug: AugmentConfig, rng: random.Random) -> Image.Image:
+    ops = [
+        (ImageEnhance.Brightness, aug.brightness),
+        (ImageEnhance.Contrast, aug.contrast),
+        (ImageEnhance.Color, aug.saturation),
+    ]
+    rng.shuffle(ops)
+    for enhancer, strength in ops:
+        if strength > 0:
+            image = enhancer(image).enhance(rng.uniform(1 - strength, 1 + strength))
+    if aug.hue > 0:
+        hsv = np.asarray(image.convert("HSV")).copy()
+        shift = int(round(rng.uniform(-aug.hue, aug.hue) * 255))
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 256).astype(np.uint8)
+        image = Image.fromarray(hsv, "HSV").convert("RGB")
+    return image
+
+
+def augment(image: Image.Image, spec: Preprocessing, aug: AugmentConfig, rng: random.Random) -> Image.Image:
+    """A randomly augmented RGB PIL image at the model's input size (``spec.image_size`` square)."""
+    image = _model_view(image, spec)
+    image = _random_resized_crop(image, aug, rng)
+    # resize to the model size before the cheap pixel ops: the source may be much larger
+    image = image.resize((spec.image_size, spec.image_size), Image.BILINEAR)
+    if aug.rotate_degrees > 0:
+        image = _small_rotation(image, aug.rotate_degrees, rng)
+    if aug.flips and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if aug.flips and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_TOP_BOTTOM)
+    if aug.rotate90:
+        turns = rng.randrange(4)
+        if turns:
+            image = image.transpose([Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270][turns - 1])
+    return _colour_jitter(image, aug, rng)
+
+
+class LesionDataset(Dataset):
+    """Items are (image 3xSxS float32, metadata vector (dim,) or (0,), label) for a LabelledSet."""
+
+    def __init__(self, data: LabelledSet, spec: Preprocessing, aug: AugmentConfig | None = None,
+                 metadata: MetadataSpec | None = None, seed: int = 0):
+        self.data = data
+        self.spec = spec
+        self.aug = aug if aug is not None and aug.enabled else None
+        self.metadata = metadata
+        self.labels = data.labels
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draw (call once per epoch, like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        sample = self.data.samples[i]
+        image = load_rgb(sample.image_path)
+        if self.aug is None:
+            x = preprocess(image, self.spec)
+        else:
+            # seeded per (seed, epoch, item): the same run draws the same augmentations on any
+            # number of workers or processes, which keeps --resume and DDP runs reproducible
+            rng = random.Random(hash((self.seed, self.epoch, i)))
+            x = normalize(np.asarray(resize_for_model(augment(image, self.spec, self.aug, rng), self.spec)), self.spec)
+        if self.metadata is not None:
+            meta = self.metadata.encode(sample.age, sample.sex, sample.site)
+        else:
+            meta = np.zeros(0, dtype=np.float32)
+        return torch.from_numpy(x), torch.from_numpy(meta), self.labels[i]
+
+
+def class_weights(labels: list[int], num_classes: int, power: float = 1.0) -> np.ndarray:
+    """Per-class weights ∝ count^-power, normalised to mean 1 over present classes (absent → 1)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.ones(num_classes)
+    w[present] = counts[present] ** -power
+    w[present] /= w[present].mean()
+    return w.astype(np.float32)
+
+
+class BalancedSampler(Sampler[int]):
+    """Draws indices with probability ∝ class_weight[label], sharded over DDP ranks.
+
+    Every rank draws the same seeded sequence per epoch and keeps its own stride of it, so the
+    ranks together see one class-balanced epoch without communicating.
+    """
+
+    def __init__(self, labels: list[int], num_classes: int, num_samples: int | None = None,
+                 power: float = 1.0, rank: int = 0, world_size: int = 1, seed: int = 0):
+        w = class_weights(labels, num_classes, power)[np.asarray(labels, dtype=int)]
+        self.probs = torch.as_tensor(w / w.sum(), dtype=torch.double)
+        total = num_samples or len(labels)
+        self.per_rank = int(math.ceil(total / world_size))
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's draw."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(self.probs, self.per_rank * self.world_size, replacement=True, generator=g)
+        return iter(draw[self.rank::self.world_size].tolist())

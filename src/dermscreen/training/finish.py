@@ -1,0 +1,100 @@
+"""After the epochs: best weights → calibration, OOD statistics, metrics → exported bundle (main process)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ..bundle import Manifest, ModelSpec
+from .calibrate import calibrate, fit_ood, validation_metrics
+from .data import LesionDataset, load_rgb
+from .export import build_card, export_bundle
+
+log = logging.getLogger("dermscreen.training")
+
+
+def finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start):
+    """Calibrate the best checkpoint on validation, fit OOD, export the bundle; returns a TrainResult."""
+    from .fit import TrainResult, predict
+
+    try:
+        if run.best_pt.exists():
+            run.load_best(model, ctx.device)
+        val_eval = LesionDataset(data.subset(split["val"]), spec, None, meta_spec)
+        train_eval = LesionDataset(data.subset(split["train"]), spec, None, meta_spec)
+        bs, workers = config.batch_size * 2, config.num_workers
+        val_logits, val_emb = predict(model, val_eval, range(len(val_eval)), ctx.device, bs, workers)
+        val_labels = np.asarray(val_eval.labels)
+        calibration, points = calibrate(val_logits, val_labels, taxonomy)
+        metrics = validation_metrics(val_logits, val_labels, taxonomy, calibration.temperature)
+        metrics.update(ece_before=calibration.ece_before, ece_after=calibration.ece_after)
+        log.info("temperature %.3f, ECE %.4f -> %.4f; validation: %s", calibration.temperature,
+                 calibration.ece_before, calibration.ece_after, metrics)
+        _, train_emb = predict(model, train_eval, range(len(train_eval)), ctx.device, bs, workers)
+        ood, ood_spec = fit_ood(train_emb, np.asarray(train_eval.labels), val_emb)
+        log.info("OOD threshold %.3f keeps %.1f%% of validation images", ood_spec.threshold, 100 * ood_spec.validation_kept)
+        bundle_dir = None
+        if config.export:
+            manifest = _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start,
+                                 calibration, points, ood_spec, metrics)
+            images, meta = _check_batch(val_eval, config.export_check_images)
+            bundle_dir = export_bundle(model, run.bundle_dir, manifest, ood.to_arrays(), images, meta,
+                                       config.onnx_exporter)
+            log.info("bundle written to %s", bundle_dir)
+        wall = time.perf_counter() - start
+        log.info("finished in %.1f s", wall)
+        return TrainResult(run.root, bundle_dir, metrics, state.epoch, state.best_epoch, wall)
+    finally:
+        run.close()
+
+
+def _check_batch(dataset: LesionDataset, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    # at least two images, so the exported graph is checked with a batch other than its tracing one
+    idx = [i % len(dataset) for i in range(max(2, min(n, len(dataset))))]
+    items = [dataset[i] for i in idx]
+    images = torch.stack([it[0] for it in items]).numpy()
+    meta = torch.stack([it[1] for it in items]).numpy() if dataset.metadata is not None else None
+    return images, meta
+
+
+def _source_resolution(data) -> str | None:
+    try:
+        w, h = load_rgb(data.samples[0].image_path).size
+        return f"{w}x{h} px"
+    except Exception:  # only decorates the model card
+        return None
+
+
+def _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start,
+              calibration, points, ood_spec, metrics) -> Manifest:
+    import timm
+
+    summary = data.summary()
+    splits = {name: data.subset(idx).summary() for name, idx in split.items() if idx}
+    training = {
+        "data": summary,
+        "splits": {k: {"images": v["images"], "groups": v["groups"], "class_counts": v["class_counts"]}
+                   for k, v in splits.items()},
+        "split_file": str(run.split_csv.resolve()),
+        "recipe": config.model_dump(mode="json"),
+        "backbone_weights": info.weights,
+        "seed": config.seed,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "device": str(ctx.device),
+        "processes": ctx.world_size,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+    }
+    card = build_card(summary, data.format, taxonomy.name, config.image_size, _source_resolution(data))
+    return Manifest(
+        name=config.name, taxonomy=taxonomy, preprocessing=spec,
+        model=ModelSpec(backbone=info.name, embedding_dim=info.num_features,
+                        inputs=["image", "metadata"] if meta_spec else ["image"], metadata=meta_spec),
+        calibration=calibration, operating_points=points, ood=ood_spec, metrics=metrics,
+        training=training, card=card,
+    )

@@ -1,0 +1,329 @@
+"""Fit a LesionClassifier, calibrate it on validation, and export a bundle: ``train(config, out)``.
+
+The run folder ``out`` receives (rank 0 only):
+``config.yaml`` (resolved recipe), ``train.log``, ``split.csv`` (``image_id,split``: the exact
+held-out test set for evaluation), ``history.csv``, ``learning_curves.png``,
+``checkpoints/last.pt`` + ``checkpoints/best.pt`` (torch state dicts), and ``bundle/``.
+The same code runs alone or under ``torchrun --nproc_per_node N`` (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..errors import ConfigError
+from ..manifests import LabelledSet, load_labels
+from ..metadata import MetadataSpec
+from ..preprocess import Preprocessing
+from ..splits import SPLIT_NAMES, assert_no_group_leak, grouped_split
+from ..taxonomy import Taxonomy, load_taxonomy
+from . import distributed as D
+from .config import TrainConfig, dump_config, load_config
+from .data import BalancedSampler, LesionDataset, class_weights
+from .model import LesionClassifier, build_model, set_frozen_bn_eval
+from .progress import TrainProgress
+from .runlog import RunFolder
+
+log = logging.getLogger("dermscreen.training")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore to continue a run exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put things, and its validation metrics."""
+
+    run_dir: Path
+    bundle_dir: Path | None
+    metrics: dict
+    epochs_run: int
+    best_epoch: int
+    wall_time_s: float
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_data(config: TrainConfig) -> tuple[LabelledSet, Taxonomy]:
+    """The labelled set named by ``config.data`` (subsampled to ``max_images``) and its taxonomy."""
+    if not config.data:
+        raise ConfigError("No training data given: pass --data CSV (or set data: in the config).")
+    taxonomy = load_taxonomy(config.taxonomy)
+    data = load_labels(config.data, config.images, taxonomy)
+    if config.max_images and config.max_images < len(data):
+        data = _subsample(data, config.max_images, config.seed)
+    return data, taxonomy
+
+
+def _subsample(data: LabelledSet, n: int, seed: int) -> LabelledSet:
+    # a lesion-grouped, class-stratified share, so a smoke run still sees every class
+    fraction = n / len(data)
+    if fraction < 0.5:
+        keep = grouped_split(data, val_fraction=0, test_fraction=fraction, seed=seed)["test"]
+    else:
+        keep = grouped_split(data, val_fraction=0, test_fraction=1 - fraction, seed=seed)["train"]
+    return data.subset(keep)
+
+
+def make_split(data: LabelledSet, config: TrainConfig) -> dict[str, list[int]]:
+    """Lesion-grouped train/val/test indices; raises ConfigError when a split would be unusable."""
+    split = grouped_split(data, config.val_fraction, config.test_fraction, config.seed)
+    assert_no_group_leak(data, split)
+    if len(split["val"]) < 2 or len(split["train"]) < 2:
+        raise ConfigError(f"Only {len(data)} images: too few for a train/validation split. Use more data.")
+    return split
+
+
+def write_split(data: LabelledSet, split: dict[str, list[int]], path: Path) -> None:
+    """Write ``image_id,split`` rows (every image of ``data``) to ``path``."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "split"])
+        for name in SPLIT_NAMES:
+            for i in split[name]:
+                w.writerow([data.samples[i].image_id, name])
+
+
+def read_split(data: LabelledSet, path: Path) -> dict[str, list[int]]:
+    """Indices per split from a ``split.csv`` written by :func:`write_split` for the same data."""
+    where = {s.image_id: i for i, s in enumerate(data.samples)}
+    split: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["image_id"] not in where:
+                raise ConfigError(f"{path} names image {row['image_id']!r}, which is not in the training data; "
+                                  "resume with the same --data as the original run.")
+            split[row["split"]].append(where[row["image_id"]])
+    return split
+
+
+def _loaders(config, data, split, spec, meta, ctx, taxonomy):
+    """(train DataLoader, its sampler, val dataset) for this process."""
+    train_set = LesionDataset(data.subset(split["train"]), spec, config.augment, meta, config.seed)
+    val_set = LesionDataset(data.subset(split["val"]), spec, None, meta)
+    if config.balance == "sampler":
+        sampler = BalancedSampler(train_set.labels, taxonomy.num_classes, power=config.balance_power,
+                                  rank=ctx.rank, world_size=ctx.world_size, seed=config.seed)
+    else:
+        sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=config.seed)
+    per_rank_batch = max(1, config.batch_size // ctx.world_size)
+    # drop_last: a final batch of one image breaks BatchNorm in training mode
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=len(sampler) > per_rank_batch, pin_memory=ctx.device.type == "cuda",
+                        persistent_workers=config.num_workers > 0)
+    return loader, sampler, train_set, val_set
+
+
+# ------------------------------------------------------------------------------------ schedule
+def _optimizer(model: LesionClassifier, config: TrainConfig, steps_per_epoch: int):
+    """AdamW over backbone/new-layer groups with warmup + cosine decay (backbone held at 0 while frozen)."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    head = [p for p in model.head_parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": config.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    total = max(1, config.epochs * steps_per_epoch)
+    warm = max(1, int(config.warmup_epochs * steps_per_epoch))
+    frozen = config.freeze_epochs * steps_per_epoch
+
+    def shape(step: int, start: int = 0) -> float:
+        if step < start:
+            return 0.0
+        s = step - start
+        if s < warm:
+            return (s + 1) / warm
+        progress = min(1.0, (step - start - warm) / max(1, total - start - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    lambdas = [lambda s: shape(s)] + ([lambda s: shape(s, frozen)] if backbone else [])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def _loss(config: TrainConfig, labels: list[int], num_classes: int, device) -> nn.Module:
+    weight = None
+    if config.balance == "loss":
+        weight = torch.as_tensor(class_weights(labels, num_classes, config.balance_power), device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+# ------------------------------------------------------------------------------------ epochs
+def _to(batch, device):
+    images, meta, labels = batch
+    nb = device.type == "cuda"
+    return (images.to(device, non_blocking=nb), meta.to(device, non_blocking=nb) if meta.numel() else None,
+            torch.as_tensor(labels).to(device, non_blocking=nb))
+
+
+def train_epoch(model, loader, optimizer, scheduler, loss_fn, ctx, progress: TrainProgress) -> tuple[float, float]:
+    """One pass over ``loader``; returns (mean training loss over all processes, images/s of this process)."""
+    model.train()
+    set_frozen_bn_eval(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    total, count, start = 0.0, 0, time.perf_counter()
+    for batch in loader:
+        images, meta, labels = _to(batch, ctx.device)
+        logits = model(images, meta)[0]
+        loss = loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("training loss became NaN/inf; lower lr in the config")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(labels)
+        count += len(labels)
+        progress.batch_done(total / count)
+    rate = count / max(time.perf_counter() - start, 1e-9)
+    return D.all_mean(total / max(count, 1), ctx), rate
+
+
+@torch.no_grad()
+def predict(model: LesionClassifier, dataset: LesionDataset, indices, device, batch_size: int,
+            num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of ``dataset`` items ``indices`` without augmentation."""
+    model.eval()
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=num_workers)
+    logits, embs = [], []
+    for batch in loader:
+        images, meta, _ = _to(batch, device)
+        out = model(images, meta)
+        logits.append(out[0].float().cpu().numpy())
+        embs.append(out[1].float().cpu().numpy())
+    if not logits:
+        return np.zeros((0, model.classifier.out_features), np.float32), np.zeros((0, model.classifier.in_features), np.float32)
+    return np.concatenate(logits), np.concatenate(embs)
+
+
+def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfig, ctx) -> tuple[np.ndarray, dict]:
+    """Validation logits (all processes share the work) and {loss, balanced_accuracy}."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    mine = list(range(ctx.rank, len(val_set), ctx.world_size))
+    logits, _ = predict(model, val_set, mine, ctx.device, config.batch_size * 2)
+    parts = D.gather_objects((mine, logits), ctx)
+    order = np.concatenate([np.asarray(p[0], dtype=int) for p in parts])
+    all_logits = np.concatenate([p[1] for p in parts])[np.argsort(order)]
+    labels = np.asarray(val_set.labels)
+    t = torch.from_numpy(all_logits)
+    loss = float(nn.functional.cross_entropy(t, torch.from_numpy(labels)))
+    bacc = float(balanced_accuracy_score(labels, all_logits.argmax(1)))
+    return all_logits, {"val_loss": loss, "val_balanced_accuracy": bacc}
+
+
+# ------------------------------------------------------------------------------------ the run
+def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train, calibrate and export per ``config`` into run folder ``out``; returns a TrainResult on every rank."""
+    start = time.perf_counter()
+    ctx = D.setup(config.device)
+    try:
+        return _run(config, Path(out), resume, progress, ctx, start)
+    finally:
+        D.teardown(ctx)
+
+
+def _run(config, out, resume, show_progress, ctx, start) -> TrainResult:
+    run = RunFolder(out, ctx.is_main)
+    if resume:
+        config = run.resumed_config(config)
+    _set_threads(config, ctx)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    data, taxonomy = load_data(config)
+    split = read_split(data, run.split_csv) if resume else make_split(data, config)
+    if ctx.is_main:
+        run.open(resume)
+        dump_config(config, run.config_yaml)
+        if not resume:
+            write_split(data, split, run.split_csv)
+        log.info("data: %s", data.summary())
+        log.info("split: %s", {k: len(v) for k, v in split.items()})
+    meta_spec = MetadataSpec() if config.metadata_fusion else None
+    model, info = build_model(config, taxonomy.num_classes, meta_spec.dim if meta_spec else 0)
+    spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
+    log.info("backbone %s (%d features), weights: %s, device %s, %d process(es)",
+             info.name, info.num_features, info.weights, ctx.device, ctx.world_size)
+    loader, sampler, train_set, val_set = _loaders(config, data, split, spec, meta_spec, ctx, taxonomy)
+    model.to(ctx.device)
+    state = TrainState()
+    optimizer, scheduler = _optimizer(model, config, len(loader))
+    if resume:
+        state = run.load_last(model, optimizer, scheduler, ctx.device)
+    fitted = _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, config, ctx, run, state,
+                  taxonomy, show_progress)
+    if not ctx.is_main:
+        return TrainResult(run.root, None, {}, fitted.epoch, fitted.best_epoch, time.perf_counter() - start)
+    from .finish import finish_run
+
+    return finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy, fitted, ctx, start)
+
+
+def _set_threads(config: TrainConfig, ctx) -> None:
+    import os
+
+    threads = config.threads
+    if threads is None and ctx.distributed and ctx.device.type == "cpu":
+        # N processes on one machine would each grab every core and fight over them
+        threads = max(1, (os.cpu_count() or 1) // ctx.world_size)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, config, ctx, run, state,
+         taxonomy, show_progress) -> TrainState:
+    """The epoch loop with early stopping; returns the final TrainState (best weights in best.pt)."""
+    ddp = model
+    if ctx.distributed:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    loss_fn = _loss(config, train_set.labels, taxonomy.num_classes, ctx.device)
+    with TrainProgress(config.epochs, len(loader), enabled=show_progress and ctx.is_main,
+                       start_epoch=state.epoch) as progress:
+        for epoch in range(state.epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            progress.start_epoch(epoch)
+            t0 = time.perf_counter()
+            train_loss, rate = train_epoch(ddp, loader, optimizer, scheduler, loss_fn, ctx, progress)
+            _, val = validate(model, val_set, config, ctx)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_s": rate * ctx.world_size, "seconds": time.perf_counter() - t0}
+            improved = _update_best(state, row)
+            state.epoch = epoch + 1
+            state.history.append(row)
+            progress.epoch_done(row, improved)
+            if ctx.is_main:
+                run.log_epoch(row, improved)
+                run.save_checkpoints(model, optimizer, scheduler, state, config, improved)
+            if D.broadcast_flag(state.epoch - state.best_epoch >= config.patience, ctx):
+                log.info("early stop: no validation balanced-accuracy gain for %d epochs", config.patience)
+                break
+    return state
+
+
+def _update_best(state: TrainState, row: dict) -> bool:
+    score, loss = row["val_balanced_accuracy"], row["val_loss"]
+    if score > state.best_score or (score == state.best_score and loss < state.best_loss):
+        state.best_score, state.best_loss, state.best_epoch = score, loss, row["epoch"]
+        return True
+    return False
+
+
+def train_from_files(config_path, out, resume=False, progress=True, **overrides) -> TrainResult:
+    """Load a YAML recipe with command-line ``overrides`` and :func:`train` it into ``out``."""
+    return train(load_config(config_path, **overrides), out, resume=resume, progress=progress)

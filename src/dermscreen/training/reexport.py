@@ -1,0 +1,54 @@
+"""Export a bundle from an existing run folder (e.g. an interrupted run, or to a different place)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..metadata import MetadataSpec
+from ..preprocess import Preprocessing
+from . import distributed as D
+from .config import load_config
+from .fit import TrainState, load_data, read_split
+from .finish import finish_run
+from .model import build_model
+from .runlog import RunFolder
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | None = None,
+               images: str | None = None, device: str | None = None) -> Path:
+    """Calibrate run ``run_dir``'s best checkpoint on its validation split and write a bundle; returns its folder."""
+    start = time.perf_counter()
+    run = RunFolder(run_dir)
+    if not run.best_pt.is_file() or not run.config_yaml.is_file() or not run.split_csv.is_file():
+        raise ConfigError(f"{run.root} is not a training run folder with config.yaml, split.csv and "
+                          "checkpoints/best.pt.")
+    config = load_config(run.config_yaml, data=data, images=images, device=device, export=True)
+    ctx = D.DistContext(0, 1, 0, D.resolve_device(config.device))
+    dataset, taxonomy = load_data(config)
+    split = read_split(dataset, run.split_csv)
+    meta_spec = MetadataSpec() if config.metadata_fusion else None
+    # the checkpoint replaces every weight, so skip loading the pretrained ones
+    model, info = build_model(config, taxonomy.num_classes, meta_spec.dim if meta_spec else 0, weights="none")
+    info = type(info)(info.name, info.num_features, info.mean, info.std, _saved_weights_source(run))
+    model.to(ctx.device)
+    spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
+    state = TrainState()
+    if run.last_pt.is_file():
+        state = TrainState(**torch.load(run.last_pt, map_location="cpu", weights_only=True)["state"])
+    if out is not None:
+        run.bundle_dir = Path(out)
+    run.open(resume=True)
+    result = finish_run(model, run, config, dataset, split, spec, meta_spec, info, taxonomy, state, ctx, start)
+    return result.bundle_dir
+
+
+def _saved_weights_source(run: RunFolder) -> str:
+    # the pretrained source is recorded in the log's backbone line; fall back to a neutral phrase
+    if run.log_file.is_file():
+        for line in run.log_file.read_text(encoding="utf-8").splitlines():
+            if " weights: " in line and "backbone " in line:
+                return line.split(" weights: ", 1)[1].split(", device", 1)[0]
+    return "fine-tuned (see the run's config)"

@@ -120,24 +120,12 @@ def build_screener(settings: ServeSettings):
                                                                          if k in known and v is not None}))
 
 
-def model_card(bundle) -> dict[str, Any]:
-    """The bundle's model card as JSON: identity, taxonomy, metrics, operating points, licence, intended use."""
-    m = bundle.manifest
+def model_card(screener) -> dict[str, Any]:
+    """The Screener's model card plus what a client needs to build its form: taxonomy name and body sites."""
+    m = screener.bundle.manifest
     spec = m.model.metadata
-    return {
-        "name": m.name, "version": m.version, "sha256": bundle.sha256, "created": m.created,
-        "backbone": m.model.backbone,
-        "taxonomy": m.taxonomy.model_dump(),
-        "preprocessing": m.preprocessing.model_dump(),
-        "calibration": m.calibration.model_dump(),
-        "operating_points": [op.model_dump() for op in m.operating_points],
-        "ood": m.ood.model_dump() if m.ood else None,
-        "metrics": m.metrics,
-        "metadata": {"used_by_model": spec is not None, "sites": spec.sites if spec else HAM10000_SITES},
-        "intended_use": m.card.intended_use, "licence": m.card.licence,
-        "training_data": m.card.training_data, "limitations": m.card.limitations, "citation": m.card.citation,
-        "disclaimer": DISCLAIMER,
-    }
+    return {**screener.model_card(), "taxonomy": m.taxonomy.name,
+            "sites": spec.sites if spec else HAM10000_SITES}
 
 
 async def read_upload(request: Request, limit: int) -> Upload:
@@ -151,19 +139,14 @@ async def read_upload(request: Request, limit: int) -> Upload:
     return upload
 
 
-def parse_options(query: AnalyzeOptions, fields: dict[str, str], sites: list[str]) -> AnalyzeOptions:
-    """Query options overridden by form fields, validated; the site must be one the model knows."""
+def parse_options(query: AnalyzeOptions, fields: dict[str, str]) -> AnalyzeOptions:
+    """Query options overridden by form fields, validated (the Screener checks the site against its model)."""
     merged = {**query.model_dump(exclude_unset=True), **{k: v for k, v in fields.items() if k in AnalyzeOptions.model_fields}}
     try:
         options = AnalyzeOptions.model_validate(merged)
     except ValidationError as exc:
         raise UploadError(422, "Invalid option: " + "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-    if options.site is not None:
-        site = options.site.strip().lower()
-        if site not in sites:
-            raise UploadError(422, f"Unknown site {options.site!r}; use one of: {', '.join(sites)}.")
-        options.site = site
     return options
 
 
@@ -206,9 +189,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: anyio.CapacityLimiter) -> None:
     """The API endpoints and the page."""
-    bundle = screener.bundle
-    card = model_card(bundle)
-    sites = card["metadata"]["sites"]
+    card = model_card(screener)
     identity = {"name": card["name"], "version": card["version"], "sha256": card["sha256"]}
     index_html = (STATIC / "index.html").read_text(encoding="utf-8")
     docs_html = (STATIC / "docs.html").read_text(encoding="utf-8")
@@ -218,7 +199,7 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
     async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> JSONResponse:
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
         upload = await read_upload(request, settings.max_upload_bytes)
-        options = parse_options(query, upload.fields, sites)
+        options = parse_options(query, upload.fields)
 
         def run():
             return screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,

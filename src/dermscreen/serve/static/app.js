@@ -53,8 +53,8 @@ async function loadCard() {
     `${card.licence} · Intended use: ${card.intended_use}`;
   if (card.disclaimer) $("disclaimer-text").textContent = card.disclaimer.replace(/^.*?not a diagnosis\.\s*/, "");
   const site = $("site");
-  for (const name of card.metadata.sites) site.append(el("option", { value: name, text: name }));
-  $("metadata-note").textContent = card.metadata.used_by_model
+  for (const name of card.sites) site.append(el("option", { value: name, text: name }));
+  $("metadata-note").textContent = card.uses_metadata
     ? "This model uses these details in its estimate."
     : "This model does not use these details; they are only passed along for the record.";
 }
@@ -268,36 +268,40 @@ function diagnosesBlock(r) {
   return el("div", {}, el("h3", { text: "Most likely diagnoses" }), list);
 }
 
-function heatmapURL(r) {
-  const h = r.heatmap;
-  if (!h) return null;
-  if (typeof h === "string") return h;
-  return h.overlay_png || h.png || h.data_url || h.overlay || null;
-}
+let viewerCount = 0;
 
 function viewerBlock(entry) {
-  const url = heatmapURL(entry.result);
+  const h = entry.result.heatmap;
   const viewer = el("div", { class: "viewer" }, el("img", { src: entry.url, alt: `The analysed image: ${entry.name}` }));
-  if (!url) return el("div", {}, viewer);
-  const overlay = el("img", { class: "overlay", src: url, alt: "Heatmap: where the model looked (red = most influence)" });
-  overlay.style.opacity = "0.6";
+  if (!h || !h.overlay_png) return el("div", {}, viewer);
+  const overlay = el("img", { class: "overlay", src: h.overlay_png,
+    alt: "Heatmap over the image: warm colours mark where the model found evidence of malignancy" });
+  overlay.style.opacity = "0.8";
   viewer.append(overlay);
-  const id = `opacity-${entry.id}-${Math.random().toString(36).slice(2, 8)}`;
-  const slider = el("input", { type: "range", id, min: "0", max: "1", step: "0.05", value: "0.6",
+  const n = ++viewerCount;
+  const slider = el("input", { type: "range", id: `opacity-${n}`, min: "0", max: "1", step: "0.05", value: "0.8",
     oninput: (e) => { overlay.style.opacity = e.target.value; } });
+  const which = el("select", { id: `which-${n}`, onchange: (e) => {
+    const top = e.target.value === "top";
+    overlay.src = top ? h.top_class_overlay_png : h.overlay_png;
+    overlay.alt = top ? `Heatmap over the image: evidence for ${topName(entry.result)}`
+      : "Heatmap over the image: warm colours mark where the model found evidence of malignancy";
+  } }, el("option", { value: "malignant", text: "Evidence of malignancy" }),
+  el("option", { value: "top", text: `Evidence for ${topName(entry.result)}` }));
   return el("div", {}, viewer,
-    el("div", { class: "opacity" }, el("label", { for: id, text: "Heatmap opacity" }), slider));
+    el("div", { class: "opacity" }, el("label", { for: `opacity-${n}`, text: "Heatmap opacity" }), slider),
+    el("div", { class: "opacity" }, el("label", { for: `which-${n}`, text: "Heatmap shows" }), which));
+}
+
+function topName(r) {
+  const top = (r.top_diagnoses || [])[0];
+  return top ? top.name : "the top diagnosis";
 }
 
 function messagesBlock(r) {
   const items = [];
-  const q = r.quality || {};
-  for (const w of q.warnings || []) items.push(el("li", { class: "warn", text: typeof w === "string" ? w : w.message }));
-  for (const w of q.refusals || q.reasons || []) items.push(el("li", { class: "refuse", text: typeof w === "string" ? w : w.message }));
-  if (r.ood && r.ood.in_distribution === false) {
-    items.push(el("li", { class: "refuse", text: r.ood.message || "This image does not look like the dermoscopic images the model was trained on, so it gives no diagnosis." }));
-  }
-  if (r.reason) items.push(el("li", { class: "refuse", text: r.reason }));
+  for (const reason of r.reasons || []) items.push(el("li", { class: "refuse", text: reason }));
+  for (const warning of (r.quality && r.quality.warnings) || []) items.push(el("li", { class: "warn", text: warning }));
   if (!items.length) items.push(el("li", { text: "Image quality is adequate and the image looks like the model's training images." }));
   return el("div", {}, el("h3", { text: "Image checks" }), el("ul", { class: "messages" }, ...items));
 }
@@ -318,12 +322,8 @@ function softmax(logits, t) {
   return e.map((v) => v / sum);
 }
 
-function classes() { return state.card ? state.card.taxonomy.classes : []; }
-
-function debugOps(r) {
-  const ops = r.debug.operating_points || [];
-  return Array.isArray(ops) ? ops : Object.entries(ops).map(([name, v]) => ({ name, threshold: v.threshold ?? v }));
-}
+// taxonomy order, as the logits are
+function classes(r) { return r.probabilities && r.probabilities.length ? r.probabilities : (state.card ? state.card.classes : []); }
 
 // The same rule as the Screener: out of distribution -> cannot assess; otherwise the strictest
 // operating point the score reaches decides (thresholds sorted high to low -> high, moderate, ...).
@@ -349,7 +349,7 @@ function showDebug(r) {
   ood.disabled = d.ood_threshold === null || d.ood_threshold === undefined;
   const box = $("dbg-op-sliders");
   box.replaceChildren();
-  for (const op of debugOps(r)) {
+  for (const op of r.debug.operating_points) {
     const id = `dbg-op-${op.name}`;
     box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })),
       el("input", { type: "range", id, min: "0", max: "1", step: "0.01", value: String(op.threshold), "data-op": op.name, oninput: recompute }));
@@ -372,8 +372,14 @@ function recompute() {
     $(`${s.id}-out`).textContent = Number(s.value).toFixed(2);
     return { name: s.dataset.op, threshold: Number(s.value) };
   });
+  if (!r.debug.logits.length) {
+    $("dbg-tier").textContent = "no model output: the image was refused before the model ran";
+    $("dbg-pmal").textContent = "n/a";
+    $("dbg-logits").replaceChildren();
+    return;
+  }
   const probs = softmax(r.debug.logits, T);
-  const cls = classes();
+  const cls = classes(r);
   const pMal = probs.reduce((sum, p, i) => sum + (cls[i] && cls[i].group === "malignant" ? p : 0), 0);
   const tier = whatIfTier(pMal, r.debug.ood_score ?? null, oodThr, ops);
   $("dbg-tier").textContent = TIER_WORDS[tier];

@@ -1,0 +1,187 @@
+"""HTTP benchmark of ``dermscreen serve`` on loopback: cold start, memory, latency and throughput, soak.
+
+Starts the server as a subprocess on 127.0.0.1 (a free port), times how long until /healthz answers,
+then posts real images (multipart, as the web page does) with a small asyncio + httpx client at each
+concurrency, and reports p50/p95 latency, requests/s, errors and the server's resident memory.
+``--soak SECONDS`` then keeps concurrency 8 busy for that long and prints start/end RSS.
+All traffic goes to 127.0.0.1; every loop is bounded by a request count or a deadline.
+
+    python benchmarks/bench_http.py --model path/to/bundle --images ../shared/data/ham10000/images
+    python benchmarks/bench_http.py --model path/to/bundle --soak 300
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "ham10000" / "images"
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, workers: int, extra_env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+    """Start the server; returns (process, seconds until /healthz answered 200)."""
+    cmd = [sys.executable, "-m", "dermscreen.serve", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+    if model:
+        cmd += ["--model", model]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **extra_env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = start + 60
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early: {proc.stderr.read().decode(errors='replace')}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200:
+                return proc, time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("server did not answer /healthz within 60 s")
+
+
+def server_rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server and its worker processes, in MiB."""
+    parent = psutil.Process(proc.pid)
+    procs = [parent, *parent.children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+
+def load_images(folder: Path, count: int) -> list[tuple[str, bytes]]:
+    """The first ``count`` JPEGs of ``folder`` (sorted by name) as (name, bytes)."""
+    paths = sorted(folder.glob("*.jpg"))[:count]
+    if not paths:
+        raise SystemExit(f"no .jpg images in {folder}")
+    return [(p.name, p.read_bytes()) for p in paths]
+
+
+async def run_load(url: str, images: list[tuple[str, bytes]], concurrency: int, requests: int | None,
+                   deadline: float | None, heatmap: bool) -> dict:
+    """Post images with ``concurrency`` clients until ``requests`` are done or ``deadline`` passes."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while (requests is None or issued < requests) and (deadline is None or time.perf_counter() < deadline):
+            name, data = images[issued % len(images)]
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url, files={"image": (name, data, "image/jpeg")},
+                                    data={"heatmap": "true" if heatmap else "false"})
+                key = None if r.status_code == 200 else f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            if key:
+                errors[key] = errors.get(key, 0) + 1
+            else:
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60.0) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return summarize(latencies, errors, wall, concurrency)
+
+
+def summarize(latencies: list[float], errors: dict[str, int], wall: float, concurrency: int) -> dict:
+    """p50/p95 latency (ms), requests/s and error counts of one load run."""
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
+    return {"concurrency": concurrency, "ok": len(ordered), "errors": sum(errors.values()), "error_kinds": errors,
+            "p50_ms": round(statistics.median(ordered), 1) if ordered else None, "p95_ms": round(pick(0.95), 1),
+            "rps": round(len(ordered) / wall, 1) if wall > 0 else None, "wall_s": round(wall, 1)}
+
+
+def soak(proc: subprocess.Popen, url: str, images: list[tuple[str, bytes]], seconds: float, concurrency: int,
+         heatmap: bool) -> dict:
+    """Keep ``concurrency`` clients busy for ``seconds``; RSS at start, end and its maximum (sampled per slice)."""
+    rss = [server_rss_mb(proc)]
+    totals = {"ok": 0, "errors": 0}
+    latencies_p50 = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        slice_end = min(end, time.perf_counter() + 30)  # 30 s slices: memory sampled ~10 times in 5 min
+        result = asyncio.run(run_load(url, images, concurrency, None, slice_end, heatmap))
+        totals["ok"] += result["ok"]
+        totals["errors"] += result["errors"]
+        latencies_p50.append(result["p50_ms"])
+        rss.append(server_rss_mb(proc))
+    return {"seconds": seconds, "concurrency": concurrency, **totals, "rss_start_mb": round(rss[0], 1),
+            "rss_end_mb": round(rss[-1], 1), "rss_max_mb": round(max(rss), 1),
+            "rss_samples_mb": [round(r, 1) for r in rss], "p50_ms_per_slice": latencies_p50}
+
+
+def main() -> None:
+    """Parse arguments, run the benchmark, print a JSON report and a Markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="bundle folder or zip (default: $DERMSCREEN_MODEL or the shipped model)")
+    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of real .jpg images")
+    ap.add_argument("--num-images", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level (after warm-up)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-heatmap", action="store_true", help="ask for no heatmap (the page asks for one)")
+    ap.add_argument("--soak", type=float, default=0, help="seconds of soak at --soak-concurrency after the runs (e.g. 300)")
+    ap.add_argument("--soak-concurrency", type=int, default=8)
+    ap.add_argument("--label", default="", help="text to print with the results, e.g. the model and machine")
+    args = ap.parse_args()
+
+    images = load_images(args.images, args.num_images)
+    port = free_port()
+    proc, cold_start = start_server(args.model, port, args.workers, {"DERMSCREEN_LOG_LEVEL": "warning"})
+    url = f"http://127.0.0.1:{port}/api/v1/analyze"
+    heatmap = not args.no_heatmap
+    try:
+        report = {"label": args.label, "cold_start_s": round(cold_start, 2), "rss_idle_mb": round(server_rss_mb(proc), 1),
+                  "model": httpx.get(f"http://127.0.0.1:{port}/healthz").json()["model"], "heatmap": heatmap, "runs": []}
+        asyncio.run(run_load(url, images, 2, 20, None, heatmap))  # warm-up: first-call allocations, caches
+        for c in args.concurrency:
+            report["runs"].append(asyncio.run(run_load(url, images, c, args.requests, None, heatmap)))
+        report["rss_after_load_mb"] = round(server_rss_mb(proc), 1)
+        if args.soak > 0:
+            report["soak"] = soak(proc, url, images, args.soak, args.soak_concurrency, heatmap)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    print(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table, for benchmarks/RESULTS.md."""
+    lines = [f"Model {report['model']['name']} {report['model']['version']}; {report['label']}",
+             f"cold start {report['cold_start_s']} s; RSS idle {report['rss_idle_mb']} MB, "
+             f"after load {report['rss_after_load_mb']} MB; heatmap {'on' if report['heatmap'] else 'off'}", "",
+             "| concurrency | requests | errors | p50 ms | p95 ms | req/s |", "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['concurrency']} | {r['ok']} | {r['errors']} | {r['p50_ms']} | {r['p95_ms']} | {r['rps']} |")
+    if "soak" in report:
+        s = report["soak"]
+        lines += ["", f"soak {s['seconds']:.0f} s at concurrency {s['concurrency']}: {s['ok']} requests, {s['errors']} errors, "
+                      f"RSS start {s['rss_start_mb']} MB, end {s['rss_end_mb']} MB, max {s['rss_max_mb']} MB"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

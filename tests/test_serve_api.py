@@ -1,0 +1,278 @@
+"""REST API: analyse (multipart and raw), options, model card, health, docs, headers, bad inputs, logging."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dermscreen.serve.app import STATIC, create_app
+from dermscreen.serve.settings import ServeSettings
+from servehelpers import encode, lesion_rgb, permissive_bundle
+
+
+@pytest.fixture(scope="module")
+def open_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with OOD refusal effectively off, so images get an assessed answer."""
+    return permissive_bundle(tiny_bundle, tmp_path_factory.mktemp("open") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def client(open_bundle) -> TestClient:
+    """A client of an app serving the permissive tiny bundle with a 2 MB upload limit."""
+    with TestClient(create_app(ServeSettings(model=str(open_bundle), max_upload_mb=2))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return encode(lesion_rgb(), "JPEG", quality=92)
+
+
+def analyze(client, data: bytes, name="lesion.jpg", ctype="image/jpeg", **fields):
+    return client.post("/api/v1/analyze", files={"image": (name, data, ctype)}, data=fields)
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"status", "error", "message"} and body["status"] == status
+    for word in words:
+        assert word.lower() in body["message"].lower(), body["message"]
+
+
+def test_multipart_analysis_returns_the_screener_json(client, jpeg):
+    r = analyze(client, jpeg)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["status"] == "ok" and body["risk"]["tier"] in ("high", "moderate", "low")
+    probs = [p["probability"] for p in body["probabilities"]]
+    assert [p["code"] for p in body["probabilities"]] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    p_mal = sum(p["probability"] for p in body["probabilities"] if p["group"] == "malignant")
+    assert body["p_malignant"] == pytest.approx(p_mal, abs=1e-6)
+    assert body["malignancy_score"] == pytest.approx(100 * p_mal, abs=0.06)
+    assert body["model"]["sha256"] == client.get("/healthz").json()["model"]["sha256"]
+    assert "not a diagnosis" in body["disclaimer"]
+    assert len(body["debug"]["logits"]) == 7 and body["debug"]["temperature"] == 1.5
+
+
+def test_heatmap_is_a_png_data_url_covering_the_image_and_can_be_left_out(client, jpeg):
+    heat = analyze(client, jpeg).json()["heatmap"]
+    prefix = "data:image/png;base64,"
+    for key in ("overlay_png", "top_class_overlay_png"):
+        assert heat[key].startswith(prefix)
+        png = Image.open(io.BytesIO(base64.b64decode(heat[key][len(prefix):])))
+        assert png.format == "PNG" and png.size == tuple(heat["size"])
+    assert heat["size"][0] / heat["size"][1] == pytest.approx(320 / 240, rel=0.01)
+    without = analyze(client, jpeg, heatmap="false").json()
+    assert not (without.get("heatmap") or {}).get("overlay_png")
+    assert without["probabilities"] == analyze(client, jpeg).json()["probabilities"]
+
+
+def test_raw_body_gives_the_same_answer_as_multipart(client, jpeg):
+    raw = client.post("/api/v1/analyze?heatmap=false", content=jpeg, headers={"content-type": "image/jpeg"})
+    octet = client.post("/api/v1/analyze?heatmap=false", content=jpeg,
+                        headers={"content-type": "application/octet-stream"})
+    form = analyze(client, jpeg, heatmap="false")
+    assert raw.status_code == octet.status_code == form.status_code == 200
+    assert raw.json()["debug"]["logits"] == form.json()["debug"]["logits"] == octet.json()["debug"]["logits"]
+
+
+def test_png_upload_and_tta_option(client):
+    png = encode(lesion_rgb(seed=3), "PNG")
+    plain = analyze(client, png, name="l.png", ctype="image/png", heatmap="false").json()
+    tta = analyze(client, png, name="l.png", ctype="image/png", heatmap="false", tta="true").json()
+    assert plain["debug"]["tta"] is False and tta["debug"]["tta"] is True
+    assert plain["debug"]["logits"] != tta["debug"]["logits"]
+
+
+def test_patient_metadata_is_accepted_from_form_or_query(client, jpeg):
+    assert analyze(client, jpeg, age="54", sex="F", site="Back").status_code == 200
+    r = client.post("/api/v1/analyze?age=54&sex=male&site=face&heatmap=false", content=jpeg)
+    assert r.status_code == 200
+    assert analyze(client, jpeg, age="", sex="", site="").status_code == 200  # an untouched HTML form
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"age": "200"}, ["age"]), ({"age": "old"}, ["age"]), ({"sex": "x"}, ["sex"]),
+    ({"site": "moon"}, ["moon", "back"]), ({"heatmap": "maybe"}, ["heatmap"]),
+])
+def test_invalid_options_are_422_with_a_message(client, jpeg, fields, words):
+    assert_error(analyze(client, jpeg, **fields), 422, *words)
+
+
+def test_unknown_query_parameter_is_refused(client, jpeg):
+    assert_error(client.post("/api/v1/analyze?agee=40", content=jpeg), 422, "agee")
+
+
+def test_bad_inputs_get_json_errors_and_the_server_keeps_serving(client, jpeg):
+    truncated = jpeg[: len(jpeg) // 3]
+    cases = [
+        (analyze(client, b"just some text\n" * 20, name="notes.txt", ctype="text/plain"), 415, "not an image"),
+        (client.post("/api/v1/analyze", content=b"%PDF-1.4 not an image", headers={"content-type": "application/pdf"}), 415, "jpeg"),
+        (analyze(client, truncated), 422, ""),
+        (analyze(client, b""), 422, "empty"),
+        (client.post("/api/v1/analyze", content=b""), 422, "empty"),
+        (analyze(client, encode(np.zeros((8, 8, 3), np.uint8), "PNG"), name="tiny.png"), 422, "pixels"),
+        (client.post("/api/v1/analyze", files={"note": (None, "hello")}), 422, "image"),
+    ]
+    for response, status, word in cases:
+        assert_error(response, status, word)
+    assert client.get("/healthz").status_code == 200
+    assert analyze(client, jpeg).status_code == 200
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid PNG header claiming side x side pixels, with a tiny compressed body (a decompression bomb)."""
+    raw = zlib.compress(b"\x00" * (side // 8 + 1) * 64, 9)
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_413_before_decoding(client):
+    bomb = _png_bomb(60_000)  # 3.6 gigapixels in a few hundred bytes
+    assert len(bomb) < 2000
+    assert_error(analyze(client, bomb, name="bomb.png", ctype="image/png"), 413, "pixels")
+
+
+def test_upload_over_the_limit_is_413_by_content_length(client):
+    big = b"\xff\xd8\xff" + b"\0" * (3 * 2**20)
+    assert_error(analyze(client, big), 413, "2 MB")
+    assert_error(client.post("/api/v1/analyze", content=big), 413, "larger")
+
+
+def test_chunked_upload_is_cut_off_at_the_limit_without_reading_the_rest(client):
+    # drive the ASGI app directly: TestClient would buffer the whole body before the app sees it
+    chunk, offered, received, sent = 65536, 100, [], []  # 6.4 MB offered against a 2 MB limit
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/v1/analyze", "raw_path": b"/api/v1/analyze", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"image/jpeg"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"\0" * chunk, "more_body": len(received) < offered}
+
+    async def send(message):
+        sent.append(message)
+
+    import anyio
+    anyio.run(client.app, scope, receive, send)
+    assert sent[0]["status"] == 413 and b"larger" in sent[1]["body"]
+    assert len(received) == 2 * 2**20 // chunk + 1, f"read {len(received)} chunks for a 2 MB limit"
+
+
+def test_malformed_multipart_is_400(client):
+    headers = {"content-type": "multipart/form-data; boundary=XYZ"}
+    assert_error(client.post("/api/v1/analyze", content=b"no boundary here", headers=headers), 400, "boundary")
+    cut = b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n\xff\xd8"
+    assert_error(client.post("/api/v1/analyze", content=cut, headers=headers), 400, "cut short")
+    assert_error(client.post("/api/v1/analyze", content=b"", headers={"content-type": "multipart/form-data"}), 400, "boundary")
+
+
+def test_model_card(client):
+    card = client.get("/api/v1/model").json()
+    assert [c["code"] for c in card["classes"]] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert {c["group"] for c in card["classes"]} == {"malignant", "benign"}
+    assert {o["name"] for o in card["operating_points"]} == {"sensitivity_first", "balanced"}
+    assert all({"threshold", "sensitivity", "specificity"} <= set(o) for o in card["operating_points"])
+    assert "non-commercial" in card["licence"].lower() and "screening aid" in card["intended_use"].lower()
+    assert "metrics" in card and card["taxonomy"] == "ham10000" and "back" in card["sites"]
+    assert "not a diagnosis" in card["disclaimer"]
+
+
+def test_healthz(client, open_bundle):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok" and body["model"]["name"] == "tiny-test-model"
+    assert len(body["model"]["sha256"]) == 64
+
+
+EXTERNAL_URL = re.compile(r"(?:https?:)?//(?!127\.0\.0\.1|localhost)[a-z0-9.-]+\.[a-z]{2,}", re.I)
+
+
+def test_docs_are_local_and_openapi_describes_the_api(client):
+    spec = client.get("/openapi.json").json()
+    analyze_op = spec["paths"]["/api/v1/analyze"]["post"]
+    assert {"multipart/form-data", "image/*"} <= set(analyze_op["requestBody"]["content"])
+    assert {p["name"] for p in analyze_op["parameters"]} >= {"age", "sex", "site", "heatmap", "tta"}
+    assert {"413", "415", "422"} <= set(analyze_op["responses"])
+    assert {"/api/v1/model", "/healthz"} <= set(spec["paths"])
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static/docs.js" in docs.text
+    assert client.get("/redoc").status_code == 404
+    for path in sorted(STATIC.iterdir()):
+        assert not EXTERNAL_URL.search(path.read_text(encoding="utf-8")), f"{path.name} references an external URL"
+    assert not EXTERNAL_URL.search(docs.text + client.get("/").text)
+
+
+def test_page_and_assets_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "screening aid, not a diagnosis" in page.text.lower()
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
+        assert client.get(asset).status_code == 200, asset
+    assert "<script>" not in page.text and "style=" not in page.text  # the CSP forbids inline code
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/api/v1/model"),
+                                          ("GET", "/healthz"), ("POST", "/api/v1/analyze"), ("GET", "/missing")])
+def test_privacy_and_security_headers_on_every_response(client, jpeg, method, path):
+    r = client.request(method, path, content=jpeg if method == "POST" else None)
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "img-src 'self' data: blob:" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert "camera=(self)" in r.headers["permissions-policy"]
+    assert "set-cookie" not in r.headers and not r.cookies
+    if path.startswith("/api") or path == "/healthz":
+        assert r.headers["cache-control"] == "no-store"
+
+
+def test_access_log_has_method_path_status_latency_only(client, jpeg, caplog):
+    with caplog.at_level(logging.DEBUG):
+        r = client.post("/api/v1/analyze?age=57&site=scalp&sex=female", content=jpeg)
+        client.post("/api/v1/analyze", content=b"plain text")
+    assert r.status_code == 200
+    access = [rec.getMessage() for rec in caplog.records if rec.name == "dermscreen.access"]
+    assert len(access) == 2
+    assert re.fullmatch(r"POST /api/v1/analyze 200 \d+\.\dms", access[0]), access[0]
+    assert re.fullmatch(r"POST /api/v1/analyze 415 \d+\.\dms", access[1]), access[1]
+    # every server-side record (the test's own HTTP client logs its URLs; that is the client, not the server)
+    everything = "\n".join(rec.getMessage() for rec in caplog.records if not rec.name.startswith("httpx"))
+    score = f"{r.json()['malignancy_score']}"
+    for secret in ("57", "scalp", "female", "testclient", score, r.json()["risk"]["tier"]):
+        assert secret not in everything, f"{secret!r} leaked into the logs"
+
+
+def test_ood_refusal_passes_through_as_cannot_assess(tiny_bundle, jpeg):
+    # the original tiny bundle's OOD statistics come from random embeddings: real-looking images are refused
+    with TestClient(create_app(ServeSettings(model=str(tiny_bundle)))) as strict:
+        body = strict.post("/api/v1/analyze", content=jpeg).json()
+    assert body["status"] == "cannot_assess" and body["risk"]["tier"] == "cannot_assess"
+    assert body["ood"]["in_distribution"] is False and body["reasons"]
+    assert body["malignancy_score"] is None and body["top_diagnoses"] == []
+
+
+def test_settings_round_trip_through_the_environment(monkeypatch, open_bundle):
+    settings = ServeSettings(model=str(open_bundle), port=9123, workers=3, max_upload_mb=7.5, tta=True, concurrency=5)
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert ServeSettings() == settings
+    assert ServeSettings().max_upload_bytes == int(7.5 * 2**20)
+
+
+def test_json_errors_are_valid_json_for_the_page(client):
+    r = client.get("/api/v1/nothing")
+    assert_error(r, 404, "not found")
+    json.loads(r.text)

@@ -1,0 +1,189 @@
+"""The Screener end to end on the tiny bundle: result contract, refusals, tiers, TTA, metadata, heatmaps, threads."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermscreen.bundle import Bundle
+from dermscreen.calibration import softmax
+from dermscreen.errors import BundleError, ImageError, InputError
+from dermscreen.screening import ScreeningResult, Screener, ScreenerSettings
+
+
+def _lesion(seed: int = 0, w: int = 200, h: int = 150) -> np.ndarray:
+    """A synthetic lesion-like image that passes the quality gate."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([185 + 0 * xx, 135 + 0 * xx, 115 + 0 * xx], -1).astype(np.float32) + rng.normal(0, 12, (h, w, 1))
+    blob = ((yy - h / 2 - seed) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 4) ** 2
+    img[blob] *= 0.4 + 0.05 * seed
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def screener(tiny_bundle) -> Screener:
+    """The tiny model fits its OOD statistics on random embeddings, so OOD refusal is tested separately."""
+    return Screener(tiny_bundle, ScreenerSettings(ood_refusal=False))
+
+
+def test_result_contract(screener):
+    result = screener.analyze(_jpeg(_lesion()))
+    assert result.status == "ok" and result.reasons == []
+    codes = [p.code for p in result.probabilities]
+    assert codes == screener.bundle.manifest.taxonomy.codes
+    probs = np.array([p.probability for p in result.probabilities])
+    assert np.isclose(probs.sum(), 1.0)
+    expected = softmax(np.array(result.debug.logits)[None], screener.bundle.manifest.calibration.temperature)[0]
+    assert np.allclose(probs, expected)
+    p_mal = probs[screener.bundle.manifest.taxonomy.malignant_mask].sum()
+    assert result.p_malignant == pytest.approx(p_mal) and result.malignancy_score == round(100 * p_mal, 1)
+    assert [t.code for t in result.top_diagnoses] == [codes[i] for i in np.argsort(-probs)[:3]]
+    assert result.model.sha256 == screener.bundle.sha256 and result.model.name == "tiny-test-model"
+    assert {"decode", "quality", "preprocess", "model", "postprocess", "heatmap", "total"} <= set(result.timings_ms)
+    assert result.image.format == "JPEG" and (result.image.width, result.image.height) == (200, 150)
+    assert "not a diagnosis" in result.disclaimer
+    ScreeningResult.model_validate(result.to_json())  # the JSON form validates against the schema's model
+
+
+def test_tier_follows_operating_points(screener):
+    high, moderate = screener.tier_points
+    assert (high.name, moderate.name) == ("balanced", "sensitivity_first")
+    assert screener._tier(high.threshold) == "high"
+    assert screener._tier((high.threshold + moderate.threshold) / 2) == "moderate"
+    assert screener._tier(moderate.threshold - 1e-6) == "low"
+    result = screener.analyze(_jpeg(_lesion(1)))
+    assert result.risk.tier == screener._tier(result.p_malignant)
+    assert result.risk.recommendation and result.risk.colour.startswith("#")
+
+
+def test_ood_refusal_uses_bundle_threshold(tiny_bundle):
+    data = _jpeg(_lesion())
+    outlier = Screener(tiny_bundle, ScreenerSettings(ood_threshold=0.0)).analyze(data)
+    assert outlier.status == "cannot_assess" and outlier.risk.tier == "cannot_assess"
+    assert outlier.ood.in_distribution is False and outlier.ood.score > 0
+    assert outlier.reasons and "does not look like" in outlier.reasons[0]
+    assert outlier.probabilities == [] and outlier.malignancy_score is None
+    assert outlier.debug.logits  # the debug view still shows what the model said
+    inside = Screener(tiny_bundle, ScreenerSettings(ood_threshold=1e12)).analyze(data)
+    assert inside.status == "ok" and inside.ood.in_distribution is True
+    assert inside.ood.score == pytest.approx(outlier.ood.score)
+    default = Screener(tiny_bundle)
+    assert default.ood_threshold == Bundle.load(tiny_bundle).manifest.ood.threshold
+
+
+def test_quality_refusal_skips_the_model(screener):
+    result = screener.analyze(_jpeg(np.full((150, 200, 3), 128, np.uint8)))
+    assert result.status == "cannot_assess" and not result.quality.passed
+    assert "uniform" in result.reasons[0] and "model" not in result.timings_ms
+
+
+def test_tta_averages_flipped_logits(screener):
+    rgb = _lesion(2, 64, 64)  # the tiny model's input size: no resampling, so flips are exact
+    tta = screener.analyze_image(rgb, tta=True)
+    flips = [rgb, rgb[:, ::-1], rgb[::-1, :], rgb[::-1, ::-1]]
+    mean = np.mean([screener.analyze_image(f.copy(), heatmap=False).debug.logits for f in flips], axis=0)
+    assert np.allclose(tta.debug.logits, mean, atol=1e-4)
+    assert tta.debug.tta and not screener.analyze_image(rgb).debug.tta
+
+
+def test_metadata_reaches_models_that_take_it(tiny_bundle_meta, screener):
+    meta_screener = Screener(tiny_bundle_meta, ScreenerSettings(ood_refusal=False))
+    data = _jpeg(_lesion())
+    a = meta_screener.analyze(data, age=30, sex="female", site="back")
+    b = meta_screener.analyze(data, age=80, sex="male", site="face")
+    assert a.debug.metadata_used and not np.allclose(a.debug.logits, b.debug.logits)
+    plain = screener.analyze(data, age=30, sex="female", site="back")
+    assert not plain.debug.metadata_used
+    assert plain.debug.logits == screener.analyze(data).debug.logits
+    for bad in ({"site": "moon"}, {"age": 300}, {"sex": "x"}, {"age": "old"}):
+        with pytest.raises(InputError):
+            meta_screener.analyze(data, **bad)
+
+
+def test_heatmap_is_optional_and_embedded_only_when_asked(screener):
+    data = _jpeg(_lesion())
+    result = screener.analyze(data)
+    dumped = result.to_json()
+    assert dumped["heatmap"]["overlay_png"] is None and dumped["heatmap"]["box"] == [25, 0, 175, 150]
+    embedded = result.to_json(include_heatmap=True)["heatmap"]
+    png = base64.b64decode(embedded["overlay_png"].split(",", 1)[1])
+    overlay = Image.open(io.BytesIO(png))
+    assert overlay.mode == "RGBA" and overlay.size == (200, 150)
+    assert np.asarray(overlay)[:, :25, 3].max() == 0  # outside the region the model saw: transparent
+    assert result.heatmaps.raw_malignant.shape == (2, 2)  # 64 px input / stride 32
+    assert embedded["top_class"] == result.top_diagnoses[0].code
+    none = screener.analyze(data, heatmap=False)
+    assert none.heatmap is None and none.heatmaps is None and "heatmap" not in none.timings_ms
+    json.dumps(result.to_json(include_heatmap=True))
+
+
+def test_bad_bytes_raise_image_errors(screener):
+    with pytest.raises(ImageError) as info:
+        screener.analyze(b"not an image at all", filename="notes.txt")
+    assert info.value.http_status == 415 and "notes.txt" in str(info.value)
+
+
+def test_thread_safe(screener):
+    images = [_jpeg(_lesion(i % 4)) for i in range(16)]
+    sequential = [screener.analyze(d).debug.logits for d in images]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda d: screener.analyze(d).debug.logits, images))
+    assert np.allclose(sequential, parallel, atol=1e-5)
+
+
+def test_bundle_resolution(tiny_bundle, monkeypatch, tmp_path):
+    import dermscreen.screening as screening
+
+    monkeypatch.setattr(screening, "DEFAULT_BUNDLE_DIR", tmp_path / "none")
+    monkeypatch.delenv("DERMSCREEN_MODEL", raising=False)
+    with pytest.raises(BundleError, match="--model"):
+        Screener()
+    monkeypatch.setenv("DERMSCREEN_MODEL", str(tiny_bundle))
+    assert Screener().bundle.manifest.name == "tiny-test-model"
+
+
+def test_schema_documents_the_result():
+    schema = ScreeningResult.model_json_schema()
+    for key in ("status", "risk", "malignancy_score", "probabilities", "top_diagnoses", "quality", "ood",
+                "model", "heatmap", "timings_ms", "disclaimer", "debug"):
+        assert key in schema["properties"]
+
+
+def test_serving_path_never_imports_torch(tiny_bundle):
+    code = (
+        "import sys, io, numpy as np\n"
+        "from PIL import Image\n"
+        "from dermscreen.screening import Screener, ScreenerSettings\n"
+        "from dermscreen.report import to_html, to_fhir\n"
+        f"s = Screener({str(tiny_bundle)!r}, ScreenerSettings(ood_refusal=False))\n"
+        "buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8))"
+        ".save(buf, 'PNG')\n"
+        "r = s.analyze(buf.getvalue()); to_html(r); to_fhir(r); r.to_json(include_heatmap=True)\n"
+        "assert r.status == 'ok', r.reasons\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.data
+def test_real_images(screener, ham_dir):
+    paths = sorted((ham_dir / "images").glob("*.jpg"))[:5]
+    for p in paths:
+        result = screener.analyze(p.read_bytes(), filename=p.name)
+        assert result.status == "ok" and result.quality.passed

@@ -1,0 +1,95 @@
+"""`dermscreen predict` and `dermscreen info` through typer's CliRunner (no torch, tiny bundle)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermscreen import screening_commands
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    """The two commands on their own app: the same functions cli.py registers."""
+    app = typer.Typer()
+    app.command("predict")(screening_commands.predict)
+    app.command("info")(screening_commands.info)
+    return app
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """Two good images in nested folders (same file name), and one broken file."""
+    rng = np.random.default_rng(0)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (150, 200, 3), np.uint8)).save(buf, format="PNG")
+        (tmp_path / sub / "lesion.png").write_bytes(buf.getvalue())
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "b" / "notes.txt").write_text("ignored: not an image suffix")
+    return tmp_path
+
+
+def test_json_lines_and_bad_file_continue(app, folder, tiny_bundle):
+    res = CliRunner().invoke(app, ["predict", str(folder), "--model", str(tiny_bundle), "--json"])
+    assert res.exit_code == 1  # one file failed
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 3
+    errors = [line for line in lines if "error" in line]
+    assert len(errors) == 1 and errors[0]["file"].endswith("broken.jpg")
+    assert errors[0]["error"]["type"] == "CorruptImageError"
+    for line in lines:
+        if "error" not in line:
+            assert line["risk"]["tier"] in ("high", "moderate", "low", "cannot_assess")
+            assert line["model"]["name"] == "tiny-test-model"
+
+
+def test_reports_are_written_where_asked(app, folder, tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["predict", str(folder / "a"), str(folder / "b" / "lesion.png"),
+                                   "--model", str(tiny_bundle), "--html", str(out / "html"),
+                                   "--fhir", str(out / "fhir"), "--heatmap", str(out / "heat")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "html").iterdir()) == ["lesion-2.html", "lesion.html"]
+    fhir = json.loads((out / "fhir" / "lesion.fhir.json").read_text())
+    assert fhir["resourceType"] == "DiagnosticReport"
+    assert res.stdout.count("lesion.png") == 2  # one table row per image
+    assert "not a diagnosis" in res.output
+
+
+def test_heatmap_files_for_assessable_images(app, folder, tiny_bundle, tmp_path):
+    from dermscreen.bundle import ARRAYS_FILE, MODEL_FILE, Bundle
+
+    bundle = Bundle.load(tiny_bundle)  # the same model, with an OOD threshold every image passes
+    manifest = bundle.manifest.model_copy(update={"ood": bundle.manifest.ood.model_copy(update={"threshold": 1e12})})
+    lenient = Bundle.write(tmp_path / "lenient", manifest,
+                           {n: bundle.file(n) for n in (MODEL_FILE, ARRAYS_FILE)})
+    res = CliRunner().invoke(app, ["predict", str(folder / "a" / "lesion.png"), "--model", str(lenient),
+                                   "--heatmap", str(tmp_path / "heat")])
+    assert res.exit_code == 0, res.output
+    heat = Image.open(tmp_path / "heat" / "lesion.heatmap.png")
+    assert heat.size == (200, 150) and heat.mode == "RGB"
+    assert "concern" in res.stdout  # the table shows a risk tier, not "Cannot assess"
+
+
+def test_bad_option_stops_with_usage_error(app, folder, tiny_bundle):
+    res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tiny_bundle), "--site", "moon"])
+    assert res.exit_code == 2 and "Unknown site" in res.output
+
+
+def test_missing_model_is_explained(app, folder, tmp_path):
+    res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_info(app, tiny_bundle):
+    res = CliRunner().invoke(app, ["info", "--model", str(tiny_bundle)])
+    assert res.exit_code == 0 and "tiny-test-model" in res.stdout and "sensitivity_first" in res.stdout
+    card = json.loads(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle), "--json"]).stdout)
+    assert card["classes"][0]["code"] == "akiec" and card["ood"]["threshold"] > 0 and "licence" in card

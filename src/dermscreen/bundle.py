@@ -93,6 +93,9 @@ class Manifest(BaseModel):
     calibration: Calibration = Calibration()
     operating_points: list[OperatingPoint] = []
     ood: OODSpec | None = None
+    # Quality-gate threshold overrides (field names of dermscreen.quality.QualityThresholds), for a
+    # model trained on images unlike HAM10000's; empty = the measured defaults.
+    quality: dict[str, float] = {}
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
     card: ModelCard = ModelCard()

@@ -235,8 +235,7 @@ class Screener:
         self.ood = MahalanobisOOD.from_arrays(arrays) if m.ood and "ood_mean" in arrays else None
         self.ood_threshold = self.settings.ood_threshold if self.settings.ood_threshold is not None else \
             (m.ood.threshold if m.ood else None)
-        bundle_quality = getattr(m, "quality", None) or {}
-        self.quality_thresholds = QualityThresholds(**{**bundle_quality, **self.settings.quality})
+        self.quality_thresholds = QualityThresholds(**{**m.quality, **self.settings.quality})
         self.metadata_spec: MetadataSpec | None = m.model.metadata
         self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256,
                                       backbone=m.model.backbone)

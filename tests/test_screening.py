@@ -187,3 +187,17 @@ def test_real_images(screener, ham_dir):
     for p in paths:
         result = screener.analyze(p.read_bytes(), filename=p.name)
         assert result.status == "ok" and result.quality.passed
+
+
+def test_quality_thresholds_from_bundle_then_settings(tiny_bundle, tmp_path):
+    from dermscreen.bundle import ARRAYS_FILE, MODEL_FILE
+
+    bundle = Bundle.load(tiny_bundle)
+    strict = bundle.manifest.model_copy(update={"quality": {"min_side_refuse": 400, "min_side_warn": 500}})
+    folder = Bundle.write(tmp_path / "strict", strict, {n: bundle.file(n) for n in (MODEL_FILE, ARRAYS_FILE)})
+    data = _jpeg(_lesion())
+    refused = Screener(folder, ScreenerSettings(ood_refusal=False)).analyze(data)
+    assert refused.status == "cannot_assess" and "too small" in refused.reasons[0]
+    relaxed = Screener(folder, ScreenerSettings(ood_refusal=False, quality={"min_side_refuse": 64,
+                                                                            "min_side_warn": 100}))
+    assert relaxed.analyze(data).status == "ok"

@@ -103,14 +103,14 @@ def test_weighted_engine_equals_sklearn_on_each_resample():
     d = EvalData(y, probs, HAM10000, OPS)
     idx = np.arange(len(y))
     values, _ = point_metrics(d, idx)
-    unit = weighted_metrics(d, idx, np.ones((1, len(y))), set(values))
+    unit = weighted_metrics(d, idx, np.ones((len(y), 1)), set(values))
     for key, value in values.items():
         assert unit[key][0] == pytest.approx(value, abs=1e-12), key
     w = bootstrap_weights(np.arange(len(y)) // 3, 5, np.random.default_rng(0))
     boot = weighted_metrics(d, idx, w, set(values))
-    for b in range(len(w)):
-        rows = np.repeat(idx, w[b].astype(int))
-        assert boot["class.mel.auc"][b] == pytest.approx(roc_auc_score(y == 4, probs[:, 4], sample_weight=w[b]))
+    for b in range(w.shape[1]):
+        rows = np.repeat(idx, w[:, b].astype(int))
+        assert boot["class.mel.auc"][b] == pytest.approx(roc_auc_score(y == 4, probs[:, 4], sample_weight=w[:, b]))
         assert boot["balanced_accuracy"][b] == pytest.approx(balanced_accuracy_score(y[rows], probs[rows].argmax(1)))
         assert boot["ece"][b] == pytest.approx(expected_calibration_error(probs[rows], y[rows]))
         called = HAM10000.p_malignant(probs[rows]) >= 0.5
@@ -121,10 +121,10 @@ def test_weighted_engine_equals_sklearn_on_each_resample():
 def test_weighted_auc_handles_ties_and_undefined_rows():
     scores = np.array([0.1, 0.5, 0.5, 0.9, 0.5])
     positive = np.array([False, True, False, True, False])
-    w = np.array([[1, 1, 1, 1, 1], [2, 0, 1, 3, 1], [1, 0, 1, 0, 1]], dtype=float)
+    w = np.array([[1, 1, 1, 1, 1], [2, 0, 1, 3, 1], [1, 0, 1, 0, 1]], dtype=float).T  # one column per resample
     got = weighted_auc(scores, positive, w)
     assert got[0] == pytest.approx(roc_auc_score(positive, scores))
-    assert got[1] == pytest.approx(roc_auc_score(positive, scores, sample_weight=w[1]))
+    assert got[1] == pytest.approx(roc_auc_score(positive, scores, sample_weight=w[:, 1]))
     assert np.isnan(got[2])  # no positive image drawn
     assert weighted_ece(np.array([[0.7, 0.3]]), np.array([0]), np.ones((1, 1)))[0] == pytest.approx(0.3)
 
@@ -132,8 +132,9 @@ def test_weighted_auc_handles_ties_and_undefined_rows():
 def test_bootstrap_keeps_lesions_together():
     groups = np.array(["a", "a", "b", "c", "c", "c"])
     w = bootstrap_weights(groups, 50, np.random.default_rng(0))
-    assert (w[:, 0] == w[:, 1]).all() and (w[:, 3] == w[:, 5]).all()
-    group_draws = w[:, 0] + w[:, 2] + w[:, 3]  # one image per group
+    assert w.shape == (6, 50)
+    assert (w[0] == w[1]).all() and (w[3] == w[5]).all()
+    group_draws = w[0] + w[2] + w[3]  # one image per group
     assert (group_draws == 3).all()
 
 

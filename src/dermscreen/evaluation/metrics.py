@@ -5,7 +5,7 @@ Point estimates come from scikit-learn (``recall_score``, ``multilabel_confusion
 
 Confidence intervals are percentile bootstraps that resample whole lesions (or patients, or images:
 whatever ``groups`` holds), so the several images of one lesion move together. A resample is a
-vector of per-image counts, and every metric is evaluated on all resamples at once as a weighted
+column of per-image counts, and every metric is evaluated on all resamples at once as a weighted
 statistic. Calling scikit-learn once per resample would take minutes per subgroup (each call costs
 milliseconds of input validation); the weighted forms here compute exactly what
 ``roc_auc_score(..., sample_weight=counts)`` and friends compute on each resample, and the tests
@@ -168,78 +168,90 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of ``scores`` for boolean ``positive`` under each row of ``weights`` (B, N) → (B,); NaN if undefined.
+    """ROC AUC of ``scores`` for boolean ``positive`` under each column of ``weights`` (N, B) → (B,); NaN if undefined.
 
-    Equal to ``roc_auc_score(positive, scores, sample_weight=row)`` (ties count one half).
+    Equal to ``roc_auc_score(positive, scores, sample_weight=column)``: each positive wins over the
+    negatives scored below it and half of those tied with it.
     """
     order = np.argsort(scores, kind="mergesort")
-    s, pos, w = scores[order], positive[order], weights[:, order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    pos_w = np.add.reduceat(w * pos, starts, axis=1)  # positive weight at each distinct score
-    neg_w = np.add.reduceat(w * ~pos, starts, axis=1)
-    neg_below = np.cumsum(neg_w, axis=1) - neg_w
-    wins = (pos_w * (neg_below + 0.5 * neg_w)).sum(axis=1)
-    return _ratio(wins, pos_w.sum(axis=1) * neg_w.sum(axis=1))
+    s, pos, w = scores[order], positive[order], weights[order]
+    first_of_tie = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    tie = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # tie group of each sorted image
+    after_tie = np.r_[first_of_tie[1:], len(s)]
+    neg_upto = np.cumsum(w * ~pos[:, None], axis=0)  # row i: negative weight among sorted images 0..i
+    rows = np.flatnonzero(pos)
+    below = neg_upto[first_of_tie[tie[rows]] - 1]
+    below[first_of_tie[tie[rows]] == 0] = 0.0
+    through_tie = neg_upto[after_tie[tie[rows]] - 1]
+    wins = (w[rows] * (below + through_tie)).sum(axis=0) * 0.5
+    return _ratio(wins, w[rows].sum(axis=0) * neg_upto[-1])
 
 
 def weighted_ece(probs: np.ndarray, y: np.ndarray, weights: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
-    """Top-label ECE (binned as calibration.expected_calibration_error) under each row of ``weights`` → (B,)."""
+    """Top-label ECE (binned as calibration.expected_calibration_error) under each column of ``weights`` → (B,)."""
     conf = probs.max(axis=1)
     gap = (probs.argmax(axis=1) == y) - conf
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    per_bin = np.zeros((len(y), n_bins))
-    per_bin[np.arange(len(y)), bins] = gap
-    return _ratio(np.abs(weights @ per_bin).sum(axis=1), weights.sum(axis=1))
+    per_bin = np.zeros((n_bins, len(y)))
+    per_bin[bins, np.arange(len(y))] = gap
+    return _ratio(np.abs(per_bin @ weights).sum(axis=0), weights.sum(axis=0))
 
 
-def _weighted_per_class(d: EvalData, idx: np.ndarray, w: np.ndarray, keys: set[str], out: dict) -> None:
-    y, pred, probs = d.y[idx], d.pred[idx], d.probs[idx]
-    sens, aucs = [], []
-    for c, code in enumerate(d.taxonomy.codes):
-        if f"class.{code}.sensitivity" not in keys:
-            continue
-        is_c, called_c = y == c, pred == c
-        out[f"class.{code}.sensitivity"] = _ratio(w @ (is_c & called_c), w @ is_c)
-        sens.append(out[f"class.{code}.sensitivity"])
-        if f"class.{code}.auc" in keys:
-            out[f"class.{code}.specificity"] = _ratio(w @ (~is_c & ~called_c), w @ ~is_c)
-            out[f"class.{code}.auc"] = weighted_auc(probs[:, c], is_c, w)
-            aucs.append(out[f"class.{code}.auc"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN resample is meant to give NaN
-        out["balanced_accuracy"] = np.nanmean(np.stack(sens), axis=0)
-        if aucs:
-            out["macro_auc"] = np.nanmean(np.stack(aucs), axis=0)
+def _weighted_counts(d: EvalData, idx: np.ndarray, w: np.ndarray, codes: list[str]) -> dict[str, np.ndarray]:
+    """Weighted counts behind every rate (hits and totals per class and operating point) in one matrix product."""
+    y, pred = d.y[idx], d.pred[idx]
+    rows = {"all": np.ones(len(idx), bool), "correct": pred == y}
+    for code in codes:
+        c = d.taxonomy.index(code)
+        rows.update({f"tp.{code}": (y == c) & (pred == c), f"pos.{code}": y == c,
+                     f"tn.{code}": (y != c) & (pred != c), f"neg.{code}": y != c})
+    is_mal, p_mal = d.is_malignant[idx], d.p_malignant[idx]
+    rows.update({"mal": is_mal, "ben": ~is_mal})
+    for op in d.operating_points:
+        called = p_mal >= op.threshold
+        rows.update({f"tp.op.{op.name}": is_mal & called, f"tn.op.{op.name}": ~is_mal & ~called})
+    sums = np.stack(list(rows.values())).astype(np.float64) @ w
+    return dict(zip(rows, sums))
 
 
 def weighted_metrics(d: EvalData, idx: np.ndarray, w: np.ndarray, keys: set[str]) -> dict[str, np.ndarray]:
-    """The metrics named in ``keys`` (as from :func:`point_metrics`) on rows ``idx`` under weights (B, len(idx))."""
-    out: dict[str, np.ndarray] = {}
-    y = d.y[idx]
-    out["accuracy"] = _ratio(w @ (d.pred[idx] == y), w.sum(axis=1))
-    _weighted_per_class(d, idx, w, keys, out)
-    is_mal, p_mal = d.is_malignant[idx], d.p_malignant[idx]
-    if "malignant_auc" in keys:
-        out["malignant_auc"] = weighted_auc(p_mal, is_mal, w)
+    """The metrics named in ``keys`` (as from :func:`point_metrics`) on rows ``idx`` under weights (len(idx), B)."""
+    codes = [c for c in d.taxonomy.codes if f"class.{c}.sensitivity" in keys]
+    n = _weighted_counts(d, idx, w, codes)
+    out = {"accuracy": _ratio(n["correct"], n["all"])}
+    for code in codes:
+        out[f"class.{code}.sensitivity"] = _ratio(n[f"tp.{code}"], n[f"pos.{code}"])
+        if f"class.{code}.auc" in keys:
+            out[f"class.{code}.specificity"] = _ratio(n[f"tn.{code}"], n[f"neg.{code}"])
+            c = d.taxonomy.index(code)
+            out[f"class.{code}.auc"] = weighted_auc(d.probs[idx, c], d.y[idx] == c, w)
     for op in d.operating_points:
-        called = p_mal >= op.threshold
-        out[f"op.{op.name}.sensitivity"] = _ratio(w @ (is_mal & called), w @ is_mal)
-        out[f"op.{op.name}.specificity"] = _ratio(w @ (~is_mal & ~called), w @ ~is_mal)
+        out[f"op.{op.name}.sensitivity"] = _ratio(n[f"tp.op.{op.name}"], n["mal"])
+        out[f"op.{op.name}.specificity"] = _ratio(n[f"tn.op.{op.name}"], n["ben"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN resample is meant to give NaN
+        out["balanced_accuracy"] = np.nanmean([out[f"class.{c}.sensitivity"] for c in codes], axis=0)
+        aucs = [out[k] for k in out if k.endswith(".auc")]
+        if aucs:
+            out["macro_auc"] = np.nanmean(aucs, axis=0)
+    if "malignant_auc" in keys:
+        out["malignant_auc"] = weighted_auc(d.p_malignant[idx], d.is_malignant[idx], w)
     if "melanoma_auc" in keys:
         out["melanoma_auc"] = out["class.mel.auc"]
-    out["ece"] = weighted_ece(d.probs[idx], y, w)
+    out["ece"] = weighted_ece(d.probs[idx], d.y[idx], w)
     if d.probs_uncalibrated is not None:
-        out["ece_uncalibrated"] = weighted_ece(d.probs_uncalibrated[idx], y, w)
+        out["ece_uncalibrated"] = weighted_ece(d.probs_uncalibrated[idx], d.y[idx], w)
     return {k: v for k, v in out.items() if k in keys}
 
 
 def bootstrap_weights(groups: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, N) per-image counts of a bootstrap that draws whole groups with replacement."""
+    """(N, n_boot) per-image counts, one column per resample drawing whole groups with replacement."""
     _, inverse = np.unique(groups, return_inverse=True)
     n_groups = int(inverse.max()) + 1
     counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
-    return counts[:, inverse].astype(np.float64)
+    # images along axis 0: the sorts and cumulative sums of weighted_auc then run over contiguous rows
+    return np.ascontiguousarray(counts.T, dtype=np.float64)[inverse]
 
 
 def bootstrap(d: EvalData, idx: np.ndarray, groups: np.ndarray, keys: set[str], n_boot: int,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import roc_curve
+
+# scipy and sklearn are imported inside the two fitting functions: the serving path imports this
+# module (OperatingPoint, softmax) and must start fast; importing them costs seconds on 2 cores.
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -23,6 +24,8 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T in [0.05, 20] minimising validation NLL of softmax(logits / T)."""
     labels = np.asarray(labels, dtype=int)
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(
         lambda log_t: nll(logits, labels, float(np.exp(log_t))),
         bounds=(np.log(0.05), np.log(20.0)),
@@ -66,6 +69,8 @@ def operating_points(p_malignant: np.ndarray, is_malignant: np.ndarray, target_s
     s = np.asarray(p_malignant, dtype=np.float64)
     if y.min() == y.max():
         raise ValueError("operating points need both malignant and benign validation images")
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # roc_curve's first threshold is +inf
     ok = np.flatnonzero(tpr >= target_sensitivity)

@@ -113,16 +113,18 @@ def main() -> None:
         batch = np.stack(inputs[: args.batch_size])
         runs = max(1, len(data) // args.batch_size)
         _, t_model = timed(lambda: [bundle.run(batch, outputs=["logits", "embedding"]) for _ in range(runs)])
-        result, t_eval = timed(evaluate, model, labels, tmp / "eval", images=args.data / "images",
+        result, t_eval = timed(evaluate, model, labels, args.data / "images", tmp / "eval",
                                batch_size=args.batch_size, tta=args.tta, bootstrap=args.bootstrap, workers=args.workers)
 
         n = len(data)
         print(f"prediction (decode + preprocess + model + OOD): {n / t_pred:8.1f} images/s  ({t_pred:.2f} s)")
         print(f"  decode + preprocess only ({workers} threads): {n / t_decode:8.1f} images/s")
-        print(f"  model only (batches of {args.batch_size}):           {runs * args.batch_size / t_model:8.1f} images/s")
+        model_rate = runs * args.batch_size / t_model
+        print(f"  model only (batches of {args.batch_size}):           {model_rate:8.1f} images/s")
         print(f"full evaluate() incl. {args.bootstrap} bootstrap resamples, subgroups, plots, report: {t_eval:.2f} s "
               f"({n / t_eval:.1f} images/s)")
-        print(f"balanced accuracy on these images: {result.metrics['overall']['headline']['balanced_accuracy']['value']:.3f}")
+        headline = result.metrics["overall"]["headline"]
+        print(f"balanced accuracy on these images: {headline['balanced_accuracy']['value']:.3f}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def evaluate(
     console, stdout = Console(stderr=True), Console()
     progress = _rich_progress(console)
     try:
-        result = run_evaluation(model, labels, out, images=images, batch_size=batch_size, tta=tta,
+        result = run_evaluation(model, labels, images, out, batch_size=batch_size, tta=tta,
                                 split_file=split_file, split=split, bootstrap=bootstrap, seed=seed,
                                 min_subgroup=min_subgroup, progress=progress)
     except DermscreenError as exc:

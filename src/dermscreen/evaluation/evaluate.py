@@ -69,7 +69,8 @@ def read_split(path: str | Path, split: str) -> set[str]:
             if row["split"].strip() == split:
                 ids.add(Path(row[id_col].strip()).stem)
     if not ids:
-        raise ManifestError(f"{path} lists no images in split {split!r} (it has: {', '.join(sorted(names)) or 'none'}).")
+        raise ManifestError(
+            f"{path} lists no images in split {split!r} (it has: {', '.join(sorted(names)) or 'none'}).")
     return ids
 
 
@@ -137,9 +138,9 @@ def _load(model: str | Path | None, labels: str | Path, images: str | Path | Non
     return bundle, data, split_info
 
 
-def evaluate(model: str | Path | None, labels: str | Path, out: str | Path, images: str | Path | None = None,
+def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | None, out: str | Path,
              batch_size: int = 32, tta: bool = False, split_file: str | Path | None = None, split: str = "test",
-             bootstrap: int = 1000, seed: int = 0, min_subgroup: int = 20, workers: int | None = None,
+             *, bootstrap: int = 1000, seed: int = 0, min_subgroup: int = 20, workers: int | None = None,
              progress: Progress | None = None) -> EvaluationResult:
     """Evaluate bundle ``model`` (None: the default model) on ``labels``; writes every output into ``out``."""
     progress = progress or Progress()

@@ -168,7 +168,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of ``scores`` for boolean ``positive`` under each column of ``weights`` (N, B) → (B,); NaN if undefined.
+    """ROC AUC of ``scores`` for boolean ``positive`` per column of ``weights`` (N, B) → (B,), NaN if undefined.
 
     Equal to ``roc_auc_score(positive, scores, sample_weight=column)``: each positive wins over the
     negatives scored below it and half of those tied with it.

@@ -17,7 +17,8 @@ table{border-collapse:collapse;margin:6px 0 12px;font-variant-numeric:tabular-nu
 th,td{border:1px solid #d5dbe3;padding:4px 9px;text-align:right}th{background:#f1f4f8}
 td:first-child,th:first-child{text-align:left}.ci{color:#5b6675;font-size:12px}
 .skip{color:#8a5a00;font-style:italic}img{max-width:100%;border:1px solid #e3e7ee;margin:6px 0}
-.kv td{text-align:left}.kv td:first-child{background:#f1f4f8}code{font-size:12px;word-break:break-all}.grid{display:flex;gap:16px;flex-wrap:wrap}
+.kv td{text-align:left}.kv td:first-child{background:#f1f4f8}code{font-size:12px;word-break:break-all}
+.grid{display:flex;gap:16px;flex-wrap:wrap}
 """
 
 _HEADLINE_NAMES = {
@@ -130,20 +131,25 @@ def _plots_section(plots: dict[str, bytes]) -> str:
     return f'<h2>Plots</h2><div class="grid">{imgs}</div>'
 
 
+def _header(metrics: dict[str, Any]) -> str:
+    boot, model = metrics["bootstrap"], metrics["model"]
+    ci = (f"95% CIs: percentile bootstrap, {boot['resamples']} resamples of {escape(boot['unit'])}s "
+          f"(seed {boot['seed']})" if boot["resamples"] else "no confidence intervals (bootstrap off)")
+    return (f"<h1>Evaluation of {escape(model['name'])} {escape(model['version'])}</h1>"
+            f"<p class=\"muted\">{escape(metrics['created'])} &middot; dermscreen "
+            f"{escape(metrics['dermscreen_version'])} &middot; {ci} &middot; test-time augmentation: "
+            f"{escape(metrics['settings']['tta'] or 'off')}</p>"
+            f"<p class=\"warn\"><strong>{escape(metrics['disclaimer'])}</strong></p>")
+
+
 def render_report(metrics: dict[str, Any], plots: dict[str, bytes], taxonomy: Taxonomy | None = None) -> str:
     """metrics.json content + {plot name: PNG bytes} → one self-contained HTML page (str)."""
     names = {c.code: c.name for c in taxonomy.classes} if taxonomy else {}
     overall = metrics["overall"]
-    boot = metrics["bootstrap"]
     return "".join([
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>Evaluation: {escape(metrics['model']['name'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Evaluation of {escape(metrics['model']['name'])} {escape(metrics['model']['version'])}</h1>",
-        f"<p class=\"muted\">{escape(metrics['created'])} &middot; dermscreen {escape(metrics['dermscreen_version'])}"
-        f" &middot; 95% CIs: {boot['resamples']} {escape(boot['interval'])} bootstrap resamples of "
-        f"{escape(boot['unit'])}s (seed {boot['seed']}) &middot; test-time augmentation: {escape(metrics['settings']['tta'] or 'off')}</p>",
-        f"<p class=\"warn\"><strong>{escape(metrics['disclaimer'])}</strong></p>",
-        _model_section(metrics), _data_section(metrics, names), _headline_section(overall),
+        _header(metrics), _model_section(metrics), _data_section(metrics, names), _headline_section(overall),
         _per_class_section(overall, names), _operating_points_section(overall), _subgroup_section(metrics),
         _plots_section(plots), "</body></html>",
     ])

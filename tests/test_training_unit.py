@@ -1,0 +1,293 @@
+"""Unit tests of the training pipeline's parts: config, weights, data, sampling, model, export check."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+
+from dermscreen.errors import BundleError, ConfigError  # noqa: E402
+from dermscreen.manifests import load_labels  # noqa: E402
+from dermscreen.metadata import MetadataSpec  # noqa: E402
+from dermscreen.preprocess import Preprocessing, preprocess  # noqa: E402
+from dermscreen.taxonomy import HAM10000  # noqa: E402
+from dermscreen.training.config import TrainConfig, load_config  # noqa: E402
+from dermscreen.training.data import AugmentConfig, BalancedSampler, LesionDataset, augment, class_weights  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_shipped_configs_validate(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    default, tiny = load_config(root / "default.yaml"), load_config(root / "tiny.yaml")
+    assert default.backbone == "tf_efficientnet_lite0" and default.image_size == 224
+    assert tiny.image_size <= 128 and tiny.max_images and tiny.max_images <= 400
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(path)
+
+
+def test_bad_config_value_names_the_setting(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("balance: oversample\n")
+    with pytest.raises(ConfigError, match="balance"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        load_config(None, val_fraction=0.7)
+
+
+def test_overrides_win_and_taxonomy_path_is_relative_to_the_config(tmp_path):
+    (tmp_path / "tax.yaml").write_text("name: t\nclasses: [{code: a, name: A, group: benign}, "
+                                       "{code: b, name: B, group: malignant}]\n")
+    (tmp_path / "c.yaml").write_text("epochs: 5\ntaxonomy: tax.yaml\n")
+    cfg = load_config(tmp_path / "c.yaml", epochs=2, device=None)
+    assert cfg.epochs == 2
+    assert cfg.taxonomy == str(tmp_path / "tax.yaml")
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+# ---------------------------------------------------------------------------------------- compat shim
+def test_compat_shim_makes_timm_importable_and_is_idempotent():
+    from dermscreen.training import _torchvision_compat as compat
+
+    compat.ensure_torchvision()
+    first = sys.modules["torchvision"]
+    library = compat._LIBRARY
+    compat.ensure_torchvision()  # second call: already imported, must change nothing
+    assert sys.modules["torchvision"] is first
+    assert compat._LIBRARY is library
+    import timm  # noqa: F401  (would raise "operator torchvision::nms does not exist" without the shim)
+
+    assert hasattr(first, "__version__")
+
+
+@pytest.mark.parametrize("already_imported", [True, False])
+def test_compat_shim_is_a_no_op_when_torchvision_loads(monkeypatch, already_imported):
+    from dermscreen.training import _torchvision_compat as compat
+
+    monkeypatch.setattr(compat, "_LIBRARY", None)
+    monkeypatch.setattr(compat, "SHIM_APPLIED", False)
+    # a module already in sys.modules is what a successful `import torchvision` returns
+    fake = type(sys)("torchvision")
+    if already_imported:
+        fake.__version__ = "0.0-test"
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    compat.ensure_torchvision()
+    assert compat._LIBRARY is None and compat.SHIM_APPLIED is False
+    assert sys.modules["torchvision"] is fake
+
+
+# ---------------------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_offline_package_keys_map_one_to_one_onto_timm(name):
+    from dermscreen.training.backbones import _read_state_dict, _timm, rename_lukemelas, weight_package_file
+
+    model = _timm().create_model(name, pretrained=False)
+    state = _read_state_dict(weight_package_file(name))
+    renamed = rename_lukemelas(state, model)
+    own = model.state_dict()
+    assert set(renamed) == set(own)
+    assert all(tuple(renamed[k].shape) == tuple(own[k].shape) for k in own)
+    model.load_state_dict(renamed, strict=True)
+
+
+def test_imagenet_weights_classify_a_real_photo_sensibly():
+    """Grace Hopper in uniform (matplotlib's sample photo): ImageNet 'military uniform' (652) must rank top-3."""
+    import matplotlib
+
+    from dermscreen.training.backbones import _read_state_dict, _timm, load_into, weight_package_file
+
+    name = "tf_efficientnet_lite0"
+    model = _timm().create_model(name, pretrained=False).eval()
+    random_logits_model = _timm().create_model(name, pretrained=False).eval()
+    load_into(model, _read_state_dict(weight_package_file(name)), name)
+    photo = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
+    x = torch.from_numpy(preprocess(photo, Preprocessing(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)))[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+        random_feats = random_logits_model.forward_features(x)
+        feats = model.forward_features(x)
+    assert 652 in probs.topk(3).indices.tolist()
+    assert probs.max() > 0.2  # a confident ImageNet prediction, not a flat distribution
+    assert not torch.allclose(feats, random_feats, atol=1e-3)
+
+
+def test_create_backbone_from_local_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from dermscreen.training.backbones import create_backbone
+
+    source, info = create_backbone("tf_efficientnet_lite0", "none")
+    assert info.num_features == 1280 and info.mean == (0.5, 0.5, 0.5)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for file in ("w.pth", "w.safetensors"):
+        loaded, info = create_backbone("tf_efficientnet_lite0", str(tmp_path / file))
+        assert info.weights == f"file {file}"
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_weights_errors_are_clear(tmp_path):
+    from dermscreen.training.backbones import create_backbone
+
+    with pytest.raises(ConfigError, match="Unknown backbone"):
+        create_backbone("no_such_net", "none")
+    with pytest.raises(ConfigError, match="not found"):
+        create_backbone("tf_efficientnet_lite0", str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="No offline ImageNet weights"):
+        create_backbone("resnet18", "imagenet")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="do not fit"):
+        create_backbone("tf_efficientnet_lite0", str(tmp_path / "other.pth"))
+
+
+def test_timm_hub_weights_fail_fast_without_network(monkeypatch):
+    import time
+
+    from dermscreen.training import backbones
+
+    monkeypatch.setattr(backbones, "HUB_HOST", ("hub.invalid", 443))  # .invalid never resolves (RFC 2606)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="not reachable"):
+        backbones.create_backbone("tf_efficientnet_lite0", "timm:in1k")
+    assert time.perf_counter() - t0 < 30
+
+
+# ---------------------------------------------------------------------------------------- data
+@pytest.fixture()
+def synthetic_set(tmp_path):
+    """A plain CSV of 12 synthetic 120x90 images over 3 HAM10000 classes, with patient metadata."""
+    rng = np.random.default_rng(0)
+    rows = ["image,dx,lesion_id,age,sex,site"]
+    for i in range(12):
+        arr = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png,{['nv', 'mel', 'bkl'][i % 3]},L{i // 2},{30 + i},{'male' if i % 2 else ''},back")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return load_labels(tmp_path / "labels.csv")
+
+
+def test_dataset_without_augmentation_is_exactly_the_inference_preprocessing(synthetic_set):
+    spec = Preprocessing(image_size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = LesionDataset(synthetic_set, spec, aug=None, metadata=MetadataSpec())
+    image, meta, label = ds[3]
+    want = preprocess(Image.open(synthetic_set.samples[3].image_path), spec)
+    assert image.dtype == torch.float32 and tuple(image.shape) == (3, 48, 48)
+    np.testing.assert_array_equal(image.numpy(), want)
+    np.testing.assert_array_equal(meta.numpy(), MetadataSpec().encode(33, "male", "back"))
+    assert label == HAM10000.index("nv")
+
+
+def test_augmented_items_have_model_shape_and_vary_by_epoch(synthetic_set):
+    spec = Preprocessing(image_size=40)
+    ds = LesionDataset(synthetic_set, spec, aug=AugmentConfig(), metadata=None, seed=1)
+    a, meta, _ = ds[0]
+    assert tuple(a.shape) == (3, 40, 40) and meta.numel() == 0
+    assert torch.equal(a, ds[0][0])  # same (seed, epoch, item): same draw, on any worker
+    ds.set_epoch(1)
+    assert not torch.equal(a, ds[0][0])
+    assert np.isfinite(a.numpy()).all()
+
+
+def test_augment_keeps_size_and_flips_are_pixel_exact():
+    img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    spec = Preprocessing(image_size=32)
+    only_geometry = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_degrees=0, brightness=0,
+                                  contrast=0, saturation=0, hue=0)
+    src = np.asarray(img)
+    dihedral = [np.rot90(f, k) for f in (src, src[:, ::-1]) for k in range(4)]
+    for seed in range(8):
+        out = np.asarray(augment(img, spec, only_geometry, random.Random(seed)))
+        assert out.shape == (32, 32, 3)
+        assert any(np.array_equal(out, d) for d in dihedral)  # one of the 8 symmetries, no resampling
+    jittered = augment(img, spec, AugmentConfig(), random.Random(0))
+    assert jittered.size == (32, 32)
+
+
+def test_class_weights_and_balanced_sampler():
+    labels = [0] * 90 + [1] * 9 + [2] * 1
+    w = class_weights(labels, 4, power=1.0)
+    assert w[0] < w[1] < w[2] and w[3] == 1.0  # absent class: neutral weight
+    assert np.isclose(w[:3].mean(), 1.0)
+    sampler = BalancedSampler(labels, 4, num_samples=3000, power=1.0, seed=0)
+    drawn = np.bincount(np.asarray(labels)[list(sampler)], minlength=3)
+    assert np.all(np.abs(drawn / drawn.sum() - 1 / 3) < 0.05)
+    shards = [list(BalancedSampler(labels, 4, num_samples=100, rank=r, world_size=2, seed=0)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 50 and shards[0] != shards[1]
+    s = BalancedSampler(labels, 4, seed=0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+
+
+# ---------------------------------------------------------------------------------------- model
+def _tiny_model(meta_dim=0, num_classes=3):
+    from dermscreen.training.config import TrainConfig
+    from dermscreen.training.model import build_model
+
+    cfg = TrainConfig(weights="none", drop_rate=0.0, freeze_stages=2)
+    model, _ = build_model(cfg, num_classes, meta_dim)
+    return model.eval()
+
+
+def test_model_outputs_and_cam_identity():
+    model = _tiny_model(meta_dim=MetadataSpec().dim)
+    x = torch.randn(2, 3, 64, 64)
+    meta = torch.from_numpy(np.stack([MetadataSpec().encode(50, "female", "back")] * 2))
+    with torch.no_grad():
+        logits, emb, feats = model(x, meta)
+        image_logits = torch.einsum("cd,ndhw->nchw", model.classifier.weight, feats).mean((2, 3)) + model.classifier.bias
+    assert logits.shape == (2, 3) and emb.shape == (2, 1280) and feats.shape == (2, 1280, 2, 2)
+    # the bundle's CAM contract: image logits are the spatial mean of classifier weights · feature map
+    torch.testing.assert_close(image_logits + model.metadata_head(meta), logits, atol=1e-4, rtol=1e-4)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("backbone.conv_stem") for n in frozen) and any(".blocks.1." in n for n in frozen)
+    assert not any(".blocks.2." in n for n in frozen)
+
+
+def test_backbone_lr_is_zero_while_frozen():
+    from dermscreen.training.fit import _optimizer
+
+    model = _tiny_model()
+    cfg = TrainConfig(weights="none", epochs=4, freeze_epochs=1, warmup_epochs=1)
+    opt, sched = _optimizer(model, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(20):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert all(bb == 0 for _, bb in lrs[:5]) and lrs[6][1] > 0
+    assert max(h for h, _ in lrs) <= cfg.lr + 1e-12 and lrs[-1][0] < lrs[6][0]
+
+
+def test_export_check_fails_loudly_when_onnx_differs():
+    from dermscreen.training.export import check_onnx, to_onnx
+
+    model = _tiny_model()
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    onnx_bytes = to_onnx(model, 64, exporter="torchscript")
+    diffs = check_onnx(onnx_bytes, model, x)
+    assert max(diffs.values()) <= 1e-4
+    with torch.no_grad():
+        model.classifier.bias += 0.01  # the torch model no longer matches the exported graph
+    with pytest.raises(BundleError, match="does not reproduce"):
+        check_onnx(onnx_bytes, model, x)

@@ -207,6 +207,8 @@ def test_docs_are_local_and_openapi_describes_the_api(client):
     assert {"multipart/form-data", "image/*"} <= set(analyze_op["requestBody"]["content"])
     assert {p["name"] for p in analyze_op["parameters"]} >= {"age", "sex", "site", "heatmap", "tta"}
     assert {"413", "415", "422"} <= set(analyze_op["responses"])
+    assert analyze_op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ScreeningResult")
+    assert "risk" in spec["components"]["schemas"]["ScreeningResult"]["properties"]
     assert {"/api/v1/model", "/healthz"} <= set(spec["paths"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/static/docs.js" in docs.text

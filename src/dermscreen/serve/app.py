@@ -7,6 +7,7 @@ no external assets, and the access log has no query strings, addresses or result
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import DISCLAIMER, __version__
 from ..errors import BundleError, DermscreenError, ImageError
 from ..metadata import HAM10000_SITES
+from ..screening import Screener, ScreenerSettings, ScreeningResult
 from .middleware import AccessLogMiddleware, PrivacyHeadersMiddleware
 from .settings import ServeSettings
 from .uploads import Upload, UploadError, multipart_boundary, parse_multipart, read_capped
@@ -112,8 +114,6 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 def build_screener(settings: ServeSettings):
     """The Screener for ``settings`` (model bundle, pixel limit, TTA, threads)."""
-    from ..screening import Screener, ScreenerSettings
-
     wanted = {"max_pixels": settings.max_pixels, "tta": settings.tta, "threads": settings.threads}
     known = ScreenerSettings.model_fields
     return Screener(bundle=settings.model, settings=ScreenerSettings(**{k: v for k, v in wanted.items()
@@ -194,19 +194,22 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
     index_html = (STATIC / "index.html").read_text(encoding="utf-8")
     docs_html = (STATIC / "docs.html").read_text(encoding="utf-8")
 
-    @app.post(f"{API}/analyze", tags=["screening"], responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY_DOC,
+    @app.post(f"{API}/analyze", tags=["screening"], openapi_extra=IMAGE_BODY_DOC, responses={
+        200: {"model": ScreeningResult, "description": "The screening result (a screening aid, not a diagnosis)."},
+        **ERROR_RESPONSES},
               summary="Screen one dermoscopic image")
-    async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> JSONResponse:
+    async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> Response:
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
         upload = await read_upload(request, settings.max_upload_bytes)
         options = parse_options(query, upload.fields)
 
-        def run():
-            return screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
-                                    heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
+        def run() -> bytes:
+            # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
+            result = screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
+                                      heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
+            return json.dumps(result.to_json(include_heatmap=options.heatmap), separators=(",", ":")).encode()
 
-        result = await anyio.to_thread.run_sync(run, limiter=limiter)
-        return JSONResponse(result.to_json(include_heatmap=options.heatmap))
+        return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
 
     @app.get(f"{API}/model", tags=["model"], summary="The model card")
     async def model() -> dict[str, Any]:

@@ -199,13 +199,14 @@ function updateCompareButton() { $("compare").disabled = selectedEntries().lengt
 function showCompare() {
   const view = $("compare-view");
   view.replaceChildren(...selectedEntries().map((e) => {
-    const box = el("div", {}, el("h3", { text: `${e.name} · ${e.when.toLocaleTimeString()}` }));
+    const box = el("div", {}, el("h3", { class: "compare-title", text: `${e.name} · ${e.when.toLocaleTimeString()}` }));
     box.append(...resultCard(e));
     return box;
   }));
   view.hidden = false;
-  view.querySelector("h3")?.setAttribute("tabindex", "-1");
-  view.querySelector("h3")?.focus();
+  const first = view.querySelector(".compare-title");
+  first.setAttribute("tabindex", "-1");
+  first.focus();
 }
 
 function forgetAll() {
@@ -269,13 +270,15 @@ function diagnosesBlock(r) {
 }
 
 let viewerCount = 0;
+const MALIGNANT_ALT = "Heatmap over the image: warm colours mark where the model found evidence of malignancy";
 
 function viewerBlock(entry) {
   const h = entry.result.heatmap;
   const viewer = el("div", { class: "viewer" }, el("img", { src: entry.url, alt: `The analysed image: ${entry.name}` }));
   if (!h || !h.overlay_png) return el("div", {}, viewer);
-  const overlay = el("img", { class: "overlay", src: h.overlay_png,
-    alt: "Heatmap over the image: warm colours mark where the model found evidence of malignancy" });
+  const note = el("p", { class: "hint", "aria-live": "polite" });
+  const overlay = el("img", { class: "overlay", src: h.overlay_png, alt: MALIGNANT_ALT,
+    onload: () => { note.textContent = isBlank(overlay) ? "The model found no evidence for this anywhere in the image." : ""; } });
   overlay.style.opacity = "0.8";
   viewer.append(overlay);
   const n = ++viewerCount;
@@ -284,13 +287,22 @@ function viewerBlock(entry) {
   const which = el("select", { id: `which-${n}`, onchange: (e) => {
     const top = e.target.value === "top";
     overlay.src = top ? h.top_class_overlay_png : h.overlay_png;
-    overlay.alt = top ? `Heatmap over the image: evidence for ${topName(entry.result)}`
-      : "Heatmap over the image: warm colours mark where the model found evidence of malignancy";
+    overlay.alt = top ? `Heatmap over the image: evidence for ${topName(entry.result)}` : MALIGNANT_ALT;
   } }, el("option", { value: "malignant", text: "Evidence of malignancy" }),
   el("option", { value: "top", text: `Evidence for ${topName(entry.result)}` }));
   return el("div", {}, viewer,
     el("div", { class: "opacity" }, el("label", { for: `opacity-${n}`, text: "Heatmap opacity" }), slider),
-    el("div", { class: "opacity" }, el("label", { for: `which-${n}`, text: "Heatmap shows" }), which));
+    el("div", { class: "opacity" }, el("label", { for: `which-${n}`, text: "Heatmap shows" }), which), note);
+}
+
+// An overlay is transparent where the model found no evidence; a fully transparent one deserves words.
+function isBlank(img) {
+  const canvas = el("canvas", { width: img.naturalWidth, height: img.naturalHeight });
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) return false;
+  return true;
 }
 
 function topName(r) {
@@ -359,7 +371,10 @@ function showDebug(r) {
   recompute();
 }
 
-function fmt(v) { return v === null || v === undefined ? "n/a" : Number(v).toFixed(3); }
+function fmt(v) {
+  if (v === null || v === undefined) return "n/a";
+  return Math.abs(v) >= 1000 ? Number(v).toPrecision(4) : Number(v).toFixed(3);
+}
 
 function recompute() {
   const r = state.current && state.current.result;

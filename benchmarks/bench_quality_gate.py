@@ -46,7 +46,7 @@ def degradations() -> dict[str, callable]:
 
     return {
         "blur sigma 1 px (mild)": blur(1), "blur sigma 2 px": blur(2), "blur sigma 3 px": blur(3), "blur sigma 5 px": blur(5),
-        "exposure x0.5 (mild)": gain(0.5), "exposure x0.15": gain(0.15), "exposure x0.08": gain(0.08),
+        "exposure x0.5 (mild)": gain(0.5), "exposure x0.3": gain(0.3), "exposure x0.15": gain(0.15),
         "exposure x1.3 (mild)": gain(1.3), "exposure x1.8": gain(1.8), "exposure x3": gain(3.0), "exposure x5": gain(5.0),
         "blank grey frame": lambda a: np.full_like(a, 128),
         "thumbnail 100 px (mild)": thumb(100), "thumbnail 48 px": thumb(48),
@@ -68,7 +68,7 @@ def summarise(name: str, reports: list, measures: list[dict]) -> None:
         print("warnings:", dict(warns.most_common()))
     print("| measure | p0.5 | p1 | p5 | p50 | p95 | p99 | p99.5 |")
     print("|---|---|---|---|---|---|---|---|")
-    for key in ("sharpness", "brightness", "clipped", "contrast", "min_side"):
+    for key in ("sharpness", "brightness", "highlights", "clipped", "contrast", "min_side"):
         v = np.array([m[key] for m in measures])
         q = np.percentile(v, [0.5, 1, 5, 50, 95, 99, 99.5])
         print(f"| {key} | " + " | ".join(f"{x:.4g}" for x in q) + " |")

@@ -21,8 +21,8 @@ def _texture(w: int = 200, h: int = 150, seed: int = 0) -> np.ndarray:
 
 def test_measures_are_in_expected_ranges():
     m = measure(_texture())
-    assert set(m) == {"sharpness", "brightness", "clipped", "contrast", "min_side"}
-    assert 0 < m["sharpness"] and 0 <= m["clipped"] <= 1 and 0 <= m["brightness"] <= 255
+    assert set(m) == {"sharpness", "brightness", "highlights", "clipped", "contrast", "min_side"}
+    assert 0 < m["sharpness"] and 0 <= m["clipped"] <= 1 and 0 <= m["brightness"] <= m["highlights"] <= 255
     assert m["min_side"] == 150
 
 
@@ -54,6 +54,13 @@ def test_mild_problems_only_warn():
     small = np.asarray(Image.fromarray(_texture()).resize((133, 100)))
     report = assess(small)
     assert report.passed and any("Low resolution" in w for w in report.warnings)
+
+
+def test_large_dark_lesion_is_not_called_underexposed():
+    img = _texture()
+    img[20:130, 30:170] = (img[20:130, 30:170] * 0.1).astype(np.uint8)  # the lesion fills the centre
+    report = assess(img)
+    assert report.measures["brightness"] < 30 and report.passed and report.warnings == []
 
 
 def test_thresholds_can_be_overridden():

@@ -24,9 +24,9 @@ class QualityThresholds(BaseModel):
     """Warning and refusal thresholds of the quality gate (defaults: docs/quality-gate.md)."""
 
     sharpness_warn: float = Field(0.042, description="warn below this Laplacian-to-contrast ratio (blur)")
-    sharpness_refuse: float = Field(0.03, description="refuse below this Laplacian-to-contrast ratio")
-    brightness_dark_warn: float = Field(45.0, description="warn when the centre's median luma (0-255) is below")
-    brightness_dark_refuse: float = Field(20.0, description="refuse when the centre's median luma is below")
+    sharpness_refuse: float = Field(0.025, description="refuse below this Laplacian-to-contrast ratio")
+    highlights_dark_warn: float = Field(100.0, description="warn when the frame's 95th-percentile luma (0-255) is below")
+    highlights_dark_refuse: float = Field(60.0, description="refuse when the frame's 95th-percentile luma is below")
     brightness_bright_warn: float = Field(235.0, description="warn when the centre's median luma is above")
     brightness_bright_refuse: float = Field(250.0, description="refuse when the centre's median luma is above")
     clipped_warn: float = Field(0.1, description="warn when this share of centre pixels is saturated")
@@ -80,9 +80,13 @@ def _pool2(gray: np.ndarray) -> np.ndarray:
 
 
 def measure(rgb: np.ndarray) -> dict[str, float]:
-    """Quality measures of an (H, W, 3) uint8 image: sharpness, brightness, clipped, contrast, min_side."""
-    centre_rgb = _centre(_working_rgb(rgb))
+    """Quality measures of an (H, W, 3) uint8 image: sharpness, brightness, highlights, clipped, contrast, min_side."""
+    work = _working_rgb(rgb)
+    centre_rgb = _centre(work)
     gray = centre_rgb.astype(np.float32) @ _LUMA
+    # Under-exposure is judged on the frame's highlights, not its centre: a large dark lesion filling
+    # the centre is the image that matters most, while a dark photo has no bright skin anywhere.
+    highlights = float(np.percentile(work.astype(np.float32) @ _LUMA, 95))
     contrast = float(gray.std()) if gray.size else 0.0
     # Sharpness is the Laplacian energy relative to the contrast, so a faint but sharp lesion is not
     # called blurred. It is taken at half the working scale: at full scale the 8-bit rounding noise of
@@ -94,6 +98,7 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     return {
         "sharpness": round(sharpness, 5),
         "brightness": round(float(np.median(gray)) if gray.size else 0.0, 2),
+        "highlights": round(highlights, 2),
         "clipped": round(clipped, 4),
         "contrast": round(contrast, 2),
         "min_side": float(min(rgb.shape[:2])),
@@ -124,7 +129,7 @@ def assess(rgb: np.ndarray, thresholds: QualityThresholds | None = None) -> Qual
         check(m["sharpness"] < t.sharpness_warn, m["sharpness"] < t.sharpness_refuse,
               "The image looks slightly blurred: results may be less reliable.",
               "The image is too blurred to assess: hold the dermatoscope still and refocus.")
-        check(m["brightness"] < t.brightness_dark_warn, m["brightness"] < t.brightness_dark_refuse,
+        check(m["highlights"] < t.highlights_dark_warn, m["highlights"] < t.highlights_dark_refuse,
               "The image is dark: results may be less reliable.",
               "The image is too dark to assess: increase the lighting or exposure and retake it.")
     check(m["brightness"] > t.brightness_bright_warn or m["clipped"] > t.clipped_warn,

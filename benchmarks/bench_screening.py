@@ -1,0 +1,177 @@
+"""Benchmark the Screener in process: per-stage latency of one image, and batch throughput on all cores.
+
+Usage:
+  python benchmarks/bench_screening.py --model runs/<run>/bundle [--data ../shared/data] [--single 200]
+         [--batch 1000] [--workers N] [--torch-reference]
+  python benchmarks/bench_screening.py --tiny     # the test suite's tiny model: pipeline overhead only
+
+Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the overlay PNG encoded
+(as the API does when asked), intra-op threads = all cores; prints median and p95 per stage.
+Batch: one Screener with 1 intra-op thread per call, a thread pool of --workers (default: all
+cores) over --batch real images; prints images/s. --torch-reference times the same backbone in
+torch eager (timm, random weights: speed does not depend on the weights) on the same input, for
+the ONNX/torch ratio; it needs the train extra.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine_info() -> str:
+    """One line: date, CPU model, cores, OS, Python and onnxruntime versions."""
+    import onnxruntime
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{datetime.datetime.now().isoformat(timespec='seconds')} · {cpu} · {os.cpu_count()} cores · "
+            f"{platform.platform()} · Python {sys.version.split()[0]} · onnxruntime {onnxruntime.__version__}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of values."""
+    return float(np.percentile(np.asarray(values), q))
+
+
+def load_images(data: Path, n: int) -> list[bytes]:
+    """The bytes of up to n real images, spread over ham10000_224 then ham10000."""
+    paths = sorted((data / "ham10000_224" / "images").glob("*.jpg")) + sorted((data / "ham10000" / "images").glob("*.jpg"))
+    if not paths:
+        sys.exit(f"no images under {data}; pass --data")
+    step = max(1, len(paths) // n)
+    return [p.read_bytes() for p in paths[::step][:n]]
+
+
+def bench_single(screener, images: list[bytes]) -> dict[str, list[float]]:
+    """Per-stage timings (ms) of analyse-with-heatmap plus overlay PNG encoding, one image at a time."""
+    for data in images[:10]:  # warm-up: allocator, onnxruntime kernels, ICC caches
+        screener.analyze(data).to_json(include_heatmap=True)
+    stages: dict[str, list[float]] = {}
+    for data in images:
+        t0 = time.perf_counter()
+        result = screener.analyze(data, heatmap=True)
+        t1 = time.perf_counter()
+        result.to_json(include_heatmap=True)
+        t2 = time.perf_counter()
+        for stage, ms in result.timings_ms.items():
+            stages.setdefault(stage, []).append(ms)
+        stages.setdefault("overlay PNG + JSON", []).append((t2 - t1) * 1000)
+        stages.setdefault("end to end (bytes → JSON with heatmap)", []).append((t2 - t0) * 1000)
+    return stages
+
+
+def bench_batch(screener, images: list[bytes], workers: int, heatmap: bool) -> tuple[float, int]:
+    """Images per second analysing ``images`` with a pool of ``workers`` threads; and the refusals count."""
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda d: screener.analyze(d, heatmap=heatmap), images[: workers * 4]))  # warm-up
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda d: screener.analyze(d, heatmap=heatmap), images))
+        elapsed = time.perf_counter() - t0
+    return len(images) / elapsed, sum(r.status != "ok" for r in results)
+
+
+def bench_torch(bundle, runs: int = 100) -> tuple[float, float] | None:
+    """(ONNX median ms, torch eager median ms) of the backbone forward on one preprocessed image."""
+    try:
+        import torch
+        from dermscreen.training.backbones import create_backbone
+    except ImportError as exc:
+        print(f"torch reference skipped: {exc} (install the train extra)")
+        return None
+    size = bundle.manifest.preprocessing.image_size
+    x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+    model, _ = create_backbone(bundle.manifest.model.backbone, weights="none")
+    head = torch.nn.Linear(model.num_features, bundle.manifest.taxonomy.num_classes)
+    model.eval()
+
+    def eager():
+        with torch.inference_mode():
+            head(model.forward_head(model.forward_features(torch.from_numpy(x)), pre_logits=True))
+
+    def timed(fn) -> float:
+        for _ in range(10):
+            fn()
+        t = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(t)
+
+    return timed(lambda: bundle.run(x)), timed(eager)
+
+
+def print_single(stages: dict[str, list[float]]) -> None:
+    """Markdown table of median and p95 per stage."""
+    print("\n| stage | median ms | p95 ms |\n|---|---|---|")
+    for stage, values in stages.items():
+        print(f"| {stage} | {statistics.median(values):.2f} | {percentile(values, 95):.2f} |")
+
+
+def main() -> None:
+    """Parse arguments, run the benchmarks, print markdown."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="bundle folder or zip (default: DERMSCREEN_MODEL or the installed default)")
+    ap.add_argument("--tiny", action="store_true", help="use the test suite's tiny random model (needs onnx)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--single", type=int, default=200, help="images for the single-image latency")
+    ap.add_argument("--batch", type=int, default=1000, help="images for the batch throughput")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-ood", action="store_true", help="disable OOD refusal (so every image reaches the heatmap)")
+    ap.add_argument("--torch-reference", action="store_true", help="also time the backbone in torch eager")
+    args = ap.parse_args()
+
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    model = args.model
+    tmp = None
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tinybundle import make_tiny_bundle
+
+        tmp = tempfile.TemporaryDirectory()
+        model = make_tiny_bundle(Path(tmp.name) / "tiny")
+        args.no_ood = True  # the tiny model's OOD statistics are random
+    print(f"# Screener benchmark\n{machine_info()}")
+    single = Screener(model, ScreenerSettings(ood_refusal=not args.no_ood))
+    b = single.bundle.manifest
+    print(f"model {b.name} {b.version} ({b.model.backbone}, {b.preprocessing.image_size} px), "
+          f"sha256 {single.bundle.sha256[:12]}, OOD refusal {'off' if args.no_ood else 'on'}")
+    images = load_images(args.data, max(args.single, args.batch))
+    stages = bench_single(single, images[: args.single])
+    print(f"\n## single image, in process, all cores for onnxruntime ({args.single} real images)")
+    print_single(stages)
+    batch = Screener(single.bundle, ScreenerSettings(ood_refusal=not args.no_ood, threads=1))
+    for heatmap in (True, False):
+        rate, refused = bench_batch(batch, images[: args.batch], args.workers, heatmap)
+        print(f"\nbatch: {args.batch} images, {args.workers} worker threads, heatmap {'on' if heatmap else 'off'}: "
+              f"**{rate:.1f} images/s** ({refused} answered cannot_assess)")
+    if args.torch_reference:
+        ref = bench_torch(single.bundle)
+        if ref:
+            print(f"\nbackbone forward, 1 image: onnxruntime {ref[0]:.2f} ms, torch eager {ref[1]:.2f} ms "
+                  f"(torch/onnx = {ref[1] / ref[0]:.2f}x)")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,6 @@ def serve(
     if workers == 1:
         uvicorn.run(app, **common)
     else:
-        # each worker process rebuilds the app from the environment
+        del app  # the supervisor only watches workers; each worker rebuilds the app from the environment
         os.environ.update(settings.to_env())
         uvicorn.run("dermscreen.serve.app:create_app", factory=True, workers=workers, **common)

@@ -1,0 +1,51 @@
+"""``dermscreen serve``: flags, a clear error for a bad model, and multi-worker start-up."""
+from __future__ import annotations
+
+import httpx
+import typer
+from typer.testing import CliRunner
+
+from dermscreen.serve.commands import _is_loopback, serve
+from servehelpers import encode, lesion_rgb, permissive_bundle, start_server, stop_server
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(serve)
+    return app
+
+
+def test_serve_is_registered_with_its_flags():
+    from dermscreen.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    for flag in ("--host", "--port", "--model", "--workers", "--max-upload-mb"):
+        assert flag in out
+    assert "127.0.0.1" in out
+
+
+def test_bad_model_fails_fast_with_a_sentence(tmp_path):
+    result = CliRunner().invoke(_app(), ["--model", str(tmp_path / "nope"), "--port", "0"])
+    assert result.exit_code == 2
+    assert "Model bundle not found" in result.output
+
+
+def test_loopback_detection():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.20") and not _is_loopback("example.org")
+
+
+def test_two_workers_serve_the_same_model(tiny_bundle, tmp_path):
+    bundle = permissive_bundle(tiny_bundle, tmp_path / "bundle")
+    proc, base = start_server(bundle, "--workers", "2", "--max-upload-mb", "1")
+    try:
+        health = httpx.get(f"{base}/healthz").json()
+        answers = [httpx.post(f"{base}/api/v1/analyze?heatmap=false", content=encode(lesion_rgb())).json()
+                   for _ in range(4)]
+        too_big = httpx.post(f"{base}/api/v1/analyze", content=b"\0" * (2 * 2**20))
+    finally:
+        log = stop_server(proc)
+    assert health["model"]["name"] == "tiny-test-model"
+    assert all(a["debug"]["logits"] == answers[0]["debug"]["logits"] for a in answers)
+    assert too_big.status_code == 413  # the upload limit reached the workers through the environment
+    assert log.count("Started server process") >= 2

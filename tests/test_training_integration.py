@@ -1,0 +1,215 @@
+"""End-to-end training runs on real and synthetic images: train → calibrate → export → reload → run.
+
+Each run is tiny (tens to ~200 images, 64-96 px, one or two epochs) so all of them together take a
+few minutes on a 2-core CPU; they prove the pipeline works, not that the model is good.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+
+from dermscreen.bundle import Bundle  # noqa: E402
+from dermscreen.errors import BundleError  # noqa: E402
+from dermscreen.manifests import load_labels  # noqa: E402
+from dermscreen.preprocess import preprocess  # noqa: E402
+from dermscreen.taxonomy import load_taxonomy  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+pytestmark = pytest.mark.slow
+
+
+def _write_config(path: Path, **settings) -> Path:
+    import yaml
+
+    base = dict(image_size=64, epochs=1, batch_size=16, freeze_stages=3, num_workers=0, threads=1,
+                val_fraction=0.3, test_fraction=0.1, onnx_exporter="torchscript", warmup_epochs=0.2)
+    base.update(settings)
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def _torch_model_from_run(run: Path, num_classes: int, meta_dim: int = 0):
+    from dermscreen.training.config import load_config
+    from dermscreen.training.model import build_model
+
+    model, _ = build_model(load_config(run / "config.yaml"), num_classes, meta_dim, weights="none")
+    model.load_state_dict(torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"])
+    return model.eval()
+
+
+def _read_split(run: Path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    with open(run / "split.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["split"]].add(row["image_id"])
+    return out
+
+
+# ------------------------------------------------------------------------ (a) real data, 1 epoch
+@pytest.mark.data
+def test_one_epoch_on_200_real_images_exports_a_bundle_that_matches_torch(ham_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(CONFIGS / "tiny.yaml"),
+                                      "--data", str(ham_dir / "HAM10000_metadata.csv"), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "train.log", "split.csv", "history.csv", "learning_curves.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt", "bundle/model.onnx"):
+        assert (run / name).is_file(), name
+
+    # the split is lesion-grouped: no lesion in two splits
+    data = load_labels(ham_dir / "HAM10000_metadata.csv")
+    lesion = {s.image_id: s.lesion_id for s in data.samples}
+    split = _read_split(run)
+    assert 150 <= sum(map(len, split.values())) <= 250
+    by_split = {k: {lesion[i] for i in v} for k, v in split.items()}
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+
+    bundle = Bundle.load(run / "bundle")  # verifies every hash
+    m = bundle.manifest
+    assert m.taxonomy.codes == load_taxonomy("ham10000").codes and m.model.backbone == "tf_efficientnet_lite0"
+    assert m.preprocessing.image_size == 96 and m.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert {p.name for p in m.operating_points} == {"sensitivity_first", "balanced"}
+    assert m.operating_points[0].sensitivity >= 0.95
+    assert m.ood is not None and 0.9 <= m.ood.validation_kept <= 1.0
+    assert m.calibration.temperature > 0 and m.calibration.ece_after is not None
+    assert 0 <= m.metrics["balanced_accuracy"] <= 1 and "malignant_auc" in m.metrics
+    assert "non-commercial" in m.card.licence and any("V-VI" in x for x in m.card.limitations)
+    assert m.training["data"]["images"] == sum(map(len, split.values())) and m.training["seed"] == 0
+    assert bundle.arrays["classifier_weight"].shape == (7, 1280)
+
+    # ONNX (the serving path) against torch on real held-out images
+    test_ids = sorted(split["test"])[:6]
+    images = np.stack([preprocess(Image.open(ham_dir / "images" / f"{i}.jpg"), m.preprocessing) for i in test_ids])
+    got = bundle.run(images)
+    with torch.no_grad():
+        want = [t.numpy() for t in _torch_model_from_run(run, 7)(torch.from_numpy(images))]
+    for name, ref in zip(["logits", "embedding", "features"], want):
+        assert got[name].shape == ref.shape
+        assert np.abs(got[name] - ref).max() <= 1e-4, name
+    # the CAM contract: logits = spatial mean of classifier weights · feature map + bias
+    cam_logits = np.einsum("cd,ndhw->nc", bundle.arrays["classifier_weight"], got["features"]) / np.prod(
+        got["features"].shape[2:]) + bundle.arrays["classifier_bias"]
+    np.testing.assert_allclose(cam_logits, got["logits"], atol=1e-4)
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run / "bundle", tampered)
+    raw = bytearray((tampered / "arrays.npz").read_bytes())
+    raw[-100] ^= 0xFF
+    (tampered / "arrays.npz").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(tampered)
+
+    # the evaluation command (core path, no torch) reads the bundle and the held-out split
+    from dermscreen.evaluation.evaluate import evaluate
+
+    ev = evaluate(run / "bundle", ham_dir / "HAM10000_metadata.csv", None, tmp_path / "eval",
+                  split_file=run / "split.csv", split="test", bootstrap=20)
+    assert ev.metrics["data"]["images"] == len(split["test"])
+
+
+# ------------------------------------------------------------------------ (b) user taxonomies
+@pytest.mark.data
+def test_three_class_taxonomy_on_relabelled_real_images_with_metadata_and_resume(ham_dir, tmp_path):
+    from dermscreen.metadata import MetadataSpec
+    from dermscreen.training.fit import train_from_files
+
+    rows = []
+    with open(ham_dir / "HAM10000_metadata.csv", newline="") as f:
+        per_class: dict[str, int] = {}
+        for r in csv.DictReader(f):
+            if r["dx"] in ("mel", "nv", "bkl") and per_class.get(r["dx"], 0) < 20:
+                per_class[r["dx"]] = per_class.get(r["dx"], 0) + 1
+                rows.append([str(ham_dir / "images" / f"{r['image_id']}.jpg"), r["dx"], r["lesion_id"],
+                             r["age"], r["sex"], r["localization"]])
+    labels = tmp_path / "three.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["image", "dx", "lesion_id", "age", "sex", "site"], *rows])
+    config = _write_config(tmp_path / "c.yaml", taxonomy=str(CONFIGS / "taxonomies" / "three_class.yaml"),
+                           metadata_fusion=True, data=str(labels))
+    run = tmp_path / "run"
+    first = train_from_files(config, run, progress=False)
+    assert first.epochs_run == 1
+    resumed = train_from_files(config, run, resume=True, progress=False, epochs=2)
+    assert resumed.epochs_run == 2
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "history.csv"))] == [1, 2]
+
+    bundle = Bundle.load(resumed.bundle_dir)
+    m = bundle.manifest
+    assert m.taxonomy.codes == ["mel", "nv", "bkl"] and m.model.inputs == ["image", "metadata"]
+    assert [p.name for p in m.operating_points] == ["sensitivity_first", "balanced"]
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    meta = np.stack([MetadataSpec().encode(45, "female", "back"), MetadataSpec().encode(80, "male", "face")])
+    out = bundle.run(x, meta)
+    assert out["logits"].shape == (2, 3)
+    assert not np.allclose(out["logits"][0], out["logits"][1])  # the metadata reaches the logits
+
+
+def _synthetic_eleven_class(folder: Path, per_class: int = 5) -> Path:
+    """Images whose colour and blob size depend on the class, in a plain CSV over the 11-class taxonomy."""
+    codes = load_taxonomy(CONFIGS / "taxonomies" / "eleven_class.yaml").codes
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :80]
+    rows = [["image", "dx"]]
+    for c, code in enumerate(codes):
+        colour = np.array([40 + 20 * c, 200 - 15 * c, 90 + (37 * c) % 120])
+        for k in range(per_class):
+            radius = 10 + 2 * c + rng.integers(-2, 3)
+            blob = ((yy - 40 - rng.integers(-6, 7)) ** 2 + (xx - 40) ** 2) < radius ** 2
+            img = np.full((80, 80, 3), (225, 190, 170), np.float64) + rng.normal(0, 8, (80, 80, 3))
+            img[blob] = colour + rng.normal(0, 8, (blob.sum(), 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{code}_{k}.png")
+            rows.append([f"{code}_{k}.png", code])
+    with open(folder / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return folder / "labels.csv"
+
+
+def test_eleven_class_taxonomy_on_synthetic_images(tmp_path):
+    from dermscreen.training.fit import train_from_files
+
+    (tmp_path / "data").mkdir()
+    labels = _synthetic_eleven_class(tmp_path / "data")
+    config = _write_config(tmp_path / "c.yaml", taxonomy=str(CONFIGS / "taxonomies" / "eleven_class.yaml"),
+                           val_fraction=0.4, test_fraction=0.0)
+    result = train_from_files(config, tmp_path / "run", progress=False, data=str(labels))
+    bundle = Bundle.load(result.bundle_dir)
+    assert bundle.manifest.taxonomy.num_classes == 11
+    assert bundle.arrays["classifier_weight"].shape == (11, 1280)
+    assert bundle.run(np.zeros((3, 3, 64, 64), np.float32))["logits"].shape == (3, 11)
+    assert "Inherits the licence" in bundle.manifest.card.licence  # not HAM10000: no NC claim invented
+
+
+# ------------------------------------------------------------------------ (c) torchrun, 2 processes
+@pytest.mark.data
+def test_torchrun_two_cpu_processes_train_and_export(ham_dir, tmp_path):
+    config = _write_config(tmp_path / "c.yaml", max_images=80, device="cpu")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dermscreen.cli", "train", "--config", str(config), "--data", str(ham_dir / "HAM10000_metadata.csv"),
+           "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "2 process(es)" in log
+    bundle = Bundle.load(run / "bundle")
+    assert bundle.manifest.training["processes"] == 2
+    assert bundle.run(np.zeros((2, 3, 64, 64), np.float32))["logits"].shape == (2, 7)
+    assert json.loads((run / "bundle" / "manifest.json").read_text())["files"]

@@ -99,16 +99,34 @@ def test_upload_shows_result_with_heatmap_and_disclaimer(page, base, images, tmp
     page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
 
 
+TRANSFER = """([b64, name]) => {
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], name, {type: "image/jpeg"}));
+    return dt;
+}"""
+
+
+def paste(page, path: Path, name: str) -> None:
+    """Paste ``path`` into the page as if from the clipboard."""
+    dt = page.evaluate_handle(TRANSFER, [base64.b64encode(path.read_bytes()).decode(), name])
+    page.evaluate("dt => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}))", dt)
+
+
+def test_drag_and_drop_is_analysed(page, base, images):
+    page.goto(base + "/")
+    dt = page.evaluate_handle(TRANSFER, [base64.b64encode(images[1].read_bytes()).decode(), "dropped.jpg"])
+    page.dispatch_event("#dropzone", "dragover", {"dataTransfer": dt})
+    assert "over" in page.locator("#dropzone").get_attribute("class")
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": dt})
+    page.locator("#timeline li").wait_for()
+    playwright_api.expect(page.locator("#result img").first).to_have_attribute("alt", "The analysed image: dropped.jpg")
+
+
 def test_paste_timeline_and_side_by_side_compare(page, base, images):
     page.goto(base + "/")
     upload(page, images[0])
-    data = base64.b64encode(images[1].read_bytes()).decode()
-    page.evaluate("""b64 => {
-        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-        const dt = new DataTransfer();
-        dt.items.add(new File([bytes], "clipboard.jpg", {type: "image/jpeg"}));
-        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true}));
-    }""", data)
+    paste(page, images[1], "clipboard.jpg")
     page.locator("#timeline li:nth-child(2)").wait_for()
     playwright_api.expect(page.locator("#result img").first).to_have_attribute("alt", "The analysed image: clipboard.jpg")
     page.locator("#timeline li:nth-child(1) input[type=checkbox]").check()
@@ -189,3 +207,14 @@ def test_phone_sized_screen_and_labelled_controls(browser, base, images):
         .map(e => e.id || e.outerHTML)""")
     assert unlabelled == []
     context.close()
+
+
+def test_keyboard_focus_order(page, base):
+    page.goto(base + "/")
+    order = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName.toLowerCase()"))
+        if order[-1] == "file":  # the input is visually hidden: its focus must show on its label
+            assert page.locator("label[for=file]").evaluate("l => getComputedStyle(l).outlineStyle") == "solid"
+    assert order == ["a", "file", "camera-open", "summary", "opt-heatmap", "opt-tta"], order

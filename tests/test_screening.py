@@ -121,8 +121,8 @@ def test_heatmap_is_optional_and_embedded_only_when_asked(screener):
     assert dumped["heatmap"]["overlay_png"] is None and dumped["heatmap"]["box"] == [25, 0, 175, 150]
     embedded = result.to_json(include_heatmap=True)["heatmap"]
     png = base64.b64decode(embedded["overlay_png"].split(",", 1)[1])
-    overlay = Image.open(io.BytesIO(png))
-    assert overlay.mode == "RGBA" and overlay.size == (200, 150)
+    overlay = Image.open(io.BytesIO(png)).convert("RGBA")
+    assert overlay.size == (200, 150)
     assert np.asarray(overlay)[:, :25, 3].max() == 0  # outside the region the model saw: transparent
     assert result.heatmaps.raw_malignant.shape == (2, 2)  # 64 px input / stride 32
     assert embedded["top_class"] == result.top_diagnoses[0].code

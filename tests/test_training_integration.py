@@ -160,6 +160,15 @@ def test_three_class_taxonomy_on_relabelled_real_images_with_metadata_and_resume
     assert out["logits"].shape == (2, 3)
     assert not np.allclose(out["logits"][0], out["logits"][1])  # the metadata reaches the logits
 
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    again = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(Bundle.load(tmp_path / "again").arrays["classifier_weight"],
+                          bundle.arrays["classifier_weight"])
+
 
 def _synthetic_eleven_class(folder: Path, per_class: int = 5) -> Path:
     """Images whose colour and blob size depend on the class, in a plain CSV over the 11-class taxonomy."""

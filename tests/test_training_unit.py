@@ -291,3 +291,24 @@ def test_export_check_fails_loudly_when_onnx_differs():
         model.classifier.bias += 0.01  # the torch model no longer matches the exported graph
     with pytest.raises(BundleError, match="does not reproduce"):
         check_onnx(onnx_bytes, model, x)
+
+
+# ---------------------------------------------------------------------------------------- command line
+def test_train_command_errors_are_sentences_not_tracebacks(tmp_path):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    runner = CliRunner()
+    no_data = runner.invoke(app, ["train", "--out", str(tmp_path / "r")])
+    assert no_data.exit_code == 2 and "No training data given" in no_data.output
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    bad_key = runner.invoke(app, ["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r")])
+    assert bad_key.exit_code == 2 and "epochz" in bad_key.output
+    missing = runner.invoke(app, ["train", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+    nothing = runner.invoke(app, ["train", "--resume", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path)])
+    assert nothing.exit_code == 2
+    not_a_run = runner.invoke(app, ["export", str(tmp_path)])
+    assert not_a_run.exit_code == 2 and "not a training run folder" in not_a_run.output
+    assert not (tmp_path / "r").exists()  # a failed start writes nothing

@@ -34,7 +34,7 @@ class RunFolder:
         self.last_pt = self.checkpoints / "last.pt"
         self.best_pt = self.checkpoints / "best.pt"
         self.bundle_dir = self.root / "bundle"
-        self._handler: logging.Handler | None = None
+        self._handlers: list[logging.Handler] = []
 
     # ---- set-up ---------------------------------------------------------------------------
     def open(self, resume: bool) -> None:
@@ -43,18 +43,25 @@ class RunFolder:
             raise ConfigError(f"{self.root} already holds a training run. Use --resume to continue it, "
                               "or choose a new --out folder.")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.FileHandler(self.log_file, mode="a", encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._handler)
+        to_file = logging.FileHandler(self.log_file, mode="a", encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        # warnings (no operating points, exporter fallback) must reach the user, not only the log file
+        to_console = logging.StreamHandler(sys.stderr)
+        to_console.setLevel(logging.WARNING)
+        to_console.setFormatter(logging.Formatter("warning: %(message)s"))
+        self._handlers = [to_file, to_console]
+        for h in self._handlers:
+            log.addHandler(h)
         log.setLevel(logging.INFO)
+        log.propagate = False
         log.info("command: %s", " ".join(sys.argv))
 
     def close(self) -> None:
         """Stop writing to the log file."""
-        if self._handler is not None:
-            log.removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
+        for h in self._handlers:
+            log.removeHandler(h)
+            h.close()
+        self._handlers = []
 
     def resumed_config(self, config: TrainConfig) -> TrainConfig:
         """``config`` if it matches the saved run's config except for resumable settings; else ConfigError."""

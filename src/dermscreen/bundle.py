@@ -230,6 +230,9 @@ class Bundle:
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
+            # onnxruntime's idle threads spin after each run by default, stealing the cores the numpy
+            # stages (decoding, quality, heatmap) need on small machines: measured 10.8 ms vs 6.3 ms.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._sessions[key] = ort.InferenceSession(
                 self.file(self.manifest.model.file), sess_options=opts, providers=["CPUExecutionProvider"]

@@ -114,7 +114,7 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 def build_screener(settings: ServeSettings):
     """The Screener for ``settings`` (model bundle, pixel limit, TTA, threads)."""
-    wanted = {"max_pixels": settings.max_pixels, "tta": settings.tta, "threads": settings.threads}
+    wanted = {"max_pixels": settings.max_pixels, "tta": settings.tta, "threads": settings.threads_per_analysis}
     known = ScreenerSettings.model_fields
     return Screener(bundle=settings.model, settings=ScreenerSettings(**{k: v for k, v in wanted.items()
                                                                          if k in known and v is not None}))

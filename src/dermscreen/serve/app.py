@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -103,8 +104,6 @@ IMAGE_BODY_DOC = {
 
 def error_response(status: int, message: str) -> JSONResponse:
     """A JSON error answer with the status's reason phrase and ``message``."""
-    from http import HTTPStatus
-
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:
@@ -112,12 +111,11 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "error": reason, "message": message}, status_code=status)
 
 
-def build_screener(settings: ServeSettings):
+def build_screener(settings: ServeSettings) -> Screener:
     """The Screener for ``settings`` (model bundle, pixel limit, TTA, threads)."""
-    wanted = {"max_pixels": settings.max_pixels, "tta": settings.tta, "threads": settings.threads_per_analysis}
-    known = ScreenerSettings.model_fields
-    return Screener(bundle=settings.model, settings=ScreenerSettings(**{k: v for k, v in wanted.items()
-                                                                         if k in known and v is not None}))
+    limits = {"max_pixels": settings.max_pixels} if settings.max_pixels else {}
+    return Screener(bundle=settings.model, settings=ScreenerSettings(
+        tta=settings.tta, threads=settings.threads_per_analysis, **limits))
 
 
 def model_card(screener) -> dict[str, Any]:
@@ -194,10 +192,10 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
     index_html = (STATIC / "index.html").read_text(encoding="utf-8")
     docs_html = (STATIC / "docs.html").read_text(encoding="utf-8")
 
-    @app.post(f"{API}/analyze", tags=["screening"], openapi_extra=IMAGE_BODY_DOC, responses={
-        200: {"model": ScreeningResult, "description": "The screening result (a screening aid, not a diagnosis)."},
-        **ERROR_RESPONSES},
-              summary="Screen one dermoscopic image")
+    result_doc = {"model": ScreeningResult, "description": "The screening result (a screening aid, not a diagnosis)."}
+
+    @app.post(f"{API}/analyze", tags=["screening"], summary="Screen one dermoscopic image",
+              openapi_extra=IMAGE_BODY_DOC, responses={200: result_doc, **ERROR_RESPONSES})
     async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> Response:
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
         upload = await read_upload(request, settings.max_upload_bytes)
@@ -223,15 +221,18 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
+        """The one-page web app."""
         return HTMLResponse(index_html)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
+        """The API documentation page, rendered in the browser from /openapi.json."""
         return HTMLResponse(docs_html)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
-        return Response(status_code=204)  # browsers ask for it; an empty answer beats a 404 in the log
+        """No icon (and no 404 in the log)."""
+        return Response(status_code=204)
 
 
 def _no_telemetry() -> dict[str, Any]:

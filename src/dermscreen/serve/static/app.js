@@ -366,7 +366,7 @@ function showDebug(r) {
     box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })),
       el("input", { type: "range", id, min: "0", max: "1", step: "0.01", value: String(op.threshold), "data-op": op.name, oninput: recompute }));
   }
-  $("dbg-facts").textContent = `Server: temperature ${d.temperature}, OOD score ${fmt(d.ood_score)} ` +
+  $("dbg-facts").textContent = `Server: temperature ${fmt(d.temperature)}, OOD score ${fmt(d.ood_score)} ` +
     `(threshold ${fmt(d.ood_threshold)}), tier ${r.risk.tier}.`;
   recompute();
 }

@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--freeze-stages", type=int, default=0, help="stem + N block stages frozen (as in the config)")
     args = ap.parse_args()
 
     import torch
@@ -30,9 +31,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    model, _ = build_model(TrainConfig(backbone=args.backbone, weights="none"), 7)
+    model, _ = build_model(TrainConfig(backbone=args.backbone, weights="none", freeze_stages=args.freeze_stages), 7)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 7, (args.batch,), device=device)
 
@@ -52,7 +53,8 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     rate = args.steps * args.batch / dt
-    print(f"{args.backbone} {args.size}px batch {args.batch} on {device} ({args.threads} threads): "
+    print(f"{args.backbone} {args.size}px batch {args.batch} freeze_stages {args.freeze_stages} on {device} "
+          f"({args.threads} threads): "
           f"{rate:.1f} images/s training (fwd+bwd+step), {dt / args.steps:.2f} s/step")
 
 

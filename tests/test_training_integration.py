@@ -59,29 +59,37 @@ def _read_split(run: Path) -> dict[str, set[str]]:
 
 
 # ------------------------------------------------------------------------ (a) real data, 1 epoch
-@pytest.mark.data
-def test_one_epoch_on_200_real_images_exports_a_bundle_that_matches_torch(ham_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(ham_dir, tmp_path_factory) -> Path:
+    """One epoch of configs/tiny.yaml (~200 real HAM10000 images, 96 px) through the CLI; the run folder."""
     from typer.testing import CliRunner
 
     from dermscreen.cli import app
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("tiny") / "run"
     result = CliRunner().invoke(app, ["train", "--config", str(CONFIGS / "tiny.yaml"),
                                       "--data", str(ham_dir / "HAM10000_metadata.csv"), "--out", str(run)])
     assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.mark.data
+def test_tiny_run_writes_its_files_and_a_lesion_grouped_split(tiny_run, ham_dir):
     for name in ("config.yaml", "train.log", "split.csv", "history.csv", "learning_curves.png",
                  "checkpoints/last.pt", "checkpoints/best.pt", "bundle/model.onnx"):
-        assert (run / name).is_file(), name
-
-    # the split is lesion-grouped: no lesion in two splits
+        assert (tiny_run / name).is_file(), name
     data = load_labels(ham_dir / "HAM10000_metadata.csv")
     lesion = {s.image_id: s.lesion_id for s in data.samples}
-    split = _read_split(run)
+    split = _read_split(tiny_run)
     assert 150 <= sum(map(len, split.values())) <= 250
     by_split = {k: {lesion[i] for i in v} for k, v in split.items()}
     assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+    assert not (by_split["val"] & by_split["test"])
 
-    bundle = Bundle.load(run / "bundle")  # verifies every hash
+
+@pytest.mark.data
+def test_tiny_run_bundle_manifest_is_complete(tiny_run):
+    bundle = Bundle.load(tiny_run / "bundle")  # verifies every hash
     m = bundle.manifest
     assert m.taxonomy.codes == load_taxonomy("ham10000").codes and m.model.backbone == "tf_efficientnet_lite0"
     assert m.preprocessing.image_size == 96 and m.preprocessing.mean == (0.5, 0.5, 0.5)
@@ -91,25 +99,33 @@ def test_one_epoch_on_200_real_images_exports_a_bundle_that_matches_torch(ham_di
     assert m.calibration.temperature > 0 and m.calibration.ece_after is not None
     assert 0 <= m.metrics["balanced_accuracy"] <= 1 and "malignant_auc" in m.metrics
     assert "non-commercial" in m.card.licence and any("V-VI" in x for x in m.card.limitations)
-    assert m.training["data"]["images"] == sum(map(len, split.values())) and m.training["seed"] == 0
+    assert m.training["data"]["images"] == sum(map(len, _read_split(tiny_run).values()))
+    assert m.training["seed"] == 0 and m.training["wall_time_s"] > 0
     assert bundle.arrays["classifier_weight"].shape == (7, 1280)
 
-    # ONNX (the serving path) against torch on real held-out images
-    test_ids = sorted(split["test"])[:6]
-    images = np.stack([preprocess(Image.open(ham_dir / "images" / f"{i}.jpg"), m.preprocessing) for i in test_ids])
+
+@pytest.mark.data
+def test_tiny_run_onnx_matches_torch_on_held_out_real_images(tiny_run, ham_dir):
+    bundle = Bundle.load(tiny_run / "bundle")
+    test_ids = sorted(_read_split(tiny_run)["test"])[:6]
+    images = np.stack([preprocess(Image.open(ham_dir / "images" / f"{i}.jpg"), bundle.manifest.preprocessing)
+                       for i in test_ids])
     got = bundle.run(images)
     with torch.no_grad():
-        want = [t.numpy() for t in _torch_model_from_run(run, 7)(torch.from_numpy(images))]
+        want = [t.numpy() for t in _torch_model_from_run(tiny_run, 7)(torch.from_numpy(images))]
     for name, ref in zip(["logits", "embedding", "features"], want):
         assert got[name].shape == ref.shape
         assert np.abs(got[name] - ref).max() <= 1e-4, name
     # the CAM contract: logits = spatial mean of classifier weights · feature map + bias
-    cam_logits = np.einsum("cd,ndhw->nc", bundle.arrays["classifier_weight"], got["features"]) / np.prod(
-        got["features"].shape[2:]) + bundle.arrays["classifier_bias"]
+    w, b = bundle.arrays["classifier_weight"], bundle.arrays["classifier_bias"]
+    cam_logits = np.einsum("cd,ndhw->nc", w, got["features"]) / np.prod(got["features"].shape[2:]) + b
     np.testing.assert_allclose(cam_logits, got["logits"], atol=1e-4)
 
+
+@pytest.mark.data
+def test_tiny_run_bundle_refuses_tampering_and_evaluates_on_the_test_split(tiny_run, ham_dir, tmp_path):
     tampered = tmp_path / "tampered"
-    shutil.copytree(run / "bundle", tampered)
+    shutil.copytree(tiny_run / "bundle", tampered)
     raw = bytearray((tampered / "arrays.npz").read_bytes())
     raw[-100] ^= 0xFF
     (tampered / "arrays.npz").write_bytes(bytes(raw))
@@ -119,9 +135,9 @@ def test_one_epoch_on_200_real_images_exports_a_bundle_that_matches_torch(ham_di
     # the evaluation command (core path, no torch) reads the bundle and the held-out split
     from dermscreen.evaluation.evaluate import evaluate
 
-    ev = evaluate(run / "bundle", ham_dir / "HAM10000_metadata.csv", None, tmp_path / "eval",
-                  split_file=run / "split.csv", split="test", bootstrap=20)
-    assert ev.metrics["data"]["images"] == len(split["test"])
+    ev = evaluate(tiny_run / "bundle", ham_dir / "HAM10000_metadata.csv", None, tmp_path / "eval",
+                  split_file=tiny_run / "split.csv", split="test", bootstrap=20)
+    assert ev.metrics["data"]["images"] == len(_read_split(tiny_run)["test"])
 
 
 # ------------------------------------------------------------------------ (b) user taxonomies

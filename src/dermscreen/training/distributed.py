@@ -26,6 +26,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
+        """True when more than one process trains."""
         return self.world_size > 1
 
 

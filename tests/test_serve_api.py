@@ -278,3 +278,55 @@ def test_json_errors_are_valid_json_for_the_page(client):
     r = client.get("/api/v1/nothing")
     assert_error(r, 404, "not found")
     json.loads(r.text)
+
+
+def test_memory_budget_is_shared_by_concurrent_uploads_and_always_given_back():
+    import anyio
+
+    from dermscreen.serve.uploads import MemoryBudget, UploadError, read_capped
+
+    budget = MemoryBudget(3 * 65536)
+    outcomes = []
+
+    async def body(n):
+        for _ in range(n):
+            yield b"\0" * 65536
+            await anyio.sleep(0)  # let the other upload read too
+
+    async def upload(n):
+        try:
+            data = await read_capped(body(n), 10 * 65536, None, budget)
+            outcomes.append(len(data))
+            budget.give(len(data))  # what the endpoint does when the analysis is done
+        except UploadError as exc:
+            outcomes.append(exc.status)
+
+    async def both():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upload, 2)
+            tg.start_soon(upload, 2)
+
+    anyio.run(both)
+    assert sorted(outcomes, key=str) == [2 * 65536, 503]  # 4 chunks wanted, 3 fit: one upload is refused
+    assert budget.used == 0
+
+
+def test_busy_server_answers_503_with_retry_after_and_recovers(client, jpeg):
+    budget = client.app.state.upload_budget
+    assert budget.used == 0  # every earlier request in this module, refused or not, gave its bytes back
+    budget.take(budget.limit - 1000)  # as if other clients were mid-upload
+    try:
+        busy = client.post("/api/v1/analyze", content=jpeg)
+    finally:
+        budget.give(budget.limit - 1000)
+    assert_error(busy, 503, "busy")
+    assert busy.headers["retry-after"] == "2"
+    assert client.post("/api/v1/analyze", content=jpeg).status_code == 200
+    assert budget.used == 0
+
+
+def test_budget_smaller_than_one_upload_is_a_configuration_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_buffered_mb"):
+        ServeSettings(max_upload_mb=20, max_buffered_mb=10)

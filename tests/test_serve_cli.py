@@ -49,3 +49,9 @@ def test_two_workers_serve_the_same_model(tiny_bundle, tmp_path):
     assert all(a["debug"]["logits"] == answers[0]["debug"]["logits"] for a in answers)
     assert too_big.status_code == 413  # the upload limit reached the workers through the environment
     assert log.count("Started server process") >= 2
+
+
+def test_inconsistent_limits_fail_with_a_sentence(tiny_bundle):
+    result = CliRunner().invoke(_app(), ["--model", str(tiny_bundle), "--max-upload-mb", "50", "--max-buffered-mb", "10"])
+    assert result.exit_code == 2
+    assert "max_buffered_mb (10) must be at least max_upload_mb (50)" in result.output

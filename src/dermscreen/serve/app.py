@@ -27,7 +27,7 @@ from ..metadata import HAM10000_SITES
 from ..screening import Screener, ScreenerSettings, ScreeningResult
 from .middleware import AccessLogMiddleware, PrivacyHeadersMiddleware
 from .settings import ServeSettings
-from .uploads import Upload, UploadError, multipart_boundary, parse_multipart, read_capped
+from .uploads import MemoryBudget, Upload, UploadError, multipart_boundary, parse_multipart, read_capped
 
 log = logging.getLogger("dermscreen.serve")
 STATIC = Path(__file__).parent / "static"
@@ -126,10 +126,23 @@ def model_card(screener) -> dict[str, Any]:
             "sites": spec.sites if spec else HAM10000_SITES}
 
 
-async def read_upload(request: Request, limit: int) -> Upload:
-    """The image (and any form fields) from a multipart or raw-body request, read in memory under ``limit``."""
-    body = await read_capped(request.stream(), limit, request.headers.get("content-length"))
-    content_type = request.headers.get("content-type", "")
+async def read_upload(request: Request, limit: int, budget: MemoryBudget) -> Upload:
+    """The image (and any form fields) from a multipart or raw-body request, read in memory under ``limit``.
+
+    The body's bytes stay reserved in ``budget``; the caller gives back ``upload.body_size`` when done.
+    """
+    body = await read_capped(request.stream(), limit, request.headers.get("content-length"), budget)
+    try:
+        upload = _split_body(body, request.headers.get("content-type", ""))
+    except BaseException:
+        budget.give(len(body))
+        raise
+    upload.body_size = len(body)
+    return upload
+
+
+def _split_body(body: bytes, content_type: str) -> Upload:
+    """The Upload in a raw or multipart body."""
     boundary = multipart_boundary(content_type) if content_type else None
     upload = parse_multipart(body, boundary) if boundary else Upload(data=body, content_type=content_type or None)
     if not upload.data:
@@ -139,7 +152,8 @@ async def read_upload(request: Request, limit: int) -> Upload:
 
 def parse_options(query: AnalyzeOptions, fields: dict[str, str]) -> AnalyzeOptions:
     """Query options overridden by form fields, validated (the Screener checks the site against its model)."""
-    merged = {**query.model_dump(exclude_unset=True), **{k: v for k, v in fields.items() if k in AnalyzeOptions.model_fields}}
+    form = {k: v for k, v in fields.items() if k in AnalyzeOptions.model_fields}
+    merged = {**query.model_dump(exclude_unset=True), **form}
     try:
         options = AnalyzeOptions.model_validate(merged)
     except ValidationError as exc:
@@ -153,7 +167,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UploadError)
     async def _upload(_: Request, exc: UploadError):
-        return error_response(exc.status, str(exc))
+        response = error_response(exc.status, str(exc))
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(ImageError)
     async def _image(_: Request, exc: ImageError):
@@ -185,7 +201,21 @@ def _install_error_handlers(app: FastAPI) -> None:
                                    "and report the problem if it persists.")
 
 
-def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: anyio.CapacityLimiter) -> None:
+async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions,
+                   limiter: anyio.CapacityLimiter) -> Response:
+    """Run the Screener in a worker thread (at most ``limiter`` at once) and answer its JSON."""
+
+    def run() -> bytes:
+        # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
+        result = screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
+                                  heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
+        return json.dumps(result.to_json(include_heatmap=options.heatmap), separators=(",", ":")).encode()
+
+    return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
+
+
+def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: anyio.CapacityLimiter,
+                    budget: MemoryBudget) -> None:
     """The API endpoints and the page."""
     card = model_card(screener)
     identity = {"name": card["name"], "version": card["version"], "sha256": card["sha256"]}
@@ -198,16 +228,11 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
               openapi_extra=IMAGE_BODY_DOC, responses={200: result_doc, **ERROR_RESPONSES})
     async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> Response:
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
-        upload = await read_upload(request, settings.max_upload_bytes)
-        options = parse_options(query, upload.fields)
-
-        def run() -> bytes:
-            # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
-            result = screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
-                                      heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
-            return json.dumps(result.to_json(include_heatmap=options.heatmap), separators=(",", ":")).encode()
-
-        return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
+        upload = await read_upload(request, settings.max_upload_bytes, budget)
+        try:
+            return await _analyze(screener, upload, parse_options(query, upload.fields), limiter)
+        finally:
+            budget.give(upload.body_size)
 
     @app.get(f"{API}/model", tags=["model"], summary="The model card")
     async def model() -> dict[str, Any]:
@@ -260,7 +285,8 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     app.state.settings = settings
     app.state.screener = screener
     _install_error_handlers(app)
-    _install_routes(app, settings, screener, anyio.CapacityLimiter(settings.concurrency))
+    app.state.upload_budget = MemoryBudget(settings.max_buffered_bytes)
+    _install_routes(app, settings, screener, anyio.CapacityLimiter(settings.concurrency), app.state.upload_budget)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(PrivacyHeadersMiddleware)
     app.add_middleware(AccessLogMiddleware)  # outermost: times and records everything, errors included

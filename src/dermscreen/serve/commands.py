@@ -13,7 +13,7 @@ from .settings import ServeSettings
 
 
 def log_config(level: str) -> dict:
-    """uvicorn's logging setup plus our access logger (uvicorn's own access log, with addresses and query strings, is off)."""
+    """uvicorn's logging setup plus our access logger (uvicorn's own, with addresses and query strings, is off)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
@@ -32,32 +32,40 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    model: Annotated[Optional[Path], typer.Option(help="Model bundle (folder or zip); default: $DERMSCREEN_MODEL or the shipped model.")] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        help="Model bundle (folder or zip); default: $DERMSCREEN_MODEL or the shipped model.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes, each with its own model copy.")] = 1,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB.")] = 20.0,
-    concurrency: Annotated[Optional[int], typer.Option(help="Analyses run at once per worker (default: CPU cores).")] = None,
+    max_buffered_mb: Annotated[float, typer.Option(
+        help="Uploads held in memory by all requests together, in MiB; more are answered 503.")] = 256.0,
+    concurrency: Annotated[Optional[int], typer.Option(
+        help="Analyses run at once per worker (default: CPU cores).")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation by default.")] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:
     """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""
     import uvicorn
 
+    from pydantic import ValidationError
+
     from ..errors import DermscreenError
     from .app import create_app
 
     overrides = {"host": host, "port": port, "workers": workers, "max_upload_mb": max_upload_mb,
-                 "tta": tta, "log_level": log_level}
+                 "max_buffered_mb": max_buffered_mb, "tta": tta, "log_level": log_level}
     if model is not None:
         overrides["model"] = str(model)
     if concurrency is not None:
         overrides["concurrency"] = concurrency
-    settings = ServeSettings(**overrides)
     try:
+        settings = ServeSettings(**overrides)
         app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly
-    except DermscreenError as exc:
-        typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+    except (DermscreenError, ValidationError) as exc:
+        message = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     if not _is_loopback(host):
         typer.secho(f"Listening on {host}: other machines on the network can reach this server. It speaks plain "

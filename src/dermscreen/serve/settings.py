@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -23,6 +23,8 @@ class ServeSettings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads its own copy of the model.")
     model: str | None = Field(None, description="Model bundle (folder or zip); empty = the shipped default model.")
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="Largest accepted request body, in MiB.")
+    max_buffered_mb: float = Field(256.0, gt=0, le=65536, description="Request bodies held in memory by all "
+                                   "requests together, in MiB; uploads beyond it are answered 503 (busy).")
     max_pixels: int | None = Field(None, ge=10_000, description="Largest decoded image (width x height), "
                                    "checked before decoding; empty = the Screener's default.")
     concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
@@ -31,6 +33,18 @@ class ServeSettings(BaseSettings):
                                 "(empty = CPU cores / concurrency, so analyses never oversubscribe the cores).")
     tta: bool = Field(False, description="Test-time augmentation (flips) unless a request says otherwise.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @model_validator(mode="after")
+    def _one_upload_fits(self) -> "ServeSettings":
+        if self.max_buffered_mb < self.max_upload_mb:
+            raise ValueError(f"max_buffered_mb ({self.max_buffered_mb:g}) must be at least max_upload_mb "
+                             f"({self.max_upload_mb:g}), or no upload of the largest allowed size could be received")
+        return self
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """The all-requests in-memory body budget in bytes."""
+        return int(self.max_buffered_mb * MB)
 
     @property
     def max_upload_bytes(self) -> int:

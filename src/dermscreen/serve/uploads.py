@@ -16,11 +16,35 @@ MAX_TEXT_FIELD_BYTES = 4 * 1024
 
 
 class UploadError(Exception):
-    """A request body we refuse; ``status`` is the HTTP status to answer with."""
+    """A request body we refuse; ``status`` is the HTTP status to answer with, ``headers`` any extra headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
+
+
+class MemoryBudget:
+    """Request-body bytes held in memory by all requests together, capped: beyond it uploads get a 503.
+
+    The per-upload limit bounds one request; this bounds many at once, so a burst of large uploads
+    cannot exhaust the server's memory. Only touched from the event loop, so it needs no lock.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        """Reserve ``n`` bytes, or raise UploadError(503) when that would pass the cap."""
+        if self.used + n > self.limit:
+            raise UploadError(503, "The server is busy receiving other images; try again in a few seconds.",
+                              {"Retry-After": "2"})
+        self.used += n
+
+    def give(self, n: int) -> None:
+        """Release ``n`` bytes reserved with take()."""
+        self.used -= n
 
 
 @dataclass
@@ -31,6 +55,7 @@ class Upload:
     filename: str | None = None
     content_type: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    body_size: int = 0  # bytes of the whole request body (reserved in the MemoryBudget while analysed)
 
 
 def too_large(limit: int) -> UploadError:
@@ -39,8 +64,13 @@ def too_large(limit: int) -> UploadError:
                             "Send a smaller image, e.g. a JPEG export of it.")
 
 
-async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length: str | None = None) -> bytes:
-    """Concatenate a body's ``chunks``; raise UploadError(413) once it exceeds ``limit`` bytes."""
+async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length: str | None = None,
+                      budget: MemoryBudget | None = None) -> bytes:
+    """Concatenate a body's ``chunks``; raise UploadError(413) once it exceeds ``limit`` bytes.
+
+    With a ``budget``, every byte read is reserved in it (503 when it is spent); on success the caller
+    owns the reservation of ``len(result)`` bytes and must give it back; on failure it is given back here.
+    """
     if declared_length is not None:
         try:
             declared = int(declared_length)
@@ -49,10 +79,17 @@ async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length:
         if declared > limit:
             raise too_large(limit)  # refuse before reading a single byte
     buf = bytearray()
-    async for chunk in chunks:
-        buf += chunk
-        if len(buf) > limit:
-            raise too_large(limit)  # a chunked or lying client: stop reading now
+    try:
+        async for chunk in chunks:
+            if budget is not None:
+                budget.take(len(chunk))
+            buf += chunk
+            if len(buf) > limit:
+                raise too_large(limit)  # a chunked or lying client: stop reading now
+    except BaseException:
+        if budget is not None:
+            budget.give(len(buf))
+        raise
     return bytes(buf)
 
 

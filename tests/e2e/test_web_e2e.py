@@ -218,3 +218,10 @@ def test_keyboard_focus_order(page, base):
         if order[-1] == "file":  # the input is visually hidden: its focus must show on its label
             assert page.locator("label[for=file]").evaluate("l => getComputedStyle(l).outlineStyle") == "solid"
     assert order == ["a", "file", "camera-open", "summary", "opt-heatmap", "opt-tta"], order
+
+
+def test_api_docs_page_renders_locally(page, base):
+    page.goto(base + "/docs")
+    playwright_api.expect(page.locator("h2", has_text="POST /api/v1/analyze")).to_be_visible()
+    playwright_api.expect(page.locator("h2", has_text="Schema ScreeningResult")).to_be_visible()
+    assert "multipart/form-data" in page.locator("main").inner_text()

@@ -29,7 +29,7 @@ def test_shipped_configs_validate(tmp_path):
 
     root = Path(__file__).resolve().parents[1] / "configs"
     default, tiny = load_config(root / "default.yaml"), load_config(root / "tiny.yaml")
-    assert default.backbone == "tf_efficientnet_lite0" and default.image_size == 224
+    assert default.backbone == "tf_efficientnet_lite0" and default.weights == "imagenet"
     assert tiny.image_size <= 128 and tiny.max_images and tiny.max_images <= 400
 
 

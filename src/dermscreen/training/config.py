@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(True, description="bfloat16 mixed precision when training on a GPU (ignored on CPU)")
     export: bool = True
     export_check_images: int = Field(4, ge=1)
     # dynamo (torch.export, the supported exporter) or torchscript (deprecated, several times faster)

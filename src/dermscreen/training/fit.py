@@ -183,17 +183,21 @@ def _to(batch, device):
             torch.as_tensor(labels).to(device, non_blocking=nb))
 
 
-def train_epoch(model, loader, optimizer, scheduler, loss_fn, ctx, progress: TrainProgress) -> tuple[float, float]:
+def train_epoch(model, loader, optimizer, scheduler, loss_fn, ctx, progress: TrainProgress,
+                amp: bool = False) -> tuple[float, float]:
     """One pass over ``loader``; returns (mean training loss over all processes, images/s of this process)."""
+    amp = amp and ctx.device.type == "cuda"
     model.train()
     set_frozen_bn_eval(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
     total, count, start = 0.0, 0, time.perf_counter()
     for batch in loader:
         images, meta, labels = _to(batch, ctx.device)
-        logits = model(images, meta)[0]
-        loss = loss_fn(logits, labels)
+        # bfloat16 autocast on GPU: about twice the throughput, no loss scaling needed
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(images, meta)[0]
+        loss = loss_fn(logits.float(), labels)
         if not torch.isfinite(loss):
-            raise FloatingPointError("training loss became NaN/inf; lower lr in the config")
+            raise ConfigError("Training diverged (the loss became NaN or infinite): lower lr in the config.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -310,7 +314,7 @@ def _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, confi
             train_set.set_epoch(epoch)
             progress.start_epoch(epoch)
             t0 = time.perf_counter()
-            train_loss, rate = train_epoch(ddp, loader, optimizer, scheduler, loss_fn, ctx, progress)
+            train_loss, rate = train_epoch(ddp, loader, optimizer, scheduler, loss_fn, ctx, progress, config.amp)
             _, val = validate(model, val_set, config, ctx)
             row = {"epoch": epoch + 1, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": rate * ctx.world_size, "seconds": time.perf_counter() - t0}

@@ -14,7 +14,7 @@ from .config import TrainConfig
 log = logging.getLogger("dermscreen.training")
 
 # settings that may change when a run is resumed; anything else would make it a different run
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images",
+RESUMABLE_CHANGES = {"epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images", "amp",
                       "onnx_exporter"}
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "images_per_s", "seconds"]
 

@@ -285,3 +285,24 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, filename:
         if label:
             raise type(exc)(label + str(exc)) from None
         raise
+
+
+def read_image_file(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> np.ndarray:
+    """Decode an image file exactly as an upload is decoded → (H, W, 3) uint8 sRGB; ImageError naming the file.
+
+    Training, evaluation and screening all read pixels through here, so a model is trained and
+    measured on images oriented and colour-managed the way it will see them in use.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"Image file not found: {path}.") from None
+    except OSError as exc:
+        raise ImageError(f"Cannot read {path} ({exc.strerror}).") from None
+    try:
+        return decode_image(data, max_pixels=max_pixels, filename=str(path), min_side=min_side).rgb
+    except ImageError as exc:
+        raise type(exc)(f"{exc} Replace the file or remove it from the labels.") from None

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .bundle import Bundle
 from .calibration import softmax
 from .errors import BundleError, ImageError
 from .manifests import Sample
+from .imaging import read_image_file
 from .ood import MahalanobisOOD
 from .preprocess import Preprocessing, preprocess
 
@@ -70,15 +71,8 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file into an upright RGB PIL image; ImageError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            upright = ImageOps.exif_transpose(im)
-            return upright.convert("RGB")
-    except FileNotFoundError:
-        raise ImageError(f"Image file not found: {path}.") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"Cannot read image {path} ({exc}); replace the file or remove it from the labels.") from None
+    """Decode an image file into an upright sRGB PIL image, as the Screener decodes uploads; ImageError naming the file."""
+    return Image.fromarray(read_image_file(path))
 
 
 def _load_input(path: Path, spec: Preprocessing) -> np.ndarray:

@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import ImageError
+from ..imaging import read_image_file
 from ..manifests import LabelledSet
 from ..metadata import MetadataSpec
 from ..preprocess import Preprocessing, normalize, preprocess, resize_for_model
@@ -42,12 +42,8 @@ class AugmentConfig(BaseModel):
 
 
 def load_rgb(path) -> Image.Image:
-    """Open an image file as an RGB PIL image; raises ImageError naming the file if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"Could not read image {path}: {exc}. Check the file or remove it from the manifest.") from None
+    """Open an image file as an upright sRGB PIL image, decoded as inference decodes it; ImageError naming the file."""
+    return Image.fromarray(read_image_file(path))
 
 
 def _model_view(image: Image.Image, spec: Preprocessing) -> Image.Image:

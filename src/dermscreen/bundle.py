@@ -51,6 +51,21 @@ class ModelSpec(BaseModel):
     metadata: MetadataSpec | None = None
 
 
+class SegmenterSpec(BaseModel):
+    """How to run a bundle's ``segmenter.onnx``: input size, normalisation, threshold, and its measured quality."""
+
+    file: str = SEGMENTER_FILE
+    backbone: str = "tf_efficientnet_lite0"
+    image_size: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    threshold: float = Field(0.5, description="probability above which a pixel is lesion")
+    # input "image" (N,3,S,S) float32 (whole frame squashed to S x S) → output "logits" (N,1,S,S)
+    input: str = "image"
+    output: str = "logits"
+    validation: dict[str, float] = Field({}, description="e.g. dice, iou on held-out lesions, with CIs")
+
+
 class OODSpec(BaseModel):
     """Out-of-distribution detection: method, threshold, and how the threshold was chosen."""
 
@@ -93,6 +108,8 @@ class Manifest(BaseModel):
     calibration: Calibration = Calibration()
     operating_points: list[OperatingPoint] = []
     ood: OODSpec | None = None
+    # the lesion segmenter (segmenter.onnx), when the bundle carries one; older bundles have none
+    segmenter: SegmenterSpec | None = None
     # Quality-gate threshold overrides (field names of dermscreen.quality.QualityThresholds), for a
     # model trained on images unlike HAM10000's; empty = the measured defaults.
     quality: dict[str, float] = {}
@@ -217,7 +234,8 @@ class Bundle:
 
     @property
     def has_segmenter(self) -> bool:
-        return SEGMENTER_FILE in self.manifest.files
+        name = self.manifest.segmenter.file if self.manifest.segmenter else SEGMENTER_FILE
+        return name in self.manifest.files
 
     def session(self, threads: int | None = None):
         """A cached onnxruntime InferenceSession for model.onnx (``threads`` = intra-op threads)."""

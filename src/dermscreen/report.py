@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .explain import data_url
+from .lesion import draw_outline
 from .screening import ScreeningResult
 
 _SYSTEM = "https://github.com/dermscreen/dermscreen"  # namespace for dermscreen's own codes
@@ -43,15 +44,45 @@ def _figures(result: ScreeningResult, image_rgb: np.ndarray | None) -> str:
     e = html.escape
     figs = []
     if image_rgb is not None:
-        figs.append(f'<figure><img src="{_jpeg_url(image_rgb)}" alt="Analysed image"><figcaption>Analysed image'
+        seg = result.segmentation if result.segmentation is not None and result.segmentation.found else None
+        shown, caption = image_rgb, "Analysed image"
+        if seg is not None:
+            shown, caption = draw_outline(image_rgb, seg), "Analysed image, lesion outline in cyan"
+        figs.append(f'<figure><img src="{_jpeg_url(shown)}" alt="{e(caption)}"><figcaption>{e(caption)}'
                     "</figcaption></figure>")
         maps = result.heatmaps
         if maps is not None:
             for which, caption in (("malignant", "Evidence for a malignant lesion"),
                                    ("top_class", f"Evidence for {maps.top_class}")):
-                figs.append(f'<figure><img src="{_jpeg_url(maps.blended(image_rgb, which))}" alt="{e(caption)}">'
+                blended = maps.blended(image_rgb, which)
+                if seg is not None:
+                    blended = draw_outline(blended, seg)
+                figs.append(f'<figure><img src="{_jpeg_url(blended)}" alt="{e(caption)}">'
                             f"<figcaption>{e(caption)} (heatmap)</figcaption></figure>")
     return f'<div class="figs">{"".join(figs)}</div>' if figs else ""
+
+
+def _lesion_section(result: ScreeningResult) -> str:
+    """The lesion outline note, smart crop and ABCD descriptors as HTML ("" when not measured)."""
+    e = html.escape
+    lesion = result.lesion
+    if lesion is None:
+        return ""
+    rows = ""
+    if lesion.abcd is not None:
+        a = lesion.abcd
+        items = [("Asymmetry", f"{a.asymmetry.asymmetric_axes} of 2 axes", a.asymmetry.explanation),
+                 ("Border", f"compactness {a.border.compactness:.2f}", a.border.explanation),
+                 ("Colours", ", ".join(a.colours.present) or "none clear", a.colours.explanation),
+                 ("Diameter", f"{a.diameter.mm:.1f} mm" if a.diameter.mm is not None else f"{a.diameter.pixels:.0f} px",
+                  a.diameter.explanation)]
+        rows = "".join(f"<tr><th scope='row'>{e(k)}</th><td>{e(v)}</td><td>{e(x)}</td></tr>" for k, v, x in items)
+        rows = f"<table class='abcd'><tr><th>Cue</th><th>Measured</th><th>What it means</th></tr>{rows}</table>" \
+               f"<p class='meta'>{e(a.note)}</p>"
+    crop = ""
+    if lesion.crop_box is not None:
+        crop = f" Model input: the square {e(str(tuple(lesion.crop_box)))} of the image."
+    return f"<h2>Lesion (ABCD)</h2><p>{e(lesion.message)}{crop}</p>{rows}"
 
 
 def _findings(result: ScreeningResult) -> str:
@@ -66,7 +97,7 @@ def _findings(result: ScreeningResult) -> str:
     if not checks:
         checks = ["<li>Image quality adequate; the image resembles the model's training images.</li>"]
     m = result.model
-    return (f"{table}<h2>Image checks</h2><ul>{''.join(checks)}</ul>"
+    return (f"{table}{_lesion_section(result)}<h2>Image checks</h2><ul>{''.join(checks)}</ul>"
             f"<p class='meta'>Model {e(m.name)} {e(m.version)} ({e(m.backbone)}), sha256 {e(m.sha256[:16])}…; "
             f"analysed {e(result.analysed_at)}; {result.timings_ms.get('total', 0):.0f} ms.</p>")
 

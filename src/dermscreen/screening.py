@@ -1,7 +1,8 @@
 """The Screener: the one inference pipeline behind the CLI, the REST API and the web page.
 
-bytes → decode → quality gate → preprocess → ONNX model → calibrated probabilities → OOD check →
-risk tier from the bundle's operating points → class activation maps → ScreeningResult.
+bytes → decode → quality gate → lesion mask (smart crop, ABCD) → preprocess → ONNX model →
+calibrated probabilities → OOD check → risk tier from the bundle's operating points → class activation
+maps → ScreeningResult.
 
 Only numpy, Pillow and onnxruntime are used here (never torch). A Screener holds no per-request
 state, so one instance may serve many threads at once; onnxruntime sessions are thread-safe.
@@ -23,6 +24,8 @@ from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
 from .explain import Heatmaps, cam, data_url, malignant_direction
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .lesion import ABCD, CROP_BELOW, OnnxSegmenter, Segmentation, abcd, load_segmenter, outline_png, \
+    segment_classical, smart_crop_box
 from .metadata import HAM10000_SITES, MetadataSpec
 from .ood import MahalanobisOOD
 from .preprocess import Preprocessing, preprocess
@@ -62,6 +65,13 @@ class ScreenerSettings(BaseModel):
     ood_threshold: float | None = Field(None, description="override of the bundle's OOD threshold")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (None: all cores)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, checked before decoding")
+    smart_crop: bool = Field(True, description="classify a square crop around a lesion that fills little of the frame")
+    smart_crop_below: float = Field(CROP_BELOW, gt=0.0, le=1.0,
+                                    description="crop when the lesion's longest side is below this share of the "
+                                                "frame's shorter side")
+    abcd: bool = Field(True, description="measure asymmetry, border, colours and diameter on the lesion mask")
+    segmenter: Literal["auto", "classical"] = Field(
+        "auto", description="auto: the bundle's segmenter.onnx when it has one, else the classical fallback")
 
 
 # ---- the result ------------------------------------------------------------------------------------
@@ -123,6 +133,22 @@ class HeatmapInfo(BaseModel):
     top_class_overlay_png: str | None = Field(None, description="data:image/png URL, same for the top class")
 
 
+class LesionInfo(BaseModel):
+    """Where the lesion is, whether the model saw a crop around it, and its ABCD descriptors."""
+
+    method: Literal["segmenter", "classical"] = Field(description="segmenter: the bundle's segmentation model; "
+                                                      "classical: colour threshold + morphology (no model)")
+    found: bool
+    box: tuple[int, int, int, int] | None = Field(None, description="(left, top, right, bottom) of the lesion")
+    area_fraction: float = Field(0.0, description="share of the frame covered by the lesion mask")
+    crop_box: tuple[int, int, int, int] | None = Field(
+        None, description="the square the classifier saw when smart crop applied (None: the usual view)")
+    abcd: ABCD | None = None
+    message: str = Field(description="one plain sentence about the lesion's outline and the crop")
+    outline_png: str | None = Field(None, description="data:image/png URL: the mask outline over the whole frame, "
+                                                      "at the heatmap overlays' size (filled when images are asked)")
+
+
 class DebugInfo(BaseModel):
     """Raw numbers behind the answer, for the web page's debug mode and for audits."""
 
@@ -151,12 +177,15 @@ class ScreeningResult(BaseModel):
     image: ImageFacts
     model: ModelIdentity
     heatmap: HeatmapInfo | None = None
+    lesion: LesionInfo | None = Field(None, description="lesion outline, smart crop and ABCD (when switched on)")
     timings_ms: dict[str, float] = {}
     analysed_at: str
     disclaimer: str = DISCLAIMER
     debug: DebugInfo
     _heatmaps: Heatmaps | None = PrivateAttr(None)
     _rgb: np.ndarray | None = PrivateAttr(None)
+    _segmentation: Segmentation | None = PrivateAttr(None)
+    _display_size: tuple[int, int] | None = PrivateAttr(None)
 
     @property
     def heatmaps(self) -> Heatmaps | None:
@@ -168,12 +197,29 @@ class ScreeningResult(BaseModel):
         """The decoded (H, W, 3) uint8 image that was analysed (in memory only; never serialised)."""
         return self._rgb
 
-    def to_json(self, include_heatmap: bool = False) -> dict[str, Any]:
-        """JSON-ready dict; with ``include_heatmap`` the overlays are embedded as PNG data URLs."""
+    @property
+    def segmentation(self) -> Segmentation | None:
+        """The lesion mask the result was measured on (None when not computed)."""
+        return self._segmentation
+
+    def outline_png(self) -> bytes | None:
+        """The lesion outline as a transparent PNG over the whole frame, at the heatmaps' display size."""
+        seg = self._segmentation
+        if seg is None or not seg.found or self._display_size is None:
+            return None
+        return outline_png(seg, self._display_size)
+
+    def to_json(self, include_heatmap: bool = False, include_outline: bool | None = None) -> dict[str, Any]:
+        """JSON-ready dict; with ``include_heatmap`` the overlays are embedded as PNG data URLs, and with
+        ``include_outline`` (default: as ``include_heatmap``) the lesion outline too."""
         out = self.model_dump(mode="json")
         if include_heatmap and self._heatmaps is not None and out.get("heatmap"):
             out["heatmap"]["overlay_png"] = data_url(self._heatmaps.overlay_png("malignant"))
             out["heatmap"]["top_class_overlay_png"] = data_url(self._heatmaps.overlay_png("top_class"))
+        include_outline = include_heatmap if include_outline is None else include_outline
+        if include_outline and out.get("lesion"):
+            png = self.outline_png()
+            out["lesion"]["outline_png"] = data_url(png) if png else None
         return out
 
 
@@ -240,6 +286,9 @@ class Screener:
         self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256,
                                       backbone=m.model.backbone)
         self.bundle.session(self.settings.threads)  # build it now: first requests stay fast and race-free
+        self.segmenter: OnnxSegmenter | None = None
+        if self.settings.segmenter == "auto" and (self.settings.smart_crop or self.settings.abcd):
+            self.segmenter = load_segmenter(self.bundle, self.settings.threads)
 
     # ---- public API ----------------------------------------------------------------------------
     def analyze(self, data: bytes, *, age: float | None = None, sex: str | None = None, site: str | None = None,
@@ -290,6 +339,24 @@ class Screener:
         if self.metadata_spec is None:
             return None
         return self.metadata_spec.encode(age, sex, site)[None, :]
+
+    def _lesion(self, decoded: DecodedImage) -> tuple[Segmentation, LesionInfo]:
+        """Segment the lesion and measure it → (mask, LesionInfo with the smart-crop box and ABCD)."""
+        rgb = decoded.rgb
+        seg = self.segmenter.segment(rgb) if self.segmenter is not None else segment_classical(rgb)
+        box = seg.box()
+        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below) if self.settings.smart_crop else None
+        found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
+        if not seg.found:
+            message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."
+        elif crop is not None:
+            message = (f"Lesion outlined by {found_by}; it fills only {100 * seg.area_fraction:.0f} % of the frame, "
+                       "so the model saw a square crop around it.")
+        else:
+            message = f"Lesion outlined by {found_by}; the model saw the usual view of the image."
+        measured = abcd(seg, rgb, decoded.pixel_spacing_mm) if self.settings.abcd else None
+        return seg, LesionInfo(method=seg.method, found=seg.found, box=box, area_fraction=round(seg.area_fraction, 4),
+                               crop_box=crop, abcd=measured, message=message)
 
     def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
         """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""
@@ -354,8 +421,16 @@ class Screener:
                            pixel_spacing_mm=decoded.pixel_spacing_mm, notes=decoded.notes)
         if not quality.passed:
             return self._cannot_assess([quality.refused_reason], quality, OODFinding(checked=False), image, debug)
+        seg, lesion, view = None, None, decoded.rgb
+        if self.settings.smart_crop or self.settings.abcd:
+            t = time.perf_counter()
+            seg, lesion = self._lesion(decoded)
+            if lesion.crop_box is not None:
+                left, top, right, bottom = lesion.crop_box
+                view = decoded.rgb[top:bottom, left:right]
+            timings["lesion"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        logits, embedding, features, timings["preprocess"] = self._run_model(decoded.rgb, meta, tta)
+        logits, embedding, features, timings["preprocess"] = self._run_model(view, meta, tta)
         timings["model"] = (time.perf_counter() - t) * 1000 - timings["preprocess"]
         t = time.perf_counter()
         probs = softmax(logits[None], m.calibration.temperature)[0]
@@ -363,12 +438,15 @@ class Screener:
         ood = self._ood(embedding)
         debug.logits, debug.p_malignant, debug.ood_score = [float(v) for v in logits], p_mal, ood.score
         timings["postprocess"] = (time.perf_counter() - t) * 1000
-        if ood.in_distribution is False:
+        if ood.in_distribution is False:  # not a skin lesion: an outline and ABCD of it would mislead
             return self._cannot_assess([ood.message], quality, ood, image, debug)
         result = self._assessed(probs, p_mal, quality, ood, image, debug)
+        result.lesion, result._segmentation = lesion, seg
+        result._display_size = _display_size(decoded.size, self.settings.heatmap_max_side)
         if want_heatmap:
             t = time.perf_counter()
-            box = model_box(decoded.size, m.preprocessing)
+            box = model_box(decoded.size, m.preprocessing) if lesion is None or lesion.crop_box is None else \
+                _shift(model_box(_box_size(lesion.crop_box), m.preprocessing), lesion.crop_box)
             maps = self._heatmaps(features, probs, int(np.argmax(probs)), decoded.size, box)
             maps.heat("malignant"), maps.heat("top_class")  # upsample now, so the cost is timed here
             result._heatmaps = maps
@@ -400,6 +478,24 @@ class Screener:
         timings["total"] = (time.perf_counter() - t_start) * 1000
         result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
         return result
+
+
+def _box_size(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(width, height) of a (left, top, right, bottom) box."""
+    return box[2] - box[0], box[3] - box[1]
+
+
+def _shift(box: tuple[int, int, int, int], origin: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """A box given inside ``origin``'s region → the same box in the whole frame's coordinates."""
+    return box[0] + origin[0], box[1] + origin[1], box[2] + origin[0], box[3] + origin[1]
+
+
+def _display_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) of rendered overlays: the image shrunk so its longer side is at most ``max_side``
+    (the same rule as explain.Heatmaps.display_size, so outline and heatmaps stack exactly)."""
+    w, h = size
+    s = min(1.0, max_side / max(w, h))
+    return max(1, round(w * s)), max(1, round(h * s))
 
 
 def _now() -> str:

@@ -209,7 +209,9 @@ async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions,
         # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
         result = screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
                                   heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
-        return json.dumps(result.to_json(include_heatmap=options.heatmap), separators=(",", ":")).encode()
+        # the outline is a few hundred bytes: always sent, so the page can draw it without the heatmap
+        return json.dumps(result.to_json(include_heatmap=options.heatmap, include_outline=True),
+                          separators=(",", ":")).encode()
 
     return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
 

@@ -274,8 +274,15 @@ const MALIGNANT_ALT = "Heatmap over the image: warm colours mark where the model
 
 function viewerBlock(entry) {
   const h = entry.result.heatmap;
+  const lesion = entry.result.lesion;
   const viewer = el("div", { class: "viewer" }, el("img", { src: entry.url, alt: `The analysed image: ${entry.name}` }));
-  if (!h || !h.overlay_png) return el("div", {}, viewer);
+  const controls = [];
+  if (h && h.overlay_png) controls.push(...heatmapControls(entry, viewer, h));
+  if (lesion && lesion.outline_png) controls.push(outlineControl(viewer, lesion));
+  return el("div", { class: "viewer-row" }, el("div", { class: "viewer-col" }, viewer, ...controls), lesionBlock(lesion));
+}
+
+function heatmapControls(entry, viewer, h) {
   const note = el("p", { class: "hint", "aria-live": "polite" });
   const overlay = el("img", { class: "overlay", src: h.overlay_png, alt: MALIGNANT_ALT,
     onload: () => { note.textContent = isBlank(overlay) ? "The model found no evidence for this anywhere in the image." : ""; } });
@@ -290,9 +297,39 @@ function viewerBlock(entry) {
     overlay.alt = top ? `Heatmap over the image: evidence for ${topName(entry.result)}` : MALIGNANT_ALT;
   } }, el("option", { value: "malignant", text: "Evidence of malignancy" }),
   el("option", { value: "top", text: `Evidence for ${topName(entry.result)}` }));
-  return el("div", {}, viewer,
-    el("div", { class: "opacity" }, el("label", { for: `opacity-${n}`, text: "Heatmap opacity" }), slider),
-    el("div", { class: "opacity" }, el("label", { for: `which-${n}`, text: "Heatmap shows" }), which), note);
+  return [el("div", { class: "opacity" }, el("label", { for: `opacity-${n}`, text: "Heatmap opacity" }), slider),
+    el("div", { class: "opacity" }, el("label", { for: `which-${n}`, text: "Heatmap shows" }), which), note];
+}
+
+// The lesion outline sits above the heatmap (a thin cyan line) and can be hidden to see the skin under it.
+function outlineControl(viewer, lesion) {
+  const outline = el("img", { class: "outline", src: lesion.outline_png, alt: "Lesion outline: a cyan line around the lesion" });
+  viewer.append(outline);
+  const n = ++viewerCount;
+  const box = el("input", { type: "checkbox", id: `outline-${n}`, checked: true,
+    onchange: (e) => { outline.hidden = !e.target.checked; } });
+  return el("div", { class: "opacity" }, el("label", { for: `outline-${n}` }, box, " Show the lesion outline"));
+}
+
+// ABCD descriptors next to the image: each cue with its measured value and one plain sentence.
+function lesionBlock(lesion) {
+  if (!lesion) return null;
+  const block = el("div", { class: "lesion" }, el("h3", { text: "Lesion (ABCD)" }), el("p", { class: "hint", text: lesion.message }));
+  const a = lesion.abcd;
+  if (!a) return block;
+  const d = a.diameter;
+  const cues = [
+    ["Asymmetry", `${a.asymmetry.asymmetric_axes} of 2 axes`, a.asymmetry.explanation],
+    ["Border", `compactness ${a.border.compactness.toFixed(2)}`, a.border.explanation],
+    ["Colours", a.colours.present.length ? a.colours.present.join(", ") : "none clear", a.colours.explanation],
+    ["Diameter", d.mm !== null && d.mm !== undefined ? `${d.mm.toFixed(1)} mm` : `${Math.round(d.pixels)} px`, d.explanation],
+  ];
+  const list = el("dl", { class: "abcd" });
+  for (const [name, value, why] of cues) {
+    list.append(el("dt", {}, el("strong", { text: name }), ` ${value}`), el("dd", { text: why }));
+  }
+  block.append(list, el("p", { class: "hint", text: a.note }));
+  return block;
 }
 
 // An overlay is transparent where the model found no evidence; a fully transparent one deserves words.

@@ -1,0 +1,552 @@
+"""Lesion mask, smart crop and ABCD descriptors (numpy + Pillow; scipy.ndimage imported lazily).
+
+Two ways to find the lesion, one result type (``Segmentation``):
+
+- ``segment_classical``: no model needed. Lesions are darker and more saturated than the skin around
+  them, so we threshold (Otsu) ``0.5 * (255 - blue) + 0.5 * chroma``; on 200 held-out HAM10000 images
+  this channel gave mean Dice 0.81 against 0.74 for plain luminance (benchmarks/bench_lesion.py). Dark
+  vignette corners (dermatoscope lens borders) are removed before thresholding, and the largest
+  component near the centre is kept, smoothed and hole-filled.
+- ``OnnxSegmenter``: the bundle's ``segmenter.onnx`` (trained by ``dermscreen train-segmenter``).
+
+From a mask: ``mask_box`` (bounding box), ``smart_crop_box`` (a square around a small lesion, so a
+lesion photographed small in a wide field reaches the classifier at the scale it was trained on), and
+``abcd`` (asymmetry, border, colours, diameter), each with a one-line plain explanation. These are
+descriptive measurements to support a clinician's reading, not a diagnosis or a validated ABCD score.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from .bundle import SEGMENTER_FILE, Bundle, SegmenterSpec
+from .errors import BundleError
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
+Method = Literal["segmenter", "classical"]
+
+WORK_MAX_SIDE = 256  # segment at most at this size: the mask's detail beyond it does not change a crop or ABCD
+VIGNETTE_LUMA = 40  # border-connected pixels whose brightest channel is darker than this are the dermatoscope's lens edge, not skin
+MIN_AREA_FRACTION = 0.002  # a "lesion" smaller than this share of the field is noise
+MIN_CONTRAST = 12.0  # channel units between lesion and surrounding skin; below it there is no clear lesion
+
+# Smart crop. On 2,003 HAM10000 masks the lesion's longest side is a median 0.74 (5th percentile 0.29)
+# of the frame's shorter side: the classifier learned lesions at that scale. A lesion smaller than
+# CROP_BELOW of the shorter side is cropped to a square in which it fills CROP_FILL of the side (a little
+# under the median, leaving context and room for an under-segmented edge).
+CROP_BELOW = 0.3
+CROP_FILL = 0.6
+MIN_CROP_SIDE = 32
+
+ASYMMETRY_THRESHOLD = 0.15  # share of lesion area without a mirror partner across an axis → asymmetric
+IRREGULAR_COMPACTNESS = 1.5  # compactness index above this reads as an irregular border (circle = 1)
+COLOUR_MIN_SHARE = 0.05  # a colour counts as present when at least this share of lesion pixels has it
+DIAMETER_MM_FLAG = 6.0  # the "D" of the ABCD rule: larger than 6 mm
+
+
+# ---- results ------------------------------------------------------------------------------------------
+class Asymmetry(BaseModel):
+    """Mirror asymmetry of the lesion shape about its two principal axes."""
+
+    major_axis: float = Field(description="share of lesion area with no mirror partner across the long axis (0-1)")
+    minor_axis: float = Field(description="same across the short axis (0-1)")
+    asymmetric_axes: int = Field(description=f"axes with a share above {ASYMMETRY_THRESHOLD} (0, 1 or 2)")
+    explanation: str
+
+
+class Border(BaseModel):
+    """Border irregularity as the compactness index perimeter² / (4π area)."""
+
+    compactness: float = Field(description="1 for a circle; larger for notched, ragged or elongated outlines")
+    irregular: bool = Field(description=f"compactness above {IRREGULAR_COMPACTNESS}")
+    explanation: str
+
+
+class Colours(BaseModel):
+    """Which of the six dermoscopic colours are present inside the lesion (see ``colour_labels``)."""
+
+    present: list[str] = Field(description="colours covering at least 5 % of the lesion, most common first")
+    shares: dict[str, float] = Field(description="share of lesion pixels of each of the six colours")
+    count: int
+    explanation: str
+
+
+class Diameter(BaseModel):
+    """The lesion's largest extent (maximum Feret diameter)."""
+
+    pixels: float = Field(description="in pixels of the uploaded image")
+    mm: float | None = Field(None, description="in millimetres, when the image carries its pixel spacing (DICOM)")
+    explanation: str
+
+
+class ABCD(BaseModel):
+    """Asymmetry, Border, Colour, Diameter: the classic dermoscopic cues, measured on the lesion mask."""
+
+    asymmetry: Asymmetry
+    border: Border
+    colours: Colours
+    diameter: Diameter
+    note: str = ("Measured automatically on the outlined region; a descriptive aid for the clinician, not a "
+                 "validated ABCD score and not a diagnosis.")
+
+
+# ---- segmentation ---------------------------------------------------------------------------------------
+@dataclass
+class Segmentation:
+    """A lesion mask at working resolution: ``mask`` (h, w) bool; ``scale`` = mask px per image px."""
+
+    mask: np.ndarray
+    image_size: tuple[int, int]  # (width, height) of the segmented image
+    method: Method
+    found: bool
+
+    @property
+    def scale(self) -> float:
+        return self.mask.shape[1] / self.image_size[0]
+
+    @property
+    def area_fraction(self) -> float:
+        return float(self.mask.mean()) if self.found else 0.0
+
+    def box(self) -> Box | None:
+        """Bounding box of the lesion in image pixels, or None when no lesion was found."""
+        if not self.found:
+            return None
+        b = mask_box(self.mask)
+        if b is None:
+            return None
+        w, h = self.image_size
+        s = self.scale
+        return (max(0, math.floor(b[0] / s)), max(0, math.floor(b[1] / s)),
+                min(w, math.ceil(b[2] / s)), min(h, math.ceil(b[3] / s)))
+
+
+def working_copy(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> np.ndarray:
+    """(H, W, 3) uint8 → the same image shrunk so its longest side is at most ``max_side``."""
+    h, w = rgb.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1:
+        return rgb
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
+
+
+def lesion_channel(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 → (h, w) uint8 'lesion-ness' = ((255 - blue) + chroma) / 2: darker in blue, more chromatic."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8 ops: no float copies
+    return ((255 - b.astype(np.uint16) + chroma) >> 1).astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the level maximising between-class variance."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1.0)
+    w = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = (mu[-1] * w - mu) ** 2 / np.maximum(w * (1.0 - w), 1e-12)
+    return int(np.argmax(between))
+
+
+def _vignette(value: np.ndarray) -> np.ndarray:
+    """Regions whose brightest channel is very dark and that touch the frame border: a dermatoscope's lens edge."""
+    import scipy.ndimage as ndi
+
+    labels, n = ndi.label(value < VIGNETTE_LUMA)
+    if n == 0:
+        return np.zeros(value.shape, dtype=bool)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, edge[edge > 0])
+
+
+def _centre_distance(shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) squared distance from the centre, 1 at the middle of each edge."""
+    h, w = shape
+    yy = ((np.arange(h) + 0.5 - h / 2) / (h / 2)) ** 2
+    xx = ((np.arange(w) + 0.5 - w / 2) / (w / 2)) ** 2
+    return yy[:, None] + xx[None, :]
+
+
+def _box_morph(mask: np.ndarray, size: int, dilate: bool) -> np.ndarray:
+    """Erosion or dilation of a bool mask by a size x size square (outside the frame counts as background).
+
+    Separable shifted AND/OR of slices: an order of magnitude faster than scipy's binary morphology here.
+    """
+    r = size // 2
+    combine = np.logical_or if dilate else np.logical_and
+    out = mask
+    for axis in (0, 1):
+        n = out.shape[axis]
+        padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)])
+        window = (lambda k: (slice(k, k + n), slice(None))) if axis == 0 else (lambda k: (slice(None), slice(k, k + n)))
+        acc = padded[window(0)].copy()
+        for k in range(1, 2 * r + 1):
+            combine(acc, padded[window(k)], out=acc)
+        out = acc
+    return out
+
+
+def clean_mask(candidate: np.ndarray, smooth: int = 5) -> np.ndarray:
+    """Open, keep the largest component near the centre, close and fill holes: bool (h, w) → bool (h, w).
+
+    ``smooth`` is the side of the square opening/closing element (0 or 1: none).
+    """
+    import scipy.ndimage as ndi
+
+    smooth = smooth if smooth > 1 else 0
+    m = _box_morph(_box_morph(candidate, smooth, False), smooth, True) if smooth else candidate
+    labels, n = ndi.label(m)
+    if n == 0:
+        return m
+    # bincount instead of ndi.sum/ndi.mean: several times faster with the many small components of a noisy mask
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    centre = np.bincount(labels.ravel(), _centre_distance(m.shape).ravel(), minlength=n + 1)[1:] / np.maximum(area, 1)
+    # prefer big and central: a hair tuft or vignette remnant at the edge loses to the lesion in the middle
+    m = labels == 1 + int(np.argmax(area / (1.0 + 2.0 * centre)))
+    if smooth:  # closing with the frame padded, so a lesion cut by the frame edge is not eroded there
+        pad = smooth
+        m = _box_morph(_box_morph(np.pad(m, pad, mode="edge"), smooth, True), smooth, False)[pad:-pad, pad:-pad]
+    return fill_holes(m)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the background regions that do not reach the frame border (faster than ndi.binary_fill_holes)."""
+    import scipy.ndimage as ndi
+
+    labels, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[edge] = True
+    outside[0] = False
+    return ~outside[labels]
+
+
+def segment_classical(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> Segmentation:
+    """(H, W, 3) uint8 RGB → Segmentation by Otsu on the lesion channel + morphology (no model)."""
+    import scipy.ndimage as ndi
+
+    small = working_copy(rgb, max_side)
+    size = (rgb.shape[1], rgb.shape[0])
+    values = ndi.uniform_filter(lesion_channel(small), 5)  # 5 px box blur: hairs and JPEG blocks matter less
+    channel = values
+    brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
+    valid = ~_vignette(brightest)  # the lens edge is dark in every channel; a dark lesion rarely is in red
+    if valid.sum() < 0.2 * valid.size:  # mostly dark frame: the vignette rule would eat the image
+        valid[:] = True
+    threshold = otsu_threshold(values[valid])
+    mask = clean_mask((values > threshold) & valid)
+    found = _is_lesion(mask, channel, valid)
+    return Segmentation(mask if found else np.zeros_like(mask), size, "classical", found)
+
+
+def _is_lesion(mask: np.ndarray, channel: np.ndarray, valid: np.ndarray) -> bool:
+    """A mask is a lesion when it is not a speck, not the whole field, and stands out from the skin."""
+    area = mask.sum()
+    field = valid.sum()
+    if area < MIN_AREA_FRACTION * mask.size or field == 0:
+        return False
+    outside = valid & ~mask
+    if outside.sum() < 0.02 * field:  # the lesion fills the frame: nothing to compare with, keep it
+        return True
+    return float(channel[mask].mean()) - float(channel[outside].mean()) >= MIN_CONTRAST
+
+
+class OnnxSegmenter:
+    """A bundle's segmentation network run with onnxruntime; thread-safe like the classifier session."""
+
+    def __init__(self, onnx_bytes: bytes, spec: SegmenterSpec, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as Bundle.session: see there
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.spec = spec
+        self.session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+    def probabilities(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (S, S) float32 lesion probability of the frame squashed to S x S."""
+        s = self.spec.image_size
+        x = np.asarray(Image.fromarray(rgb).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
+        logits = self.session.run([self.spec.output], {self.spec.input: x.transpose(2, 0, 1)[None]})[0]
+        return 1.0 / (1.0 + np.exp(-logits[0, 0]))
+
+    def segment(self, rgb: np.ndarray) -> Segmentation:
+        """(H, W, 3) uint8 RGB → Segmentation at working resolution (largest central component, holes filled)."""
+        prob = self.probabilities(rgb)
+        h, w = working_copy(rgb).shape[:2]
+        prob = np.asarray(Image.fromarray(prob).resize((w, h), Image.BILINEAR))
+        mask = clean_mask(prob > self.spec.threshold, smooth=3)
+        found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)
+        return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found)
+
+
+def load_segmenter(bundle: Bundle, threads: int | None = None) -> OnnxSegmenter | None:
+    """The bundle's verified segmenter.onnx as an OnnxSegmenter, or None when the bundle has none."""
+    if not bundle.has_segmenter:
+        return None
+    spec = bundle.manifest.segmenter or SegmenterSpec()
+    try:
+        return OnnxSegmenter(bundle.file(spec.file), spec, threads)
+    except Exception as exc:  # onnxruntime raises several types for a graph it cannot load
+        raise BundleError(f"{bundle.source}: {spec.file} could not be loaded by onnxruntime ({exc}); "
+                          "re-export it with dermscreen train-segmenter.") from None
+
+
+# ---- boxes and crops ---------------------------------------------------------------------------------------
+def mask_box(mask: np.ndarray) -> Box | None:
+    """(h, w) bool → (left, top, right, bottom) of its True pixels (exclusive right/bottom), None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def smart_crop_box(box: Box | None, size: tuple[int, int], crop_below: float = CROP_BELOW,
+                   fill: float = CROP_FILL) -> Box | None:
+    """A square (left, top, right, bottom) around a small lesion ``box`` in a (width, height) frame, else None.
+
+    None when there is no box or the lesion's longest side is at least ``crop_below`` of the frame's
+    shorter side (it is already at a scale the classifier knows). The square is centred on the lesion,
+    ``longest side / fill`` wide, and shifted (never shrunk below the lesion) to stay inside the frame.
+    """
+    if box is None:
+        return None
+    w, h = size
+    left, top, right, bottom = box
+    longest = max(right - left, bottom - top)
+    if longest >= crop_below * min(w, h):
+        return None
+    side = int(min(min(w, h), max(MIN_CROP_SIDE, math.ceil(longest / fill))))
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    x0 = int(min(max(0, round(cx - side / 2)), w - side))
+    y0 = int(min(max(0, round(cy - side / 2)), h - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+# ---- ABCD ----------------------------------------------------------------------------------------------
+MAX_POINTS = 4000  # shares and moments from an even sample of this many lesion pixels are within ~1 %
+
+
+def lesion_points(mask: np.ndarray, limit: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the mask's pixels, evenly thinned to at most ``limit`` (bounds ABCD's cost on big lesions)."""
+    ys, xs = np.nonzero(mask)
+    step = max(1, -(-len(ys) // limit))
+    return ys[::step], xs[::step]
+
+
+def principal_axes(mask: np.ndarray, points: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid (2,) as (y, x), eigenvalues (2,) descending, and axes (2, 2) rows = unit (y, x) vectors."""
+    ys, xs = points if points is not None else np.nonzero(mask)
+    pts = np.stack([ys, xs], axis=1).astype(np.float64)
+    centre = pts.mean(axis=0)
+    cov = np.cov((pts - centre).T) if len(pts) > 1 else np.eye(2)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    return centre, values[order], vectors[:, order].T
+
+
+def mirror_mismatch(mask: np.ndarray, centre: np.ndarray, axis: np.ndarray,
+                    points: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Share of lesion pixels whose mirror image across the line through ``centre`` along ``axis`` is not lesion."""
+    ys, xs = points if points is not None else np.nonzero(mask)
+    d = np.stack([ys, xs], axis=1) - centre
+    along = d @ axis
+    mirrored = centre + 2.0 * along[:, None] * axis[None, :] - d  # reflect d across the axis direction
+    my, mx = np.rint(mirrored[:, 0]).astype(int), np.rint(mirrored[:, 1]).astype(int)
+    h, w = mask.shape
+    inside = (my >= 0) & (my < h) & (mx >= 0) & (mx < w)
+    hit = np.zeros(len(ys), dtype=bool)
+    hit[inside] = mask[my[inside], mx[inside]]
+    return float(1.0 - hit.mean()) if len(ys) else 0.0
+
+
+def perimeter(mask: np.ndarray) -> float:
+    """Boundary length of a bool mask in pixels: 4-neighbour edge count x π/4.
+
+    Counting pixel edges over-measures a curve by 4/π on average over directions, so the correction
+    makes a digital circle's perimeter come out near 2πr (a compactness near 1).
+    """
+    m = np.pad(mask, 1).astype(np.int8)
+    edges = np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()
+    return float(edges) * math.pi / 4.0
+
+
+def feret_diameter(mask: np.ndarray, directions: int = 36) -> float:
+    """Largest extent of the mask in pixels: the widest of ``directions`` projections (within 0.25 %)."""
+    if not mask.any():
+        return 0.0
+    # boundary pixels suffice for the extreme projections, and there are far fewer of them
+    inner = mask.copy()
+    inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    edge = mask & ~inner
+    ys, xs = np.nonzero(edge if edge.any() else mask)
+    angles = np.linspace(0.0, math.pi, directions, endpoint=False)
+    proj = np.outer(np.cos(angles), xs) + np.outer(np.sin(angles), ys)
+    # +1: pixel centres to pixel edges (a single pixel is 1 px wide)
+    return float((proj.max(axis=1) - proj.min(axis=1)).max()) + 1.0
+
+
+COLOUR_NAMES = ("white", "red", "light brown", "dark brown", "blue-grey", "black")
+REFERENCE_SKIN = (200.0, 150.0, 130.0)
+COLOUR_RULES = """First the image is white-balanced on the skin: each channel is scaled so that the median colour of
+the skin around the lesion becomes REFERENCE_SKIN (200, 150, 130) (gains limited to 0.5-2). Dermatoscopes
+and cameras give HAM10000 images strong pink-to-magenta casts; without this step most brown nevi read as
+red (their raw median hue is about 5 degrees, 11 after balancing). Then, in this order of precedence, on
+each lesion pixel's HSV value (V = max(R,G,B)/255, S = chroma / max, H = hue in degrees):
+  black       V < 0.25
+  white       V >= 0.80 and S < 0.20
+  blue-grey   0.25 <= V < 0.80, and blue at least as strong as red minus 5 levels (B >= R - 5): grey or bluish
+  red         S >= 0.30, V >= 0.35, H < 5 or H >= 300 (red, pink and purple-red: balanced HAM10000 vascular
+              lesions have a median hue of -12 degrees, brown lesions 11 to 15)
+  dark brown  S >= 0.25, 5 <= H < 50, V < 0.50
+  light brown S >= 0.25, 5 <= H < 50, 0.50 <= V < 0.95
+Pixels matching no rule (e.g. pale skin-coloured) count for none. A colour is present when it covers at
+least 5 % of the lesion. The hue limits come from the median colours of 40 HAM10000 lesions per diagnosis;
+the rules are not validated against expert colour annotations."""
+
+
+def colour_labels(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB → (...) int8 index into COLOUR_NAMES, -1 for none (rules in COLOUR_RULES)."""
+    f = rgb.astype(np.float32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    v = mx / 255.0
+    chroma = mx - mn
+    s = np.where(mx > 0, chroma / np.maximum(mx, 1.0), 0.0)
+    safe = np.maximum(chroma, 1e-6)
+    hue = np.where(mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) * 60.0
+    hue = np.where(chroma > 0, hue, 0.0)
+    brownish = (s >= 0.25) & (hue >= 5) & (hue < 50)
+    out = np.full(r.shape, -1, dtype=np.int8)
+    # assign from the lowest precedence up, so higher-precedence rules overwrite
+    out[brownish & (v >= 0.50) & (v < 0.95)] = COLOUR_NAMES.index("light brown")
+    out[brownish & (v < 0.50)] = COLOUR_NAMES.index("dark brown")
+    out[(s >= 0.30) & (v >= 0.35) & ((hue < 5) | (hue >= 300))] = COLOUR_NAMES.index("red")
+    out[(v >= 0.25) & (v < 0.80) & (b >= r - 5)] = COLOUR_NAMES.index("blue-grey")
+    out[(v >= 0.80) & (s < 0.20)] = COLOUR_NAMES.index("white")
+    out[v < 0.25] = COLOUR_NAMES.index("black")
+    return out
+
+
+def skin_gains(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(3,) per-channel gains that bring the median skin colour around the lesion to REFERENCE_SKIN.
+
+    Ones when too little skin is visible to judge (the lesion fills the frame)."""
+    outside = rgb[~mask][::3]
+    outside = outside[outside.max(axis=1) >= VIGNETTE_LUMA]  # not the lens edge
+    if len(outside) < 0.02 * mask.size:
+        return np.ones(3, np.float32)
+    skin = np.maximum(np.median(outside, axis=0), 1.0)
+    return np.clip(np.asarray(REFERENCE_SKIN) / skin, 0.5, 2.0).astype(np.float32)
+
+
+def colour_shares(rgb: np.ndarray, mask: np.ndarray, points: tuple[np.ndarray, np.ndarray] | None = None,
+                  balance: bool = True) -> dict[str, float]:
+    """Share of the mask's pixels (or of ``points`` in it) of each dermoscopic colour → {name: share}.
+
+    With ``balance`` the pixels are first white-balanced on the surrounding skin (see COLOUR_RULES).
+    """
+    pixels = rgb[points] if points is not None else rgb[mask]
+    if balance:
+        pixels = np.clip(pixels * skin_gains(rgb, mask) + 0.5, 0, 255).astype(np.uint8)
+    labels = colour_labels(pixels)
+    n = max(len(labels), 1)
+    counts = np.bincount(labels[labels >= 0].astype(np.int64), minlength=len(COLOUR_NAMES))
+    return {name: round(float(c) / n, 4) for name, c in zip(COLOUR_NAMES, counts)}
+
+
+def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = None) -> ABCD | None:
+    """ABCD descriptors of a found lesion: Segmentation + the (H, W, 3) image it came from → ABCD (None if none)."""
+    if not seg.found or not seg.mask.any():
+        return None
+    mask = seg.mask
+    small = rgb if rgb.shape[:2] == mask.shape else working_copy(rgb, max(mask.shape))
+    if small.shape[:2] != mask.shape:  # rounding differed: sample the image at the mask's size exactly
+        small = np.asarray(Image.fromarray(rgb).resize((mask.shape[1], mask.shape[0]), Image.BILINEAR))
+    points = lesion_points(mask)
+    centre, _, axes = principal_axes(mask, points)
+    return ABCD(asymmetry=_asymmetry(mirror_mismatch(mask, centre, axes[0], points),
+                                     mirror_mismatch(mask, centre, axes[1], points)),
+                border=_border(perimeter(mask) ** 2 / (4.0 * math.pi * mask.sum())),
+                colours=_colours(colour_shares(small, mask, points)),
+                diameter=_diameter(feret_diameter(mask) / seg.scale, pixel_spacing_mm))
+
+
+def _asymmetry(major: float, minor: float) -> Asymmetry:
+    n = int(major > ASYMMETRY_THRESHOLD) + int(minor > ASYMMETRY_THRESHOLD)
+    words = {0: "symmetric about both axes", 1: "asymmetric about one axis", 2: "asymmetric about both axes"}[n]
+    return Asymmetry(major_axis=round(major, 3), minor_axis=round(minor, 3), asymmetric_axes=n,
+                     explanation=f"Shape {words}: folding it along its long and short axes leaves "
+                                 f"{100 * major:.0f} % and {100 * minor:.0f} % of its area without a match.")
+
+
+def _border(ci: float) -> Border:
+    irregular = ci > IRREGULAR_COMPACTNESS
+    return Border(compactness=round(ci, 3), irregular=irregular,
+                  explanation=f"Compactness {ci:.2f} (1 = smooth circle): the outline is "
+                              f"{'irregular, notched or elongated' if irregular else 'fairly regular'}.")
+
+
+def _colours(shares: dict[str, float]) -> Colours:
+    present = sorted((c for c, s in shares.items() if s >= COLOUR_MIN_SHARE), key=lambda c: -shares[c])
+    listed = ", ".join(present) if present else "none of the six clearly"
+    return Colours(present=present, shares=shares, count=len(present),
+                   explanation=f"{len(present)} of the six dermoscopic colours present ({listed}); more colours "
+                               "suggest a more varied lesion.")
+
+
+def _diameter(pixels: float, spacing: float | None) -> Diameter:
+    if spacing:
+        mm = pixels * spacing
+        side = "more" if mm > DIAMETER_MM_FLAG else "not more"
+        return Diameter(pixels=round(pixels, 1), mm=round(mm, 2),
+                        explanation=f"Largest extent {mm:.1f} mm ({pixels:.0f} px): {side} than 6 mm.")
+    return Diameter(pixels=round(pixels, 1),
+                    explanation=f"Largest extent {pixels:.0f} px; the image carries no scale, so no size in mm.")
+
+
+# ---- outline -------------------------------------------------------------------------------------------
+OUTLINE_COLOUR = (0, 229, 255)  # cyan: stands out on skin and on the heatmap's warm colours
+
+
+def outline_mask(seg: Segmentation, size: tuple[int, int], width: int = 2) -> np.ndarray:
+    """(height, width) bool: the lesion's outline, ``width`` px thick, over a frame of ``size`` = (width, height)."""
+    mask = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    inner = mask.copy()
+    for _ in range(width):  # erode by one pixel per step with 4-neighbour shifts; the frame edge stays lesion
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def outline_png(seg: Segmentation, size: tuple[int, int], width: int = 2) -> bytes:
+    """The lesion outline as a transparent palette PNG of ``size`` = (width, height): one cyan line."""
+    img = Image.fromarray(outline_mask(seg, size, width).astype(np.uint8)).convert("P")
+    img.putpalette([0, 0, 0, *OUTLINE_COLOUR])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1, transparency=bytes([0, 255]))
+    return buf.getvalue()
+
+
+def draw_outline(rgb: np.ndarray, seg: Segmentation, width: int = 2) -> np.ndarray:
+    """A copy of an (H, W, 3) uint8 image with the lesion outline drawn on it in OUTLINE_COLOUR."""
+    out = rgb.copy()
+    out[outline_mask(seg, (rgb.shape[1], rgb.shape[0]), width)] = OUTLINE_COLOUR
+    return out

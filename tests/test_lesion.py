@@ -1,0 +1,293 @@
+"""Lesion segmentation, smart crop and ABCD descriptors: synthetic shapes with known answers, real masks,
+and the Screener's use of them (classical fallback and an ONNX segmenter carried in a bundle)."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermscreen import lesion as L
+from dermscreen.bundle import MANIFEST, SEGMENTER_FILE, Bundle, Manifest, SegmenterSpec
+from dermscreen.errors import BundleError
+from dermscreen.report import to_html
+from dermscreen.screening import ScreeningResult, Screener, ScreenerSettings
+
+SKIN = (200, 150, 130)
+BROWN = (95, 55, 35)
+
+
+def _canvas(w: int = 200, h: int = 150, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.array(SKIN, np.float32) + rng.normal(0, 6, (h, w, 1))
+    return img
+
+
+def _disk(w=200, h=150, cx=100, cy=75, r=30, colour=BROWN, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A skin-coloured frame with a uniform disk; returns (rgb uint8, true mask)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    truth = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    img = _canvas(w, h, seed)
+    img[truth] = colour
+    return np.clip(img, 0, 255).astype(np.uint8), truth
+
+
+def _seg(mask: np.ndarray) -> L.Segmentation:
+    return L.Segmentation(mask, (mask.shape[1], mask.shape[0]), "classical", True)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+# ---- segmentation ---------------------------------------------------------------------------------------
+def test_classical_finds_a_disk():
+    rgb, truth = _disk()
+    seg = L.segment_classical(rgb)
+    assert seg.found and seg.method == "classical" and seg.mask.shape == truth.shape
+    assert _dice(seg.mask, truth) > 0.95
+    left, top, right, bottom = seg.box()
+    assert abs(left - 70) <= 2 and abs(right - 131) <= 2 and abs(top - 45) <= 2 and abs(bottom - 106) <= 2
+
+
+def test_classical_ignores_vignette_corners_and_finds_nothing_on_plain_skin():
+    rgb, truth = _disk(r=20)
+    yy, xx = np.mgrid[0:150, 0:200]
+    rgb[((xx - 100) / 110.0) ** 2 + ((yy - 75) / 85.0) ** 2 > 1] = 8  # black lens edge in the corners
+    seg = L.segment_classical(rgb)
+    assert seg.found and _dice(seg.mask, truth) > 0.9
+    assert not seg.mask[0, 0] and not seg.mask[-1, -1]
+    blank = L.segment_classical(np.clip(_canvas(), 0, 255).astype(np.uint8))
+    assert not blank.found and not blank.mask.any() and blank.box() is None
+
+
+def test_large_images_are_segmented_at_working_size_and_boxes_scale_back():
+    rgb, truth = _disk(w=800, h=600, cx=400, cy=300, r=120)
+    seg = L.segment_classical(rgb)
+    assert max(seg.mask.shape) == L.WORK_MAX_SIDE and seg.scale == pytest.approx(L.WORK_MAX_SIDE / 800)
+    left, top, right, bottom = seg.box()
+    assert abs(left - 280) <= 6 and abs(right - 521) <= 6 and abs(top - 180) <= 6 and abs(bottom - 421) <= 6
+
+
+def test_classical_dice_on_real_images(ham_dir):
+    ids = sorted(p.name[:-4] for p in (ham_dir / "images").glob("ISIC_*.jpg"))[::250][:40]
+    dices = []
+    for image_id in ids:
+        rgb = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
+        truth = np.asarray(Image.open(ham_dir / "masks" / f"{image_id}_segmentation.png").convert("L")) >= 128
+        seg = L.segment_classical(rgb)
+        dices.append(_dice(seg.mask, truth) if seg.found else 0.0)
+    # measured 0.79 mean on 1,000 held-out images (benchmarks/RESULTS.md); 40 images vary more
+    assert np.mean(dices) > 0.7 and np.median(dices) > 0.8
+
+
+# ---- crop -------------------------------------------------------------------------------------------------
+def test_smart_crop_box_rules():
+    assert L.smart_crop_box(None, (200, 150)) is None
+    assert L.smart_crop_box((60, 30, 140, 120), (200, 150)) is None  # 90 px of 150: already at training scale
+    crop = L.smart_crop_box((90, 65, 110, 85), (200, 150))  # 20 px lesion in the middle
+    left, top, right, bottom = crop
+    assert right - left == bottom - top == math.ceil(20 / L.CROP_FILL)
+    assert left <= 90 and top <= 65 and right >= 110 and bottom >= 85
+    edge = L.smart_crop_box((0, 0, 12, 12), (200, 150))  # at the corner: shifted inside the frame
+    assert edge[0] == 0 and edge[1] == 0 and edge[2] == edge[3] == L.MIN_CROP_SIDE
+    big_frame = L.smart_crop_box((1000, 700, 1100, 760), (2000, 1500))
+    assert big_frame[2] - big_frame[0] == math.ceil(100 / L.CROP_FILL) and big_frame[2] <= 2000
+
+
+# ---- ABCD --------------------------------------------------------------------------------------------------
+def test_abcd_of_a_disk():
+    rgb, truth = _disk(r=30)
+    a = L.abcd(_seg(truth), rgb, pixel_spacing_mm=0.1)
+    assert a.asymmetry.major_axis < 0.05 and a.asymmetry.minor_axis < 0.05 and a.asymmetry.asymmetric_axes == 0
+    assert 0.9 < a.border.compactness < 1.15 and not a.border.irregular
+    assert a.diameter.pixels == pytest.approx(61, abs=1.5)
+    assert a.diameter.mm == pytest.approx(6.1, abs=0.15) and "more than 6 mm" in a.diameter.explanation
+    assert a.colours.present == ["dark brown"] and a.colours.count == 1
+    for part in (a.asymmetry, a.border, a.colours, a.diameter):
+        assert part.explanation and "\n" not in part.explanation
+    no_scale = L.abcd(_seg(truth), rgb)
+    assert no_scale.diameter.mm is None and "no scale" in no_scale.diameter.explanation
+
+
+def test_asymmetry_and_border_of_irregular_shapes():
+    yy, xx = np.mgrid[0:150, 0:200]
+    # a disk with a bite out of one side: mirror-symmetric about one axis only
+    bitten = ((xx - 100) ** 2 + (yy - 75) ** 2 <= 40**2) & ~((xx - 135) ** 2 + (yy - 75) ** 2 <= 25**2)
+    a = L.abcd(_seg(bitten), np.zeros((150, 200, 3), np.uint8))
+    assert a.asymmetry.asymmetric_axes == 1
+    # a scalene triangle: no mirror axis at all
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (200, 150))
+    ImageDraw.Draw(canvas).polygon([(40, 120), (170, 130), (70, 20)], fill=1)
+    scalene = np.asarray(canvas) > 0
+    assert L.abcd(_seg(scalene), np.zeros((150, 200, 3), np.uint8)).asymmetry.asymmetric_axes == 2
+    # two disks on a line are symmetric about that line (the long axis) but not across it
+    pair = ((xx - 90) ** 2 + (yy - 70) ** 2 <= 30**2) | ((xx - 125) ** 2 + (yy - 100) ** 2 <= 14**2)
+    lop = L.abcd(_seg(pair), np.zeros((150, 200, 3), np.uint8)).asymmetry
+    assert lop.major_axis < 0.05 and lop.minor_axis > 0.2
+    # a star: the same area as a disk, a much longer border
+    angle = np.arctan2(yy - 75, xx - 100)
+    star = np.hypot(xx - 100, yy - 75) <= 35 + 15 * np.cos(8 * angle)
+    b = L.abcd(_seg(star), np.zeros((150, 200, 3), np.uint8)).border
+    assert b.compactness > L.IRREGULAR_COMPACTNESS and b.irregular
+
+
+@pytest.mark.parametrize("rgb, name", [
+    ((10, 10, 12), "black"), ((240, 238, 236), "white"), ((105, 110, 130), "blue-grey"),
+    ((200, 40, 50), "red"), ((95, 55, 35), "dark brown"), ((190, 130, 80), "light brown"),
+])
+def test_colour_rules(rgb, name):
+    assert L.COLOUR_NAMES[L.colour_labels(np.array([[rgb]], np.uint8))[0, 0]] == name
+
+
+def test_colour_variegation_counts_each_colour_region():
+    rgb, truth = _disk(r=40)
+    yy, xx = np.mgrid[0:150, 0:200]
+    rgb[truth & (xx < 90)] = (105, 110, 130)  # blue-grey left part
+    rgb[truth & (yy > 100)] = (10, 10, 12)  # black lower cap
+    rgb[truth & (xx > 128)] = (200, 40, 50)  # red right cap (a small share, still above 5 %)
+    c = L.abcd(_seg(truth), rgb).colours
+    assert set(c.present) == {"blue-grey", "black", "dark brown", "red"} and c.count == 4
+    assert c.present[0] == max(c.shares, key=c.shares.get)
+    assert "4 of the six" in c.explanation
+
+
+def test_outline_png_is_a_transparent_ring():
+    _, truth = _disk(r=30)
+    png = L.outline_png(_seg(truth), (400, 300))
+    img = Image.open(io.BytesIO(png)).convert("RGBA")
+    assert img.size == (400, 300)
+    alpha = np.asarray(img)[..., 3]
+    assert alpha[150, 200] == 0 and alpha[0, 0] == 0  # inside and outside are transparent
+    assert alpha[150, 140:150].max() == 255  # the line at the left edge of the disk (x = 140 at 2x)
+    assert tuple(np.asarray(img)[alpha > 0][0][:3]) == L.OUTLINE_COLOUR
+    drawn = L.draw_outline(np.zeros((150, 200, 3), np.uint8), _seg(truth))
+    assert (drawn == L.OUTLINE_COLOUR).all(axis=2).sum() > 100
+
+
+# ---- the Screener -----------------------------------------------------------------------------------------
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _textured(w: int, h: int, r: int, seed: int = 0) -> np.ndarray:
+    """A frame that passes the quality gate: speckled skin, a mottled brown lesion of radius r in the middle."""
+    rng = np.random.default_rng(seed)
+    small = rng.normal(0, 14, (h // 2, w // 2, 1)).repeat(2, 0).repeat(2, 1)
+    img = np.array(SKIN, np.float32) + small
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = (xx - w / 2) ** 2 + (yy - h / 2) ** 2 <= r**2
+    img[blob] = np.array(BROWN, np.float32) + small[blob] * 1.5
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def screener(tiny_bundle) -> Screener:
+    return Screener(tiny_bundle, ScreenerSettings(ood_refusal=False))
+
+
+def test_screener_reports_lesion_abcd_and_outline(screener):
+    result = screener.analyze(_jpeg(_textured(200, 150, 40)))
+    lesion = result.lesion
+    assert result.status == "ok" and lesion is not None and lesion.found and lesion.method == "classical"
+    assert lesion.crop_box is None and result.heatmap.box == (25, 0, 175, 150)  # usual centre crop
+    assert lesion.abcd is not None and lesion.abcd.diameter.pixels == pytest.approx(81, abs=4)
+    assert "lesion" in result.timings_ms and lesion.message
+    body = result.to_json(include_heatmap=True)
+    assert body["lesion"]["outline_png"].startswith("data:image/png;base64,")
+    assert result.to_json()["lesion"]["outline_png"] is None
+    assert result.to_json(include_outline=True)["lesion"]["outline_png"].startswith("data:image/png")
+    ScreeningResult.model_validate(body)
+    old = {k: v for k, v in result.to_json().items() if k != "lesion"}  # results saved before this field existed
+    assert ScreeningResult.model_validate(old).lesion is None
+
+
+def test_smart_crop_on_a_small_lesion(tiny_bundle, screener):
+    rgb = _textured(400, 300, 18)  # 37 px lesion in a 400x300 frame
+    result = screener.analyze_image(rgb)
+    left, top, right, bottom = result.lesion.crop_box
+    assert right - left == bottom - top and right - left < 100
+    assert left < 182 and right > 218 and top < 132 and bottom > 168
+    assert result.heatmap.box == result.lesion.crop_box  # the heatmap covers what the model saw
+    plain = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, smart_crop=False)).analyze_image(rgb)
+    assert plain.lesion.crop_box is None and plain.heatmap.box == (50, 0, 350, 300)
+    assert plain.debug.logits != result.debug.logits  # the model really saw a different view
+    # the crop alone is below the quality gate's resolution floor, so compare with the gate off
+    cropped = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, smart_crop=False, quality_gate=False))
+    same = cropped.analyze_image(np.ascontiguousarray(rgb[top:bottom, left:right]))
+    assert np.allclose(same.debug.logits, result.debug.logits, atol=1e-5)
+
+
+def test_switches_turn_the_stage_off(tiny_bundle):
+    off = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, smart_crop=False, abcd=False))
+    result = off.analyze_image(_textured(200, 150, 40))
+    assert result.lesion is None and "lesion" not in result.timings_ms
+    only_crop = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, abcd=False)).analyze_image(_textured(200, 150, 40))
+    assert only_crop.lesion is not None and only_crop.lesion.abcd is None
+
+
+def test_refused_images_carry_no_lesion(tiny_bundle):
+    refused = Screener(tiny_bundle, ScreenerSettings(ood_threshold=0.0)).analyze_image(_textured(200, 150, 40))
+    assert refused.status == "cannot_assess" and refused.lesion is None
+
+
+def test_html_report_shows_abcd_and_outline(screener):
+    result = screener.analyze_image(_textured(200, 150, 40))
+    page = to_html(result)
+    assert "Lesion (ABCD)" in page and "Asymmetry" in page and "Compactness" in page
+    assert "lesion outline in cyan" in page
+
+
+# ---- an ONNX segmenter in the bundle ----------------------------------------------------------------------------
+def _dark_is_lesion_onnx(size: int) -> bytes:
+    """A 1x1-conv 'segmenter': logit = 4 - 3 * (sum of normalised channels), so dark pixels are lesion."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((1, 3, 1, 1), -3.0, np.float32), "w")
+    b = numpy_helper.from_array(np.array([-2.0], np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"])], "seg",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _with_segmenter(tiny, folder, onnx_bytes: bytes):
+    files = {p.name: p.read_bytes() for p in tiny.iterdir() if p.is_file() and p.name != MANIFEST}
+    manifest = Manifest.model_validate_json((tiny / MANIFEST).read_bytes())
+    manifest.segmenter = SegmenterSpec(image_size=64, validation={"dice": 0.5})
+    return Bundle.write(folder, manifest, {**files, SEGMENTER_FILE: onnx_bytes})
+
+
+def test_screener_uses_the_bundles_segmenter(tiny_bundle, tmp_path):
+    folder = _with_segmenter(tiny_bundle, tmp_path / "seg", _dark_is_lesion_onnx(64))
+    bundle = Bundle.load(folder)
+    assert bundle.has_segmenter and SEGMENTER_FILE in bundle.manifest.files
+    assert bundle.manifest.segmenter.validation == {"dice": 0.5}
+    screener = Screener(bundle, ScreenerSettings(ood_refusal=False))
+    rgb, truth = _disk(r=35)
+    result = screener.analyze_image(rgb)
+    assert result.lesion.method == "segmenter" and result.lesion.found
+    assert _dice(result.segmentation.mask, truth) > 0.9
+    classical = Screener(bundle, ScreenerSettings(ood_refusal=False, segmenter="classical")).analyze_image(rgb)
+    assert classical.lesion.method == "classical"
+    # a bundle from before the segmenter field still loads, and has none
+    assert not Bundle.load(tiny_bundle).has_segmenter and Bundle.load(tiny_bundle).manifest.segmenter is None
+
+
+def test_broken_segmenter_is_a_bundle_error(tiny_bundle, tmp_path):
+    folder = _with_segmenter(tiny_bundle, tmp_path / "bad", b"not an onnx graph")
+    with pytest.raises(BundleError, match="segmenter.onnx could not be loaded"):
+        Screener(folder, ScreenerSettings(ood_refusal=False))
+    (folder / SEGMENTER_FILE).write_bytes(_dark_is_lesion_onnx(64))  # valid graph, but not the hashed one
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.load(folder)

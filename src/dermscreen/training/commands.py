@@ -85,5 +85,47 @@ def export(
     typer.echo(f"Bundle: {folder}")
 
 
+def train_segmenter(
+    data: Path = typer.Option(..., "--data", help="Labelled CSV (HAM10000 metadata, ISIC or image,dx) of the images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: segmenter.onnx, segmenter.json (spec, history), "
+                             "and bundle/ when --bundle is given."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Classifier bundle to copy into OUT/bundle with the "
+                                          "segmenter added (the original is not modified)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images folder (default: <CSV folder>/images)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Masks folder of <image_id>_segmentation.png "
+                                         "(default: <images folder>/../masks)."),
+    backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm EfficientNet(-Lite) encoder."),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet (offline package), a file, timm[:tag] or none."),
+    image_size: int = typer.Option(256, "--image-size", help="Square input size, a multiple of 32."),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Decoder learning rate (the encoder gets a third of it)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Lesion-grouped subsample (smoke runs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu, cuda or cuda:N."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
+    seed: int = typer.Option(0, "--seed", help="Split and training seed (0: the classifier recipe's split)."),
+) -> None:
+    """Train the lesion segmenter on masks (split by lesion), export segmenter.onnx, and add it to a bundle."""
+    _need_torch()
+    import logging
+
+    from .segmenter import train_segmenter as run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run(data, out, images=images, masks=masks, bundle=bundle, backbone=backbone, weights=weights,
+                     image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, max_images=max_images,
+                     threads=threads, device=device, num_workers=num_workers, seed=seed)
+    except DermscreenError as exc:
+        _fail(exc)
+        return
+    v = result.spec.validation
+    typer.echo(f"Trained {result.epochs} epoch(s) in {result.wall_time_s:.0f} s. Test Dice {v['test_dice']:.3f} "
+               f"(95 % CI {v['test_dice_ci_low']:.3f}-{v['test_dice_ci_high']:.3f}), IoU {v['test_iou']:.3f} "
+               f"on {v['test_n']:.0f} held-out images.")
+    typer.echo(f"Segmenter: {result.onnx_path}" + (f"   bundle: {result.bundle_dir}" if result.bundle_dir else ""))
+
+
 def _str(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(path)

@@ -1,0 +1,328 @@
+"""``dermscreen train-segmenter``: a lesion segmentation network, trained on masks, exported into a bundle.
+
+Model: the EfficientNet-Lite encoder of ``backbones.create_backbone`` (offline ImageNet weights) tapped at
+strides 4, 8, 16 and 32, and a light U-Net-style decoder (1x1 laterals; upsample, concatenate the skip and
+one 3x3 conv per level; 0.2 M parameters) giving one lesion logit per pixel at the input size. The whole frame is squashed
+to S x S, as ``lesion.OnnxSegmenter`` does at inference.
+
+Data: the masks (``<image_id>_segmentation.png``, lesion >= 128) beside the images; the split is
+``splits.grouped_split`` by lesion with the same seed and fractions as the classifier recipe, so the
+test lesions are the classifier's test lesions too. Loss: BCE + soft Dice. Quality: per-image Dice and
+IoU at the masks' own resolution, mean with a 95 % bootstrap CI, on the validation split after each
+epoch (best kept) and on the test split at the end.
+
+Export: ONNX (input ``image`` (N,3,S,S), output ``logits`` (N,1,S,S)), checked against torch on a real
+batch (max abs difference <= 1e-4, else nothing is written), then written as ``segmenter.onnx`` into a
+copy of a classifier bundle, with ``manifest.segmenter`` and its sha256 in ``manifest.files``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..bundle import SEGMENTER_FILE, Bundle, Manifest, SegmenterSpec
+from ..errors import BundleError, ConfigError
+from ..manifests import LabelledSet, Sample, load_labels
+from ..splits import grouped_split
+from .backbones import DEFAULT_BACKBONE, create_backbone
+from .data import load_rgb
+
+log = logging.getLogger("dermscreen.training")
+TAPS = (1, 2, 4, 6)  # EfficientNet(-Lite) block stages ending at strides 4, 8, 16, 32
+DECODER_WIDTHS = (96, 64, 48, 32)  # stride 32, 16, 8, 4
+TOLERANCE = 1e-4
+
+
+# ---- model -------------------------------------------------------------------------------------------
+def _conv(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class LesionSegmenterNet(nn.Module):
+    """forward(image (N,3,S,S)) → lesion logits (N,1,S,S); S a multiple of 32."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        channels = self._tap_channels()
+        # 1x1 laterals (as in FPN) keep the decoder light: the 3x3 work happens after fusing, at few channels
+        self.lateral = nn.ModuleList([_conv(c, w, 1) for c, w in zip(channels[::-1], DECODER_WIDTHS)])
+        self.fuse = nn.ModuleList([_conv(DECODER_WIDTHS[i] + DECODER_WIDTHS[i + 1], DECODER_WIDTHS[i + 1])
+                                   for i in range(len(DECODER_WIDTHS) - 1)])
+        self.head = nn.Conv2d(DECODER_WIDTHS[-1], 1, 1)
+
+    @torch.no_grad()
+    def _tap_channels(self) -> list[int]:
+        was = self.backbone.training
+        feats = self.encode(torch.zeros(1, 3, 64, 64).to(next(self.backbone.parameters()).device))
+        self.backbone.train(was)
+        return [f.shape[1] for f in feats]
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps at strides 4, 8, 16, 32."""
+        b = self.backbone
+        x = b.bn1(b.conv_stem(image))
+        taps = []
+        for i, block in enumerate(b.blocks):
+            x = block(x)
+            if i in TAPS:
+                taps.append(x)
+        return taps
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        feats = self.encode(image)[::-1]  # deepest first
+        x = self.lateral[0](feats[0])
+        for lateral, fuse, skip in zip(self.lateral[1:], self.fuse, feats[1:]):
+            skip = lateral(skip)
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = fuse(torch.cat([x, skip], dim=1))
+        return F.interpolate(self.head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def mask_path(sample: Sample, masks_dir: Path | None) -> Path:
+    """Where ``sample``'s mask lives: ``masks_dir`` or ``<images folder>/../masks``."""
+    folder = masks_dir or sample.image_path.parent.parent / "masks"
+    return folder / f"{sample.image_id}_segmentation.png"
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A reference mask file → bool (H, W), lesion where >= 128."""
+    try:
+        return np.asarray(Image.open(path).convert("L")) >= 128
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the mask {path}: {exc}. Give --masks with <image_id>_segmentation.png "
+                          "files for every image.") from None
+
+
+class MaskDataset(Dataset):
+    """(image (3,S,S) normalised, mask (1,S,S) float, index) of samples; flips and mild colour jitter when training."""
+
+    def __init__(self, samples: list[Sample], masks_dir: Path | None, spec: SegmenterSpec, train: bool, seed: int = 0):
+        self.samples, self.masks_dir, self.spec, self.train, self.seed = samples, masks_dir, spec, train, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.spec.image_size
+        sample = self.samples[i]
+        image = load_rgb(sample.image_path).resize((s, s), Image.BILINEAR)
+        mask = Image.fromarray(read_mask(mask_path(sample, self.masks_dir)).astype(np.uint8) * 255).resize(
+            (s, s), Image.BILINEAR)
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        m = np.asarray(mask, dtype=np.float32) / 255.0
+        if self.train:
+            rng = random.Random(hash((self.seed, self.epoch, i)))
+            if rng.random() < 0.5:
+                x, m = x[:, ::-1], m[:, ::-1]
+            if rng.random() < 0.5:
+                x, m = x[::-1], m[::-1]
+            if rng.random() < 0.5:  # dermoscopy has no "up": quarter turns are as real as flips
+                x, m = np.rot90(x), np.rot90(m)
+            x = np.clip(x * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0.0, 1.0)
+        x = (x - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
+        return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+                torch.from_numpy(np.ascontiguousarray(m))[None], i)
+
+
+# ---- loss and metrics -----------------------------------------------------------------------------------
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + (1 - soft Dice per image, averaged): BCE for per-pixel calibration, Dice for the overlap we report."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = (2 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
+    return bce + (1.0 - dice).mean()
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two bool masks (1, 1 when both are empty)."""
+    inter = float((pred & truth).sum())
+    total = float(pred.sum() + truth.sum())
+    return (2 * inter / total if total else 1.0), (inter / (total - inter) if total - inter else 1.0)
+
+
+def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap CI of the mean of ``values``."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: MaskDataset, device, batch_size: int, threshold: float = 0.5) -> dict[str, float]:
+    """Per-image Dice/IoU at each mask's own resolution → {dice, dice_ci_low, dice_ci_high, iou, ..., n}."""
+    model.eval()
+    dices, ious = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    for images, _, index in loader:
+        probs = torch.sigmoid(model(images.to(device))).cpu()
+        for prob, i in zip(probs, index.tolist()):
+            truth = read_mask(mask_path(dataset.samples[i], dataset.masks_dir))
+            full = F.interpolate(prob[None], size=truth.shape, mode="bilinear", align_corners=False)[0, 0]
+            d, j = dice_iou(full.numpy() > threshold, truth)
+            dices.append(d)
+            ious.append(j)
+    d, j = np.array(dices), np.array(ious)
+    (dl, dh), (il, ih) = bootstrap_ci(d), bootstrap_ci(j)
+    return {"dice": float(d.mean()), "dice_ci_low": dl, "dice_ci_high": dh, "iou": float(j.mean()),
+            "iou_ci_low": il, "iou_ci_high": ih, "n": float(len(d))}
+
+
+# ---- export ------------------------------------------------------------------------------------------
+def to_onnx(model: nn.Module, image_size: int) -> bytes:
+    """The segmenter as ONNX bytes (TorchScript exporter, opset 17, dynamic batch): image → logits."""
+    model = model.cpu().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, image_size, image_size),), buf, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}},
+                          dynamo=False, opset_version=17)
+    return buf.getvalue()
+
+
+def check_onnx(onnx_bytes: bytes, model: nn.Module, images: np.ndarray, tolerance: float = TOLERANCE) -> float:
+    """Max abs difference of ONNX Runtime vs torch logits on ``images``; BundleError above ``tolerance``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as served
+    got = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": images.astype(np.float32)})[0]
+    with torch.no_grad():
+        want = model.cpu().eval()(torch.from_numpy(images.astype(np.float32))).numpy()
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= tolerance:
+        raise BundleError(f"ONNX export of the segmenter does not reproduce torch: max abs difference {diff:.2e} "
+                          f"exceeds {tolerance:g}. Nothing was written.")
+    return diff
+
+
+def add_segmenter(bundle_dir: Path, out: Path, onnx_bytes: bytes, spec: SegmenterSpec) -> Path:
+    """Write a copy of classifier bundle ``bundle_dir`` plus ``segmenter.onnx`` (hashed) into ``out``."""
+    source = Bundle.load(bundle_dir)  # verified: never extend a bundle whose files do not match its hashes
+    files = {name: source.file(name) for name in source.manifest.files}
+    files[spec.file] = onnx_bytes
+    manifest: Manifest = source.manifest.model_copy(update={"segmenter": spec})
+    if out.resolve() == Path(bundle_dir).resolve():
+        raise ConfigError("--out must differ from --bundle: the classifier bundle is never modified in place.")
+    Bundle.write(out, manifest, files)
+    Bundle.load(out)  # re-read and verify what was written
+    return out
+
+
+# ---- the command's work ---------------------------------------------------------------------------------
+@dataclass
+class SegmenterResult:
+    """What a train-segmenter run produced."""
+
+    onnx_path: Path
+    spec: SegmenterSpec
+    bundle_dir: Path | None
+    epochs: int
+    wall_time_s: float
+
+
+def _subsample(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    if not n or n >= len(samples):
+        return samples
+    return [samples[i] for i in sorted(np.random.default_rng(seed).permutation(len(samples))[:n])]
+
+
+def _split(data: LabelledSet, max_images: int | None, seed: int) -> dict[str, list[Sample]]:
+    """Lesion-grouped train/val/test samples (the classifier recipe's fractions and seed)."""
+    split = grouped_split(data, val_fraction=0.15, test_fraction=0.15, seed=seed)
+    out = {k: [data.samples[i] for i in v] for k, v in split.items()}
+    if max_images:  # smoke runs: keep the proportions, never mix the splits
+        out = {k: _subsample(v, max(2, round(max_images * len(v) / len(data))), seed) for k, v in out.items()}
+    return out
+
+
+def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, masks: Path | None = None,
+                    bundle: Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
+                    image_size: int = 256, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
+                    max_images: int | None = None, threads: int | None = None, device: str = "auto",
+                    num_workers: int = 0, seed: int = 0) -> SegmenterResult:
+    """Train on ``data_csv``'s images and masks, export ONNX into ``out`` (and a bundle); returns SegmenterResult."""
+    from .distributed import resolve_device
+
+    if image_size % 32:
+        raise ConfigError(f"image size {image_size} must be a multiple of 32 (the encoder's stride).")
+    start = time.perf_counter()
+    if bundle is not None:
+        Bundle.load(bundle)  # a wrong --bundle should fail now, not after hours of training
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    data = load_labels(data_csv, images)
+    parts = _split(data, max_images, seed)
+    for s in parts["train"][:1] + parts["val"][:1]:
+        if not mask_path(s, masks).is_file():
+            raise ConfigError(f"No mask for {s.image_id} at {mask_path(s, masks)}; give --masks FOLDER.")
+    encoder, info = create_backbone(backbone, weights)
+    spec = SegmenterSpec(backbone=backbone, image_size=image_size, mean=info.mean, std=info.std)
+    model = LesionSegmenterNet(encoder).to(dev)
+    log.info("segmenter: %s encoder (%s), %d/%d/%d images, %d px, device %s", backbone, info.weights,
+             len(parts["train"]), len(parts["val"]), len(parts["test"]), image_size, dev)
+    train_set = MaskDataset(parts["train"], masks, spec, train=True, seed=seed)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    # the encoder is pretrained, the decoder is not: a gentler step for the encoder keeps its features
+    optimizer = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": lr / 3},
+                                   {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")]}],
+                                  lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr / 3, lr], total_steps=max(1, epochs * len(loader)))
+    val_set = MaskDataset(parts["val"], masks, spec, train=False)
+    best, best_state = -1.0, None
+    out.mkdir(parents=True, exist_ok=True)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        train_set.epoch = epoch
+        losses = []
+        for x, m, _ in loader:
+            loss = dice_bce_loss(model(x.to(dev)), m.to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        val = evaluate(model, val_set, dev, batch_size * 2)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None, **val})
+        log.info("epoch %d: loss %.4f, val Dice %.4f (%.4f-%.4f), IoU %.4f", epoch + 1, history[-1]["loss"] or 0,
+                 val["dice"], val["dice_ci_low"], val["dice_ci_high"], val["iou"])
+        if val["dice"] > best:
+            best, best_state = val["dice"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    test = evaluate(model, MaskDataset(parts["test"], masks, spec, train=False), dev, batch_size * 2)
+    spec = spec.model_copy(update={"validation": {**{f"test_{k}": v for k, v in test.items()},
+                                                  "val_dice": best, "seed": float(seed)}})
+    check = torch.stack([val_set[i][0] for i in range(min(4, len(val_set)))]).numpy()
+    onnx_bytes = to_onnx(model, image_size)
+    diff = check_onnx(onnx_bytes, model, check)
+    log.info("segmenter ONNX vs torch max abs diff %.2e; test Dice %.4f (%.4f-%.4f), IoU %.4f", diff, test["dice"],
+             test["dice_ci_low"], test["dice_ci_high"], test["iou"])
+    onnx_path = out / SEGMENTER_FILE
+    onnx_path.write_bytes(onnx_bytes)
+    (out / "segmenter.json").write_text(json.dumps({"spec": spec.model_dump(), "history": history,
+                                                    "onnx_max_abs_diff": diff}, indent=2), encoding="utf-8")
+    bundle_dir = add_segmenter(bundle, out / "bundle", onnx_bytes, spec) if bundle else None
+    return SegmenterResult(onnx_path, spec, bundle_dir, epochs, time.perf_counter() - start)

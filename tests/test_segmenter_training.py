@@ -1,0 +1,106 @@
+"""The segmentation network: model, loss, ONNX export check, and a tiny real `dermscreen train-segmenter` run
+whose bundle the Screener then uses."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dermscreen.bundle import SEGMENTER_FILE, Bundle, sha256_bytes  # noqa: E402
+from dermscreen.errors import BundleError, ConfigError  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def net():
+    from dermscreen.training.backbones import create_backbone
+    from dermscreen.training.segmenter import LesionSegmenterNet
+
+    torch.manual_seed(0)
+    return LesionSegmenterNet(create_backbone("tf_efficientnet_lite0", "none")[0]).eval()
+
+
+def test_segmenter_net_gives_one_logit_per_pixel(net):
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
+    decoder = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("backbone."))
+    assert decoder < 400_000  # "light": a fraction of the 3.4 M encoder
+
+
+def test_dice_bce_loss_rewards_overlap():
+    from dermscreen.training.segmenter import dice_bce_loss, dice_iou
+
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 8:24, 8:24] = 1
+    right = dice_bce_loss((target * 2 - 1) * 8, target)
+    wrong = dice_bce_loss((1 - target * 2) * 8, target)
+    assert right < 0.01 and wrong > 1.5
+    a = np.zeros((10, 10), bool)
+    a[:5] = True
+    b = np.zeros((10, 10), bool)
+    b[:, :5] = True
+    assert dice_iou(a, b) == pytest.approx((0.5, 1 / 3))
+    assert dice_iou(a & ~a, b & ~b) == (1.0, 1.0)
+
+
+def test_onnx_export_matches_torch_and_a_different_model_is_refused(net):
+    from dermscreen.training.segmenter import check_onnx, to_onnx
+
+    images = np.random.default_rng(0).normal(0, 1, (2, 3, 64, 64)).astype(np.float32)
+    onnx_bytes = to_onnx(net, 64)
+    assert check_onnx(onnx_bytes, net, images) <= 1e-4
+    with torch.no_grad():
+        net.head.bias += 1.0  # the torch model moves; the exported graph does not
+    try:
+        with pytest.raises(BundleError, match="does not reproduce torch"):
+            check_onnx(onnx_bytes, net, images)
+    finally:
+        with torch.no_grad():
+            net.head.bias -= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_train_segmenter_cli_tiny_run_into_a_bundle(ham_dir, tiny_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    before = {p.name: sha256_bytes(p.read_bytes()) for p in tiny_bundle.iterdir()}
+    out = tmp_path / "seg"
+    result = CliRunner().invoke(app, [
+        "train-segmenter", "--data", str(ham_dir / "HAM10000_metadata.csv"), "--out", str(out),
+        "--bundle", str(tiny_bundle), "--max-images", "40", "--epochs", "1", "--image-size", "64",
+        "--batch-size", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Test Dice" in result.output
+    bundle = Bundle.load(out / "bundle")  # verifies every hash
+    assert bundle.has_segmenter
+    assert bundle.manifest.files[SEGMENTER_FILE] == sha256_bytes((out / "bundle" / SEGMENTER_FILE).read_bytes())
+    spec = bundle.manifest.segmenter
+    assert spec.image_size == 64 and spec.mean == (0.5, 0.5, 0.5)  # EfficientNet-Lite's own normalisation
+    assert {"test_dice", "test_dice_ci_low", "test_dice_ci_high", "test_iou", "test_n"} <= set(spec.validation)
+    assert 0.0 <= spec.validation["test_dice_ci_low"] <= spec.validation["test_dice"] <= spec.validation["test_dice_ci_high"]
+    history = json.loads((out / "segmenter.json").read_text())
+    assert history["onnx_max_abs_diff"] <= 1e-4 and len(history["history"]) == 1
+    # the classifier bundle it started from is untouched
+    assert {p.name: sha256_bytes(p.read_bytes()) for p in tiny_bundle.iterdir()} == before
+    image = (ham_dir / "images" / "ISIC_0024306.jpg").read_bytes()
+    screened = Screener(out / "bundle", ScreenerSettings(ood_refusal=False)).analyze(image)
+    assert screened.lesion is not None and screened.lesion.method == "segmenter"
+    refused = CliRunner().invoke(app, ["train-segmenter", "--data", str(ham_dir / "HAM10000_metadata.csv"),
+                                       "--out", str(tmp_path / "x"), "--bundle", str(tmp_path / "missing")])
+    assert refused.exit_code == 2 and "not found" in refused.output
+
+
+def test_image_size_must_fit_the_encoder_stride(tmp_path):
+    from dermscreen.training.segmenter import train_segmenter
+
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        train_segmenter(tmp_path / "none.csv", tmp_path, image_size=100)

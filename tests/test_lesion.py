@@ -63,6 +63,27 @@ def test_classical_ignores_vignette_corners_and_finds_nothing_on_plain_skin():
     assert not blank.found and not blank.mask.any() and blank.box() is None
 
 
+def test_minimum_error_threshold_separates_a_small_minority():
+    rng = np.random.default_rng(0)
+    skin = rng.normal(100, 12, 9700)
+    lesion = rng.normal(175, 6, 300)  # 3 % of the pixels: a small lesion in a wide field
+    values = np.clip(np.concatenate([skin, lesion]), 0, 255).astype(np.uint8)
+    t = L.minimum_error_threshold(values)
+    assert 130 < t < 165
+    assert ((values > t) == (np.arange(len(values)) >= 9700)).mean() > 0.99
+    assert L.minimum_error_threshold(np.full(100, 7, np.uint8)) in range(256)  # degenerate: no crash
+
+
+def test_a_small_lesion_in_a_wide_field_is_found():
+    rgb, truth = _disk(w=600, h=450, cx=380, cy=200, r=22)
+    seg = L.segment_classical(rgb)
+    assert seg.found
+    left, top, right, bottom = seg.box()
+    assert abs(left - 358) <= 4 and abs(right - 403) <= 4 and abs(top - 178) <= 4
+    crop = L.smart_crop_box(seg.box(), seg.image_size)
+    assert crop is not None and crop[0] <= left and crop[2] >= right
+
+
 def test_large_images_are_segmented_at_working_size_and_boxes_scale_back():
     rgb, truth = _disk(w=800, h=600, cx=400, cy=300, r=120)
     seg = L.segment_classical(rgb)

@@ -1,0 +1,156 @@
+"""Smart crop: balanced accuracy on validation images zoomed out synthetically, with and without smart crop.
+
+Usage:
+  python benchmarks/bench_smart_crop.py --model runs/<run>/bundle [--split runs/<run>/split.csv]
+         [--data ../shared/data] [--images 1000] [--factor 3] [--threads 1]
+
+Zoom-out: each validation image's lesion (its reference mask, dilated 8 px and feathered) is placed at a
+seeded random position on a field ``factor`` times wider and taller, made of that image's own skin: lesion,
+lens-edge and other dark pixels are replaced by skin cloned from shifted copies of the same image, and the
+result is mirror-tiled. The lesion keeps its pixel size, so it fills 1/factor of the frame's side, like a lesion
+photographed small in a wide field by a phone.
+
+Four conditions, the same bundle: original images with smart crop off (the reference) and on, zoomed-out
+images with smart crop off and on. The quality gate and OOD refusal are off so every image gets an answer;
+balanced accuracy (7 classes, top-1) with a 95 % bootstrap CI (1,000 resamples), and how often smart crop
+fired. The validation split is the run's (``--split``, rows with split=val) or grouped_split seed 0.
+Prints a markdown section for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def validation_samples(data: Path, split_csv: Path | None, limit: int) -> list:
+    """The validation samples (the run's split, else grouped_split seed 0), seeded order, at most ``limit``."""
+    from dermscreen.manifests import load_labels
+    from dermscreen.splits import grouped_split
+
+    labelled = load_labels(data / "ham10000" / "HAM10000_metadata.csv")
+    if split_csv is not None:
+        with open(split_csv, newline="", encoding="utf-8") as f:
+            wanted = {row["image_id"] for row in csv.DictReader(f) if row.get("split") == "val"}
+        val = [s for s in labelled.samples if s.image_id in wanted]
+    else:
+        val = [labelled.samples[i] for i in grouped_split(labelled, seed=0)["val"]]
+    order = np.random.default_rng(0).permutation(len(val))[:limit]
+    return [val[i] for i in order]
+
+
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * px + 1))
+    return np.asarray(img) > 0
+
+
+def skin_field(rgb: np.ndarray, lesion: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A (height, width, 3) field of this image's skin: lesion and lens-edge pixels cloned from skin, mirror-tiled."""
+    value = rgb.max(axis=2).astype(np.float32)
+    # the lesion, the lens edge's dark corners and any other dark spot (a second mole) are not plain skin
+    not_skin = _dilate(lesion | (value < 0.7 * np.median(value)), 4)
+    skin = rgb[~not_skin]
+    if len(skin) < 100:  # the lesion fills the frame: fall back to a plain skin tone
+        skin = np.array([[200, 150, 130]], np.uint8)
+    patch = rgb.copy()
+    # fill the hole with skin texture copied from shifted copies of the image (like cloning a patch of skin),
+    # trying shifts of growing size in eight directions; what no shift reaches gets sampled skin colours
+    remaining = not_skin.copy()
+    h, w = lesion.shape
+    for step in (0.25, 0.4, 0.55, 0.7):
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)):
+            shift = (round(dy * step * h), round(dx * step * w))
+            source_ok = np.roll(~not_skin, shift, axis=(0, 1))
+            fill = remaining & source_ok
+            patch[fill] = np.roll(rgb, shift, axis=(0, 1))[fill]
+            remaining &= ~fill
+    patch[remaining] = skin[rng.integers(0, len(skin), int(remaining.sum()))]
+    w, h = size
+    ph, pw = patch.shape[:2]
+    return np.pad(patch, ((0, max(0, h - ph)), (0, max(0, w - pw)), (0, 0)), mode="symmetric")[:h, :w]
+
+
+def zoom_out(rgb: np.ndarray, lesion: np.ndarray, factor: float, seed: int) -> np.ndarray:
+    """The lesion of ``rgb`` (bool mask ``lesion``) pasted, feathered, on a skin field ``factor`` x larger."""
+    rng = np.random.default_rng(seed)
+    h, w = lesion.shape
+    size = (round(w * factor), round(h * factor))
+    field = skin_field(rgb, lesion, size, rng).astype(np.float32)
+    alpha = np.asarray(Image.fromarray(_dilate(lesion, 8).astype(np.uint8) * 255).filter(
+        ImageFilter.GaussianBlur(4)), dtype=np.float32)[..., None] / 255.0
+    x0 = int(rng.integers(0, size[0] - w + 1))
+    y0 = int(rng.integers(0, size[1] - h + 1))
+    region = field[y0:y0 + h, x0:x0 + w]
+    field[y0:y0 + h, x0:x0 + w] = region * (1 - alpha) + rgb.astype(np.float32) * alpha
+    return np.clip(field + 0.5, 0, 255).astype(np.uint8)
+
+
+def balanced_accuracy_ci(y: np.ndarray, pred: np.ndarray, n: int = 1000) -> tuple[float, float, float]:
+    """Balanced accuracy and its 95 % bootstrap CI."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # predicted classes absent from a (re)sample warn; the score is defined
+        point = balanced_accuracy_score(y, pred)
+        boots = [balanced_accuracy_score(y[i], pred[i]) for i in rng.integers(0, len(y), (n, len(y)))]
+    return float(point), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a trained bundle folder or zip")
+    ap.add_argument("--split", type=Path, default=None, help="the run's split.csv (its val rows are used)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--factor", type=float, default=3.0, help="how many times wider and taller the zoomed-out field is")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    args = ap.parse_args()
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    common = dict(quality_gate=False, ood_refusal=False, heatmap=False, abcd=False, threads=args.threads)
+    with_crop = Screener(args.model, ScreenerSettings(smart_crop=True, **common))
+    without = Screener(args.model, ScreenerSettings(smart_crop=False, **common))
+    codes = with_crop.bundle.manifest.taxonomy.codes
+    samples = validation_samples(args.data, args.split, args.images)
+    truth, preds, fired = [], {k: [] for k in ("orig_off", "orig_on", "zoom_off", "zoom_on")}, {"orig": 0, "zoom": 0}
+    start = time.perf_counter()
+    for k, s in enumerate(samples):
+        rgb = np.asarray(Image.open(s.image_path).convert("RGB"))
+        mask = np.asarray(Image.open(s.image_path.parent.parent / "masks" / f"{s.image_id}_segmentation.png")
+                          .convert("L")) >= 128
+        zoomed = zoom_out(rgb, mask, args.factor, seed=k)
+        truth.append(codes.index(s.dx))
+        for name, image in (("orig", rgb), ("zoom", zoomed)):
+            off = without.analyze_image(image, heatmap=False)
+            on = with_crop.analyze_image(image, heatmap=False)
+            preds[f"{name}_off"].append(int(np.argmax([p.probability for p in off.probabilities])))
+            preds[f"{name}_on"].append(int(np.argmax([p.probability for p in on.probabilities])))
+            fired[name] += on.lesion is not None and on.lesion.crop_box is not None
+    y = np.array(truth)
+    from bench_screening import machine_info
+
+    print(f"\n### Smart crop on zoomed-out validation images (benchmarks/bench_smart_crop.py)\n\n{machine_info()}\n")
+    m = with_crop.bundle.manifest
+    print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
+          f"images, zoom-out factor {args.factor:g}, {time.perf_counter() - start:.0f} s.\n")
+    print("| images | smart crop | balanced accuracy | 95 % CI | crop fired |\n|---|---|---|---|---|")
+    for key, label in (("orig_off", "original | off"), ("orig_on", "original | on"),
+                       ("zoom_off", "zoomed out | off"), ("zoom_on", "zoomed out | on")):
+        ba, lo, hi = balanced_accuracy_ci(y, np.array(preds[key]))
+        share = "" if key.endswith("off") else f"{100 * fired[key.split('_')[0]] / len(y):.0f} %"
+        print(f"| {label} | {ba:.3f} | {lo:.3f}-{hi:.3f} | {share} |")
+
+
+if __name__ == "__main__":
+    main()

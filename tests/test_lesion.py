@@ -13,7 +13,7 @@ from dermscreen import lesion as L
 from dermscreen.bundle import MANIFEST, SEGMENTER_FILE, Bundle, Manifest, SegmenterSpec
 from dermscreen.errors import BundleError
 from dermscreen.report import to_html
-from dermscreen.screening import ScreeningResult, Screener, ScreenerSettings
+from dermscreen.screening import Screener, ScreenerSettings, ScreeningResult
 
 SKIN = (200, 150, 130)
 BROWN = (95, 55, 35)
@@ -268,7 +268,6 @@ def test_html_report_shows_abcd_and_outline(screener):
 # ---- an ONNX segmenter in the bundle ----------------------------------------------------------------------------
 def _dark_is_lesion_onnx(size: int) -> bytes:
     """A 1x1-conv 'segmenter': logit = 4 - 3 * (sum of normalised channels), so dark pixels are lesion."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.full((1, 3, 1, 1), -3.0, np.float32), "w")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from .bundle import SEGMENTER_FILE, Bundle, SegmenterSpec
+from .bundle import Bundle, SegmenterSpec
 from .errors import BundleError
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
@@ -206,10 +206,11 @@ def _box_morph(mask: np.ndarray, size: int, dilate: bool) -> np.ndarray:
     for axis in (0, 1):
         n = out.shape[axis]
         padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)])
-        window = (lambda k: (slice(k, k + n), slice(None))) if axis == 0 else (lambda k: (slice(None), slice(k, k + n)))
-        acc = padded[window(0)].copy()
-        for k in range(1, 2 * r + 1):
-            combine(acc, padded[window(k)], out=acc)
+        windows = [(slice(k, k + n), slice(None)) if axis == 0 else (slice(None), slice(k, k + n))
+                   for k in range(2 * r + 1)]
+        acc = padded[windows[0]].copy()
+        for window in windows[1:]:
+            combine(acc, padded[window], out=acc)
         out = acc
     return out
 

@@ -24,8 +24,17 @@ from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
 from .explain import Heatmaps, cam, data_url, malignant_direction
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
-from .lesion import ABCD, CROP_BELOW, OnnxSegmenter, Segmentation, abcd, load_segmenter, outline_png, \
-    segment_classical, smart_crop_box
+from .lesion import (
+    ABCD,
+    CROP_BELOW,
+    OnnxSegmenter,
+    Segmentation,
+    abcd,
+    load_segmenter,
+    outline_png,
+    segment_classical,
+    smart_crop_box,
+)
 from .metadata import HAM10000_SITES, MetadataSpec
 from .ood import MahalanobisOOD
 from .preprocess import Preprocessing, preprocess

@@ -2,8 +2,8 @@
 
 Model: the EfficientNet-Lite encoder of ``backbones.create_backbone`` (offline ImageNet weights) tapped at
 strides 4, 8, 16 and 32, and a light U-Net-style decoder (1x1 laterals; upsample, concatenate the skip and
-one 3x3 conv per level; 0.2 M parameters) giving one lesion logit per pixel at the input size. The whole frame is squashed
-to S x S, as ``lesion.OnnxSegmenter`` does at inference.
+one 3x3 conv per level; 0.2 M parameters) giving one lesion logit per pixel at the input size. The whole
+frame is squashed to S x S, as ``lesion.OnnxSegmenter`` does at inference.
 
 Data: the masks (``<image_id>_segmentation.png``, lesion >= 128) beside the images; the split is
 ``splits.grouped_split`` by lesion with the same seed and fractions as the classifier recipe, so the

@@ -311,3 +311,34 @@ def test_broken_segmenter_is_a_bundle_error(tiny_bundle, tmp_path):
     (folder / SEGMENTER_FILE).write_bytes(_dark_is_lesion_onnx(64))  # valid graph, but not the hashed one
     with pytest.raises(BundleError, match="sha256"):
         Bundle.load(folder)
+
+
+def test_add_segmenter_cli_extends_a_copy_of_a_bundle(tiny_bundle, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dermscreen.bundle import sha256_bytes
+    from dermscreen.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / SEGMENTER_FILE).write_bytes(_dark_is_lesion_onnx(64))
+    (run / "segmenter.json").write_text(json.dumps({"spec": SegmenterSpec(image_size=64).model_dump()}))
+    before = {p.name: sha256_bytes(p.read_bytes()) for p in tiny_bundle.iterdir()}
+    done = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(tiny_bundle), "--segmenter", str(run),
+                                    "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    bundle = Bundle.load(tmp_path / "out")
+    assert bundle.has_segmenter and bundle.manifest.segmenter.image_size == 64
+    assert {p.name: sha256_bytes(p.read_bytes()) for p in tiny_bundle.iterdir()} == before
+    rgb, _ = _disk(r=35)
+    result = Screener(bundle, ScreenerSettings(ood_refusal=False)).analyze_image(rgb)
+    assert result.lesion.method == "segmenter"
+    (run / SEGMENTER_FILE).write_bytes(_dark_is_lesion_onnx(32))  # a graph that does not fit its spec's size
+    bad = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(tiny_bundle), "--segmenter", str(run),
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "does not run" in bad.output and not (tmp_path / "bad").exists()
+    same = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(tiny_bundle), "--segmenter", str(run),
+                                    "--out", str(tiny_bundle)])
+    assert same.exit_code == 2 and "never modified in place" in same.output

@@ -27,6 +27,7 @@ def _register() -> None:
     app.command("train")(training_commands.train)
     app.command("export")(training_commands.export)
     app.command("train-segmenter")(training_commands.train_segmenter)
+    app.command("add-segmenter")(training_commands.add_segmenter)
     app.command("evaluate")(evaluation_commands.evaluate)
     from .serve import commands as serve_commands
 

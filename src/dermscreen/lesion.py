@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,7 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from .bundle import Bundle, SegmenterSpec
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
 Method = Literal["segmenter", "classical"]
@@ -339,6 +340,38 @@ def load_segmenter(bundle: Bundle, threads: int | None = None) -> OnnxSegmenter 
     except Exception as exc:  # onnxruntime raises several types for a graph it cannot load
         raise BundleError(f"{bundle.source}: {spec.file} could not be loaded by onnxruntime ({exc}); "
                           "re-export it with dermscreen train-segmenter.") from None
+
+
+def add_segmenter(bundle_dir: str | Path, out: str | Path, onnx_bytes: bytes, spec: SegmenterSpec) -> Path:
+    """Write a copy of bundle ``bundle_dir`` plus the segmenter (hashed, ``manifest.segmenter`` = spec) into ``out``.
+
+    The source bundle is verified first and never modified; the result is re-read and verified.
+    """
+    out = Path(out)
+    if out.resolve() == Path(bundle_dir).resolve():
+        raise ConfigError("The output folder must differ from the bundle: a bundle is never modified in place.")
+    source = Bundle.load(bundle_dir)  # verified: never extend a bundle whose files do not match its hashes
+    try:
+        OnnxSegmenter(onnx_bytes, spec).probabilities(np.zeros((spec.image_size, spec.image_size, 3), np.uint8))
+    except Exception as exc:  # onnxruntime raises several types; all mean "this graph does not fit the spec"
+        raise BundleError(f"The segmenter does not run as its spec says ({exc}); nothing was written.") from None
+    files = {name: source.file(name) for name in source.manifest.files}
+    files[spec.file] = onnx_bytes
+    Bundle.write(out, source.manifest.model_copy(update={"segmenter": spec}), files)
+    Bundle.load(out)
+    return out
+
+
+def add_segmenter_from_run(bundle_dir: str | Path, run_dir: str | Path, out: str | Path) -> Path:
+    """``add_segmenter`` with the segmenter.onnx and segmenter.json (spec) of a train-segmenter run folder."""
+    import json
+
+    run_dir = Path(run_dir)
+    onnx_path, spec_path = run_dir / "segmenter.onnx", run_dir / "segmenter.json"
+    if not onnx_path.is_file() or not spec_path.is_file():
+        raise ConfigError(f"{run_dir} is not a train-segmenter run: it needs segmenter.onnx and segmenter.json.")
+    spec = SegmenterSpec.model_validate(json.loads(spec_path.read_text(encoding="utf-8"))["spec"])
+    return add_segmenter(bundle_dir, out, onnx_path.read_bytes(), spec)
 
 
 # ---- boxes and crops ---------------------------------------------------------------------------------------

@@ -127,5 +127,22 @@ def train_segmenter(
     typer.echo(f"Segmenter: {result.onnx_path}" + (f"   bundle: {result.bundle_dir}" if result.bundle_dir else ""))
 
 
+def add_segmenter(
+    bundle: Path = typer.Option(..., "--bundle", help="Classifier bundle to extend (not modified)."),
+    segmenter: Path = typer.Option(..., "--segmenter", help="A train-segmenter run folder (segmenter.onnx + "
+                                   "segmenter.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New bundle folder: the classifier plus segmenter.onnx."),
+) -> None:
+    """Add an already trained segmenter to a copy of a bundle (no torch needed)."""
+    from ..lesion import add_segmenter_from_run
+
+    try:
+        folder = add_segmenter_from_run(bundle, segmenter, out)
+    except DermscreenError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"Bundle with segmenter: {folder}")
+
+
 def _str(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(path)

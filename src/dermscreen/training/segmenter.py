@@ -33,8 +33,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..bundle import SEGMENTER_FILE, Bundle, Manifest, SegmenterSpec
+from ..bundle import SEGMENTER_FILE, Bundle, SegmenterSpec
 from ..errors import BundleError, ConfigError
+from ..lesion import add_segmenter
 from ..manifests import LabelledSet, Sample, load_labels
 from ..splits import grouped_split
 from .backbones import DEFAULT_BACKBONE, create_backbone
@@ -213,19 +214,6 @@ def check_onnx(onnx_bytes: bytes, model: nn.Module, images: np.ndarray, toleranc
         raise BundleError(f"ONNX export of the segmenter does not reproduce torch: max abs difference {diff:.2e} "
                           f"exceeds {tolerance:g}. Nothing was written.")
     return diff
-
-
-def add_segmenter(bundle_dir: Path, out: Path, onnx_bytes: bytes, spec: SegmenterSpec) -> Path:
-    """Write a copy of classifier bundle ``bundle_dir`` plus ``segmenter.onnx`` (hashed) into ``out``."""
-    source = Bundle.load(bundle_dir)  # verified: never extend a bundle whose files do not match its hashes
-    files = {name: source.file(name) for name in source.manifest.files}
-    files[spec.file] = onnx_bytes
-    manifest: Manifest = source.manifest.model_copy(update={"segmenter": spec})
-    if out.resolve() == Path(bundle_dir).resolve():
-        raise ConfigError("--out must differ from --bundle: the classifier bundle is never modified in place.")
-    Bundle.write(out, manifest, files)
-    Bundle.load(out)  # re-read and verify what was written
-    return out
 
 
 # ---- the command's work ---------------------------------------------------------------------------------

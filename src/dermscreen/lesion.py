@@ -33,7 +33,8 @@ Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom excl
 Method = Literal["segmenter", "classical"]
 
 WORK_MAX_SIDE = 256  # segment at most at this size: the mask's detail beyond it does not change a crop or ABCD
-VIGNETTE_LUMA = 40  # border-connected pixels whose brightest channel is darker than this are the dermatoscope's lens edge, not skin
+# border-connected pixels whose brightest channel is darker than this are the dermatoscope's lens edge, not skin
+VIGNETTE_LUMA = 40
 MIN_AREA_FRACTION = 0.002  # a "lesion" smaller than this share of the field is noise
 MIN_CONTRAST = 12.0  # channel units between lesion and surrounding skin; below it there is no clear lesion
 
@@ -128,13 +129,19 @@ class Segmentation:
                 min(w, math.ceil(b[2] / s)), min(h, math.ceil(b[3] / s)))
 
 
+def working_size(width: int, height: int, max_side: int = WORK_MAX_SIDE) -> tuple[int, int]:
+    """(width, height) of an image shrunk so its longest side is at most ``max_side`` (unchanged if smaller)."""
+    s = max_side / max(width, height)
+    if s >= 1:
+        return width, height
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
 def working_copy(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> np.ndarray:
     """(H, W, 3) uint8 → the same image shrunk so its longest side is at most ``max_side``."""
-    h, w = rgb.shape[:2]
-    s = max_side / max(h, w)
-    if s >= 1:
+    size = working_size(rgb.shape[1], rgb.shape[0], max_side)
+    if size == (rgb.shape[1], rgb.shape[0]):
         return rgb
-    size = (max(1, round(w * s)), max(1, round(h * s)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
 
 
@@ -315,16 +322,17 @@ class OnnxSegmenter:
     def probabilities(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (S, S) float32 lesion probability of the frame squashed to S x S."""
         s = self.spec.image_size
-        x = np.asarray(Image.fromarray(rgb).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+        small = Image.fromarray(rgb).resize((s, s), Image.BILINEAR, reducing_gap=2.0)
+        x = np.asarray(small, dtype=np.float32) / 255.0
         x = (x - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
         logits = self.session.run([self.spec.output], {self.spec.input: x.transpose(2, 0, 1)[None]})[0]
-        return 1.0 / (1.0 + np.exp(-logits[0, 0]))
+        return 1.0 / (1.0 + np.exp(-np.clip(logits[0, 0], -60.0, 60.0)))  # clipped: no overflow warnings
 
     def segment(self, rgb: np.ndarray) -> Segmentation:
         """(H, W, 3) uint8 RGB → Segmentation at working resolution (largest central component, holes filled)."""
         prob = self.probabilities(rgb)
-        h, w = working_copy(rgb).shape[:2]
-        prob = np.asarray(Image.fromarray(prob).resize((w, h), Image.BILINEAR))
+        size = working_size(rgb.shape[1], rgb.shape[0])
+        prob = np.asarray(Image.fromarray(prob).resize(size, Image.BILINEAR))
         mask = clean_mask(prob > self.spec.threshold, smooth=3)
         found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)
         return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found)
@@ -498,7 +506,8 @@ def colour_labels(rgb: np.ndarray) -> np.ndarray:
     chroma = mx - mn
     s = np.where(mx > 0, chroma / np.maximum(mx, 1.0), 0.0)
     safe = np.maximum(chroma, 1e-6)
-    hue = np.where(mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) * 60.0
+    sector = np.where(mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = sector * 60.0
     hue = np.where(chroma > 0, hue, 0.0)
     brownish = (s >= 0.25) & (hue >= 5) & (hue < 50)
     out = np.full(r.shape, -1, dtype=np.int8)

@@ -300,6 +300,9 @@ def test_screener_uses_the_bundles_segmenter(tiny_bundle, tmp_path):
     assert _dice(result.segmentation.mask, truth) > 0.9
     classical = Screener(bundle, ScreenerSettings(ood_refusal=False, segmenter="classical")).analyze_image(rgb)
     assert classical.lesion.method == "classical"
+    card = screener.model_card()
+    assert card["lesion_segmentation"] == "segmenter" and card["segmenter"]["validation"] == {"dice": 0.5}
+    assert Screener(tiny_bundle).model_card()["segmenter"] is None
     # a bundle from before the segmenter field still loads, and has none
     assert not Bundle.load(tiny_bundle).has_segmenter and Bundle.load(tiny_bundle).manifest.segmenter is None
 
@@ -342,3 +345,22 @@ def test_add_segmenter_cli_extends_a_copy_of_a_bundle(tiny_bundle, tmp_path):
     same = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(tiny_bundle), "--segmenter", str(run),
                                     "--out", str(tiny_bundle)])
     assert same.exit_code == 2 and "never modified in place" in same.output
+
+
+def test_info_names_how_lesions_are_outlined(tiny_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    folder = tmp_path / "b"
+    files = {p.name: p.read_bytes() for p in tiny_bundle.iterdir() if p.is_file() and p.name != MANIFEST}
+    manifest = Manifest.model_validate_json((tiny_bundle / MANIFEST).read_bytes())
+    manifest.segmenter = SegmenterSpec(image_size=64, validation={"test_dice": 0.9, "test_dice_ci_low": 0.89,
+                                                                  "test_dice_ci_high": 0.91, "test_iou": 0.82,
+                                                                  "test_n": 1000})
+    Bundle.write(folder, manifest, {**files, SEGMENTER_FILE: _dark_is_lesion_onnx(64)})
+    with_seg = CliRunner().invoke(app, ["info", "--model", str(folder)])
+    words = " ".join(with_seg.output.split())  # rich wraps long lines at the terminal width
+    assert with_seg.exit_code == 0 and "test Dice 0.900 (0.890-0.910), IoU 0.820 on 1000 held-out" in words
+    plain = CliRunner().invoke(app, ["info", "--model", str(tiny_bundle)])
+    assert plain.exit_code == 0 and "no segmenter.onnx" in " ".join(plain.output.split())

@@ -327,6 +327,8 @@ class Screener:
             "operating_points": [o.model_dump() for o in m.operating_points],
             "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
             "uses_metadata": self.metadata_spec is not None, "training": m.training,
+            "segmenter": m.segmenter.model_dump() if m.segmenter and self.bundle.has_segmenter else None,
+            "lesion_segmentation": "segmenter" if self.segmenter is not None else "classical",
             **m.card.model_dump(), "disclaimer": DISCLAIMER,
         }
 

@@ -188,12 +188,26 @@ def _print_card(card: dict, console: Console) -> None:
     if scalar:
         console.print("metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
     console.print(f"uses patient metadata: {'yes' if card['uses_metadata'] else 'no'}")
+    console.print(f"lesion outline: {_segmenter_line(card.get('segmenter'))}")
     for label, key in (("intended use", "intended_use"), ("training data", "training_data"), ("licence", "licence")):
         if card.get(key):
             console.print(f"[bold]{label}:[/] {card[key]}")
     for item in card.get("limitations") or []:
         console.print(f"  • {item}")
     console.print(f"[dim]{card['disclaimer']}[/]")
+
+
+def _segmenter_line(spec: dict | None) -> str:
+    """How this bundle outlines lesions, with the segmenter's held-out Dice/IoU when it has one."""
+    if not spec:
+        return "classical colour thresholding (this bundle has no segmenter.onnx)"
+    v = spec.get("validation") or {}
+    quality = ""
+    if "test_dice" in v:
+        quality = (f", test Dice {v['test_dice']:.3f} ({v.get('test_dice_ci_low', float('nan')):.3f}-"
+                   f"{v.get('test_dice_ci_high', float('nan')):.3f}), IoU {v.get('test_iou', float('nan')):.3f} "
+                   f"on {v.get('test_n', 0):.0f} held-out images")
+    return f"segmenter.onnx ({spec.get('backbone')}, {spec.get('image_size')} px{quality})"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,7 +84,9 @@ def _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, 
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "history": state.history,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": round(time.perf_counter() - start, 1),  # this process only (a resumed run: since resuming)
+        # training time of every epoch, all sessions of a resumed run included (wall_time_s does not see earlier ones)
+        "epoch_seconds_total": round(sum(float(row.get("seconds", 0.0)) for row in state.history), 1),
         "device": str(ctx.device),
         "processes": ctx.world_size,
         "torch_version": torch.__version__,

@@ -191,9 +191,9 @@ def test_model_problems_are_clear_errors(tmp_path, tiny_bundle, monkeypatch):
     result = _run("--model", tampered, "--labels", labels, "--out", tmp_path / "o")
     assert result.exit_code != 0 and "sha256" in result.output
 
-    from dermscreen import inference
+    import dermscreen.bundle
 
-    monkeypatch.setattr(inference, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
+    monkeypatch.setattr(dermscreen.bundle, "DEFAULT_BUNDLE_DIR", tmp_path / "no-default")
     result = _run("--labels", labels, "--out", tmp_path / "o", env={"DERMSCREEN_MODEL": ""})
     assert result.exit_code != 0 and "--model" in result.output
     result = _run("--labels", labels, "--out", tmp_path / "o", "--bootstrap", 0,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dermscreen.bundle
 from dermscreen import inference
 from dermscreen.bundle import Bundle
 from dermscreen.calibration import softmax
@@ -109,7 +110,7 @@ def test_unreadable_and_missing_files_name_the_file(tmp_path, tiny_bundle):
 
 def test_resolve_model_order(tmp_path, monkeypatch):
     monkeypatch.delenv(inference.MODEL_ENV, raising=False)
-    monkeypatch.setattr(inference, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    monkeypatch.setattr(dermscreen.bundle, "DEFAULT_BUNDLE_DIR", tmp_path / "none")
     with pytest.raises(BundleError, match="--model"):
         resolve_model(None)
     assert resolve_model(tmp_path / "given") == tmp_path / "given"

@@ -146,9 +146,9 @@ def test_thread_safe(screener):
 
 
 def test_bundle_resolution(tiny_bundle, monkeypatch, tmp_path):
-    import dermscreen.screening as screening
+    import dermscreen.bundle
 
-    monkeypatch.setattr(screening, "DEFAULT_BUNDLE_DIR", tmp_path / "none")
+    monkeypatch.setattr(dermscreen.bundle, "DEFAULT_BUNDLE_DIR", tmp_path / "none")
     monkeypatch.delenv("DERMSCREEN_MODEL", raising=False)
     with pytest.raises(BundleError, match="--model"):
         Screener()

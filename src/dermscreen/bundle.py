@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import os
 import zipfile
 from functools import cached_property
 from pathlib import Path
@@ -124,6 +125,25 @@ class Manifest(BaseModel):
                 return op
         raise BundleError(f"This bundle has no operating point named {name!r} "
                           f"(it has: {', '.join(o.name for o in self.operating_points) or 'none'}).")
+
+
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models" / "default"
+MODEL_ENV = "DERMSCREEN_MODEL"
+
+
+def resolve_bundle_path(model: str | Path | None) -> Path:
+    """The bundle every front end uses: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if none."""
+    if model is not None and str(model):
+        return Path(model)
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    for candidate in (DEFAULT_BUNDLE_DIR, DEFAULT_BUNDLE_DIR.with_suffix(".zip")):
+        if candidate.exists():
+            return candidate
+    raise BundleError(
+        "No model bundle was given and no default model is installed: pass --model PATH (a bundle folder "
+        f"or zip), or set the {MODEL_ENV} environment variable."
+    )
 
 
 def sha256_bytes(data: bytes) -> str:

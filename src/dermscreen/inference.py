@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .bundle import Bundle
+from .bundle import DEFAULT_BUNDLE_DIR, MODEL_ENV, Bundle, resolve_bundle_path  # noqa: F401 (MODEL_ENV re-exported)
 from .calibration import softmax
 from .errors import BundleError, ImageError
 from .manifests import Sample
@@ -30,8 +30,7 @@ from .imaging import read_image_file
 from .ood import MahalanobisOOD
 from .preprocess import Preprocessing, preprocess
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
-MODEL_ENV = "DERMSCREEN_MODEL"
+DEFAULT_MODEL_DIR = DEFAULT_BUNDLE_DIR  # the shipped default, resolved in bundle.py for every front end
 _PREFETCH_BATCHES = 2
 
 
@@ -58,16 +57,7 @@ class Predictions:
 
 def resolve_model(model: str | Path | None) -> Path:
     """The bundle path to use: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if none."""
-    if model:
-        return Path(model)
-    if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
-    if (DEFAULT_MODEL_DIR / "manifest.json").is_file():
-        return DEFAULT_MODEL_DIR
-    raise BundleError(
-        "No model bundle given and no default model is installed: pass --model PATH (a bundle folder or zip) "
-        f"or set {MODEL_ENV}."
-    )
+    return resolve_bundle_path(model)
 
 
 def load_rgb(path: str | Path) -> Image.Image:

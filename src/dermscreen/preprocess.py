@@ -22,13 +22,21 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+def model_box(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the region of a (width, height) image that the model is fed."""
+    w, h = size
+    if spec.resize != "center_crop":
+        return 0, 0, w, h
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
 def resize_for_model(image: Image.Image, spec: Preprocessing) -> Image.Image:
     """Crop/resize a PIL RGB image to ``spec.image_size`` square, bilinear."""
-    if spec.resize == "center_crop":
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
+    box = model_box(image.size, spec)
+    if box != (0, 0, *image.size):
+        image = image.crop(box)
     size = spec.image_size
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)

@@ -10,7 +10,6 @@ state, so one instance may serve many threads at once; onnxruntime sessions are 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import DISCLAIMER
-from .bundle import Bundle
+from .bundle import Bundle, resolve_bundle_path
 from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
 from .explain import Heatmaps, cam, data_url, malignant_direction
@@ -37,11 +36,9 @@ from .lesion import (
 )
 from .metadata import HAM10000_SITES, MetadataSpec
 from .ood import MahalanobisOOD
-from .preprocess import Preprocessing, preprocess
+from .preprocess import model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
 
-DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models" / "default"
-MODEL_ENV = "DERMSCREEN_MODEL"
 
 Tier = Literal["high", "moderate", "low", "cannot_assess"]
 TIERS: dict[str, dict[str, str]] = {
@@ -235,30 +232,9 @@ class ScreeningResult(BaseModel):
 # ---- the pipeline ----------------------------------------------------------------------------------
 def resolve_bundle(bundle: Bundle | str | Path | None) -> Bundle:
     """A Bundle from an instance, a path, $DERMSCREEN_MODEL, or the shipped default; BundleError if none."""
-    if isinstance(bundle, Bundle):
-        return bundle
-    if bundle is not None and str(bundle):
-        return Bundle.load(bundle)
-    env = os.environ.get(MODEL_ENV)
-    if env:
-        return Bundle.load(env)
-    for candidate in (DEFAULT_BUNDLE_DIR, DEFAULT_BUNDLE_DIR.with_suffix(".zip")):
-        if candidate.exists():
-            return Bundle.load(candidate)
-    raise BundleError(
-        "No model bundle was given and no default model is installed: pass --model PATH (a bundle folder "
-        f"or zip), or set the {MODEL_ENV} environment variable."
-    )
+    return bundle if isinstance(bundle, Bundle) else Bundle.load(resolve_bundle_path(bundle))
 
 
-def model_box(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the region of a (width, height) image that preprocessing feeds the model."""
-    w, h = size
-    if spec.resize != "center_crop":
-        return 0, 0, w, h
-    side = min(w, h)  # the same arithmetic as preprocess.resize_for_model
-    left, top = (w - side) // 2, (h - side) // 2
-    return left, top, left + side, top + side
 
 
 def _flips(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from ..imaging import read_image_file
 from ..manifests import LabelledSet
 from ..metadata import MetadataSpec
-from ..preprocess import Preprocessing, normalize, preprocess, resize_for_model
+from ..preprocess import Preprocessing, model_box, normalize, preprocess, resize_for_model
 
 
 class AugmentConfig(BaseModel):
@@ -48,12 +48,8 @@ def load_rgb(path) -> Image.Image:
 
 def _model_view(image: Image.Image, spec: Preprocessing) -> Image.Image:
     """The part of the frame the model sees at inference (the centred square for center_crop)."""
-    if spec.resize != "center_crop":
-        return image
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side))
+    box = model_box(image.size, spec)
+    return image if box == (0, 0, *image.size) else image.crop(box)
 
 
 def _random_resized_crop(image: Image.Image, aug: AugmentConfig, rng: random.Random) -> Image.Image:

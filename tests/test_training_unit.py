@@ -312,3 +312,52 @@ def test_train_command_errors_are_sentences_not_tracebacks(tmp_path):
     not_a_run = runner.invoke(app, ["export", str(tmp_path)])
     assert not_a_run.exit_code == 2 and "not a training run folder" in not_a_run.output
     assert not (tmp_path / "r").exists()  # a failed start writes nothing
+
+
+def test_prior_correction_raises_balanced_accuracy_of_a_prior_biased_classifier():
+    from dermscreen.training.priors import balanced_accuracy, choose_tau, shift, training_prior
+
+    # a classifier that learnt the skewed training prior: true class evidence + log prior on every logit
+    rng = np.random.default_rng(0)
+    counts = np.array([600, 60, 20])
+    labels = np.repeat(np.arange(3), [200, 200, 200])
+    evidence = np.eye(3)[labels] * 1.5 + rng.normal(0, 1, (600, 3))
+    prior = training_prior(np.repeat(np.arange(3), counts), 3, "none", 0.0)
+    assert prior == pytest.approx(counts / counts.sum())
+    logits = evidence + np.log(prior)
+    tau, scores = choose_tau(logits, labels, prior, "auto")
+    plain = balanced_accuracy(labels, logits.argmax(1), 3)
+    assert scores[0.0] == pytest.approx(plain)
+    assert 0.75 <= tau <= 1.25 and scores[tau] > plain + 0.15  # undoing the prior is what helps
+    assert np.allclose(shift(prior, tau), -tau * np.log(prior))
+    assert choose_tau(logits, labels, prior, "none") == (0.0, {0.0: pytest.approx(plain)})
+    # a fully balanced sampler leaves no prior to correct; power 0.5 leaves the square root
+    assert training_prior(np.repeat(np.arange(3), counts), 3, "sampler", 1.0) == pytest.approx(np.full(3, 1 / 3))
+    half = training_prior(np.repeat(np.arange(3), counts), 3, "sampler", 0.5)
+    assert half == pytest.approx(np.sqrt(counts) / np.sqrt(counts).sum())
+
+
+def test_extra_training_images_never_come_from_val_or_test_lesions(tmp_path, synthetic_set):
+    from dermscreen.training.config import ExtraTrainData
+    from dermscreen.training.fit import make_split, training_data
+
+    config = TrainConfig(val_fraction=0.25, test_fraction=0.25, seed=0)
+    split = make_split(synthetic_set, config)
+    held = {synthetic_set.samples[i].lesion_id for name in ("val", "test") for i in split[name]}
+    train_lesion = synthetic_set.samples[split["train"][0]].lesion_id
+    # another copy of the data set: one image of a training lesion, one of a held-out lesion, one copy of a
+    # split image (same id), and one lesion the main manifest lacks
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    rows = ["image,dx,lesion_id"]
+    for name, lesion in (("x1", train_lesion), ("x2", sorted(held)[0]), ("img0", "L0"), ("x3", "NEW")):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(extra / f"{name}.png")
+        rows.append(f"{name}.png,nv,{lesion}")
+    (extra / "labels.csv").write_text("\n".join(rows) + "\n")
+    plain = training_data(synthetic_set, split, config, HAM10000)
+    assert [s.image_id for s in plain.samples] == [synthetic_set.samples[i].image_id for i in split["train"]]
+    config.extra_train = [ExtraTrainData(data=str(extra / "labels.csv"))]
+    more = training_data(synthetic_set, split, config, HAM10000)
+    added = [s for s in more.samples[len(plain):]]
+    assert [s.image_id for s in added] == ["x1", "x3"]
+    assert all(s.lesion_id not in held for s in more.samples)

@@ -11,6 +11,15 @@ from ..errors import ConfigError
 from .data import AugmentConfig
 
 
+class ExtraTrainData(BaseModel):
+    """A further manifest whose images only ever join the training split (e.g. another copy of the data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="manifest CSV; relative paths are relative to the working directory")
+    images: str | None = None
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run; saved resolved as ``config.yaml`` in the run folder."""
 
@@ -26,6 +35,10 @@ class TrainConfig(BaseModel):
     max_images: int | None = Field(None, ge=10)
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    # More training images from other manifests. The split is made on `data` alone; an extra image joins
+    # training only if its image id is not in `data` and its lesion (group) is in no val/test split, so
+    # held-out scores stay clean. Needs lesion ids in both manifests to filter by lesion.
+    extra_train: list[ExtraTrainData] = Field(default_factory=list)
 
     backbone: str = "tf_efficientnet_lite0"
     weights: str = Field("imagenet", description="imagenet | none | timm | timm:<tag> | path to .pth/.safetensors")
@@ -49,6 +62,10 @@ class TrainConfig(BaseModel):
     balance: Literal["sampler", "loss", "none"] = "sampler"
     balance_power: float = Field(0.5, ge=0, le=1, description="weights ∝ count^-power; 1 = fully balanced")
     label_smoothing: float = Field(0.05, ge=0, lt=0.5)
+    # Logit adjustment for the class prior the model was trained under (sampler/loss weighting): the
+    # exported classifier bias gets -tau * log(training prior). "auto" picks tau on validation balanced
+    # accuracy (also used to choose the best epoch); "none" or 0 switches it off; a number fixes tau.
+    prior_correction: Literal["auto", "none"] | float = "auto"
     patience: int = Field(6, ge=1, description="epochs without validation balanced-accuracy gain before stopping")
     augment: AugmentConfig = AugmentConfig()
 

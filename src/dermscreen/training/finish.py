@@ -11,22 +11,24 @@ from ..bundle import Manifest, ModelSpec
 from .calibrate import calibrate, fit_ood, validation_metrics
 from .data import LesionDataset, load_rgb
 from .export import build_card, export_bundle
+from .priors import choose_tau, shift, training_prior
 
 log = logging.getLogger("dermscreen.training")
 
 
-def finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start):
-    """Calibrate the best checkpoint on validation, fit OOD, export the bundle; returns a TrainResult."""
+def finish_run(model, run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start):
+    """Prior-correct and calibrate the best checkpoint on validation, fit OOD, export the bundle; a TrainResult."""
     from .fit import TrainResult, predict
 
     try:
         if run.best_pt.exists():
             run.load_best(model, ctx.device)
         val_eval = LesionDataset(data.subset(split["val"]), spec, None, meta_spec)
-        train_eval = LesionDataset(data.subset(split["train"]), spec, None, meta_spec)
+        train_eval = LesionDataset(train_data, spec, None, meta_spec)
         bs, workers = config.batch_size * 2, config.num_workers
         val_logits, val_emb = predict(model, val_eval, range(len(val_eval)), ctx.device, bs, workers)
         val_labels = np.asarray(val_eval.labels)
+        val_logits, prior_record = _correct_prior(model, config, train_data, val_logits, val_labels, taxonomy)
         calibration, points = calibrate(val_logits, val_labels, taxonomy)
         metrics = validation_metrics(val_logits, val_labels, taxonomy, calibration.temperature)
         metrics.update(ece_before=calibration.ece_before, ece_after=calibration.ece_after)
@@ -37,8 +39,8 @@ def finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy,
         log.info("OOD threshold %.3f keeps %.1f%% of validation images", ood_spec.threshold, 100 * ood_spec.validation_kept)
         bundle_dir = None
         if config.export:
-            manifest = _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start,
-                                 calibration, points, ood_spec, metrics)
+            manifest = _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx,
+                                 start, calibration, points, ood_spec, metrics, prior_record)
             images, meta = _check_batch(val_eval, config.export_check_images)
             bundle_dir = export_bundle(model, run.bundle_dir, manifest, ood.to_arrays(), images, meta,
                                        config.onnx_exporter)
@@ -48,6 +50,23 @@ def finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy,
         return TrainResult(run.root, bundle_dir, metrics, state.epoch, state.best_epoch, wall)
     finally:
         run.close()
+
+
+def _correct_prior(model, config, train_data, val_logits, val_labels, taxonomy):
+    """Fold the chosen logit adjustment into the classifier bias; (adjusted val logits, manifest record)."""
+    prior = training_prior(train_data.labels, taxonomy.num_classes, config.balance, config.balance_power)
+    tau, scores = choose_tau(val_logits, val_labels, prior, config.prior_correction)
+    delta = shift(prior, tau)
+    if tau:
+        with torch.no_grad():
+            model.classifier.bias.add_(torch.from_numpy(delta).to(model.classifier.bias))
+        log.info("prior correction: tau %g, validation balanced accuracy %.4f -> %.4f", tau, scores.get(0.0, float("nan")),
+                 scores[tau])
+    record = {"tau": tau, "training_prior": [round(float(p), 6) for p in prior],
+              "bias_shift": [round(float(d), 6) for d in delta],
+              "val_balanced_accuracy_by_tau": {f"{t:g}": round(v, 4) for t, v in scores.items()},
+              "method": "logit adjustment, classifier bias -= tau * log(training prior); tau chosen on validation"}
+    return val_logits + delta, record
 
 
 def _check_batch(dataset: LesionDataset, n: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -67,17 +86,20 @@ def _source_resolution(data) -> str | None:
         return None
 
 
-def _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, ctx, start,
-              calibration, points, ood_spec, metrics) -> Manifest:
+def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start,
+              calibration, points, ood_spec, metrics, prior_record) -> Manifest:
     import timm
 
     summary = data.summary()
     splits = {name: data.subset(idx).summary() for name, idx in split.items() if idx}
+    splits["train"] = train_data.summary()  # with the extra_train images, if any
     training = {
         "data": summary,
         "splits": {k: {"images": v["images"], "groups": v["groups"], "class_counts": v["class_counts"]}
                    for k, v in splits.items()},
         "split_file": str(run.split_csv.resolve()),
+        "extra_train": [_extra_summary(source, taxonomy) for source in config.extra_train],
+        "prior_correction": prior_record,
         "recipe": config.model_dump(mode="json"),
         "backbone_weights": info.weights,
         "seed": config.seed,
@@ -100,3 +122,15 @@ def _manifest(run, config, data, split, spec, meta_spec, info, taxonomy, state, 
         calibration=calibration, operating_points=points, ood=ood_spec, metrics=metrics,
         training=training, card=card,
     )
+
+
+def _extra_summary(source, taxonomy) -> dict:
+    # what each extra manifest was (path and hash), so the bundle says exactly which data it saw
+    from ..manifests import load_labels
+
+    try:
+        more = load_labels(source.data, source.images, taxonomy, check_files=False)
+    except Exception:  # only decorates the record
+        return {"source": source.data}
+    return {"source": source.data, "images_folder": source.images, "manifest_sha256": more.sha256,
+            "images_in_manifest": len(more)}

@@ -31,6 +31,7 @@ from . import distributed as D
 from .config import TrainConfig, dump_config, load_config
 from .data import BalancedSampler, LesionDataset, class_weights
 from .model import LesionClassifier, build_model, set_frozen_bn_eval
+from .priors import choose_tau, training_prior
 from .progress import TrainProgress
 from .runlog import RunFolder
 
@@ -102,6 +103,29 @@ def make_split(data: LabelledSet, config: TrainConfig) -> dict[str, list[int]]:
     return split
 
 
+def training_data(data: LabelledSet, split: dict[str, list[int]], config: TrainConfig,
+                  taxonomy: Taxonomy) -> LabelledSet:
+    """The training split of ``data`` plus every ``config.extra_train`` image that cannot leak into val/test.
+
+    An extra image is dropped when its image id is already in ``data`` (another copy of an image
+    that is split already) or its lesion/patient group has an image in val or test.
+    """
+    train = data.subset(split["train"])
+    if not config.extra_train:
+        return train
+    held_out = {data.samples[i].group_id for name in ("val", "test") for i in split.get(name, [])}
+    seen = {s.image_id for s in data.samples}
+    extra = []
+    for source in config.extra_train:
+        more = load_labels(source.data, source.images, taxonomy)
+        kept = [s for s in more.samples if s.image_id not in seen and s.group_id not in held_out]
+        log.info("extra training data %s: %d of %d images kept (others are copies of split images or "
+                 "belong to val/test lesions)", source.data, len(kept), len(more))
+        seen.update(s.image_id for s in kept)
+        extra.extend(kept)
+    return LabelledSet(train.samples + extra, train.source, train.format, taxonomy, train.sha256)
+
+
 def write_split(data: LabelledSet, split: dict[str, list[int]], path: Path) -> None:
     """Write ``image_id,split`` rows (every image of ``data``) to ``path``."""
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -125,9 +149,9 @@ def read_split(data: LabelledSet, path: Path) -> dict[str, list[int]]:
     return split
 
 
-def _loaders(config, data, split, spec, meta, ctx, taxonomy):
+def _loaders(config, data, split, train_data, spec, meta, ctx, taxonomy):
     """(train DataLoader, its sampler, val dataset) for this process."""
-    train_set = LesionDataset(data.subset(split["train"]), spec, config.augment, meta, config.seed)
+    train_set = LesionDataset(train_data, spec, config.augment, meta, config.seed)
     val_set = LesionDataset(data.subset(split["val"]), spec, None, meta)
     if config.balance == "sampler":
         sampler = BalancedSampler(train_set.labels, taxonomy.num_classes, power=config.balance_power,
@@ -226,8 +250,9 @@ def predict(model: LesionClassifier, dataset: LesionDataset, indices, device, ba
     return np.concatenate(logits), np.concatenate(embs)
 
 
-def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfig, ctx) -> tuple[np.ndarray, dict]:
-    """Validation logits (all processes share the work) and {loss, balanced_accuracy}."""
+def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfig, ctx,
+             train_labels=()) -> tuple[np.ndarray, dict]:
+    """Validation logits (all processes share the work) and {loss, balanced_accuracy[, after prior correction]}."""
     from sklearn.metrics import balanced_accuracy_score
 
     mine = list(range(ctx.rank, len(val_set), ctx.world_size))
@@ -239,7 +264,13 @@ def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfi
     t = torch.from_numpy(all_logits)
     loss = float(nn.functional.cross_entropy(t, torch.from_numpy(labels)))
     bacc = float(balanced_accuracy_score(labels, all_logits.argmax(1)))
-    return all_logits, {"val_loss": loss, "val_balanced_accuracy": bacc}
+    row = {"val_loss": loss, "val_balanced_accuracy": bacc}
+    if config.prior_correction not in ("none", 0, 0.0):
+        # the exported model gets the prior correction, so the best epoch is the best after it
+        prior = training_prior(train_labels, all_logits.shape[1], config.balance, config.balance_power)
+        tau, scores = choose_tau(all_logits, labels, prior, config.prior_correction)
+        row.update(val_balanced_accuracy_corrected=scores[tau], prior_tau=tau)
+    return all_logits, row
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -274,7 +305,10 @@ def _run(config, out, resume, show_progress, ctx, start) -> TrainResult:
     spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
     log.info("backbone %s (%d features), weights: %s, device %s, %d process(es)",
              info.name, info.num_features, info.weights, ctx.device, ctx.world_size)
-    loader, sampler, train_set, val_set = _loaders(config, data, split, spec, meta_spec, ctx, taxonomy)
+    train_data = training_data(data, split, config, taxonomy)
+    if ctx.is_main and config.extra_train:
+        log.info("training images: %s", train_data.summary()["class_counts"])
+    loader, sampler, train_set, val_set = _loaders(config, data, split, train_data, spec, meta_spec, ctx, taxonomy)
     model.to(ctx.device)
     state = TrainState()
     optimizer, scheduler = _optimizer(model, config, len(loader))
@@ -286,7 +320,8 @@ def _run(config, out, resume, show_progress, ctx, start) -> TrainResult:
         return TrainResult(run.root, None, {}, fitted.epoch, fitted.best_epoch, time.perf_counter() - start)
     from .finish import finish_run
 
-    return finish_run(model, run, config, data, split, spec, meta_spec, info, taxonomy, fitted, ctx, start)
+    return finish_run(model, run, config, data, split, train_data, spec, meta_spec, info, taxonomy, fitted, ctx,
+                      start)
 
 
 def _set_threads(config: TrainConfig, ctx) -> None:
@@ -315,7 +350,7 @@ def _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, confi
             progress.start_epoch(epoch)
             t0 = time.perf_counter()
             train_loss, rate = train_epoch(ddp, loader, optimizer, scheduler, loss_fn, ctx, progress, config.amp)
-            _, val = validate(model, val_set, config, ctx)
+            _, val = validate(model, val_set, config, ctx, train_set.labels)
             row = {"epoch": epoch + 1, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": rate * ctx.world_size, "seconds": time.perf_counter() - t0}
             improved = _update_best(state, row)
@@ -332,7 +367,7 @@ def _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, confi
 
 
 def _update_best(state: TrainState, row: dict) -> bool:
-    score, loss = row["val_balanced_accuracy"], row["val_loss"]
+    score, loss = row.get("val_balanced_accuracy_corrected", row["val_balanced_accuracy"]), row["val_loss"]
     if score > state.best_score or (score == state.best_score and loss < state.best_loss):
         state.best_score, state.best_loss, state.best_epoch = score, loss, row["epoch"]
         return True

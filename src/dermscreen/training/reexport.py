@@ -11,7 +11,7 @@ from ..metadata import MetadataSpec
 from ..preprocess import Preprocessing
 from . import distributed as D
 from .config import load_config
-from .fit import TrainState, load_data, read_split
+from .fit import TrainState, load_data, read_split, training_data
 from .finish import finish_run
 from .model import build_model
 from .runlog import RunFolder
@@ -41,7 +41,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
     if out is not None:
         run.bundle_dir = Path(out)
     run.open(resume=True)
-    result = finish_run(model, run, config, dataset, split, spec, meta_spec, info, taxonomy, state, ctx, start)
+    train_data = training_data(dataset, split, config, taxonomy)
+    result = finish_run(model, run, config, dataset, split, train_data, spec, meta_spec, info, taxonomy, state, ctx,
+                        start)
     return result.bundle_dir
 
 

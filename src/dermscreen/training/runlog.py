@@ -16,7 +16,8 @@ log = logging.getLogger("dermscreen.training")
 # settings that may change when a run is resumed; anything else would make it a different run
 RESUMABLE_CHANGES = {"epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images", "amp",
                       "onnx_exporter"}
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "lr", "images_per_s", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_balanced_accuracy_corrected",
+                   "prior_tau", "lr", "images_per_s", "seconds"]
 
 
 class RunFolder:
@@ -86,8 +87,12 @@ class RunFolder:
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val balanced accuracy %.4f%s (%.0fs, %.1f img/s)",
-                 row["epoch"], row["train_loss"], row["val_loss"], row["val_balanced_accuracy"],
+        corrected = ""
+        if "val_balanced_accuracy_corrected" in row:
+            corrected = (f" ({row['val_balanced_accuracy_corrected']:.4f} after prior correction, "
+                         f"tau {row['prior_tau']:g})")
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val balanced accuracy %.4f%s%s (%.0fs, %.1f img/s)",
+                 row["epoch"], row["train_loss"], row["val_loss"], row["val_balanced_accuracy"], corrected,
                  " *best*" if improved else "", row["seconds"], row["images_per_s"])
         self.plot_curves()
 
@@ -96,7 +101,7 @@ class RunFolder:
         if not self.history_csv.exists():
             return []
         with open(self.history_csv, newline="", encoding="utf-8") as f:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+            return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
 
     def plot_curves(self) -> None:
         """Write learning_curves.png: losses and validation balanced accuracy per epoch."""
@@ -114,7 +119,11 @@ class RunFolder:
         a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
         a.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
         a.legend()
-        b.plot(ep, [r["val_balanced_accuracy"] for r in rows], "o-", color="tab:green")
+        b.plot(ep, [r["val_balanced_accuracy"] for r in rows], "o-", color="tab:green", label="argmax")
+        if all("val_balanced_accuracy_corrected" in r for r in rows):
+            b.plot(ep, [r["val_balanced_accuracy_corrected"] for r in rows], "o-", color="tab:purple",
+                   label="after prior correction")
+            b.legend()
         b.set(xlabel="epoch", ylabel="balanced accuracy", title="Validation balanced accuracy", ylim=(0, 1))
         for ax in (a, b):
             ax.grid(alpha=0.3)

@@ -8,7 +8,8 @@ Usage:
 Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the overlay PNG encoded
 (as the API does when asked), intra-op threads = all cores; prints median and p95 per stage.
 Batch: one Screener with 1 intra-op thread per call, a thread pool of --workers (default: all
-cores) over --batch real images; prints images/s. --torch-reference times the same backbone in
+cores) over --batch real images; then the same files through dermscreen.batch with --workers
+processes (what `dermscreen predict FOLDER` does); prints images/s. --torch-reference times the same backbone in
 torch eager (timm, random weights: speed does not depend on the weights) on the same input, for
 the ONNX/torch ratio; it needs the train extra.
 """
@@ -51,13 +52,18 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def load_images(data: Path, n: int) -> list[bytes]:
-    """The bytes of up to n real images, spread over ham10000_224 then ham10000."""
+def image_paths(data: Path, n: int) -> list[Path]:
+    """Up to n real image files, spread over ham10000_224 then ham10000."""
     paths = sorted((data / "ham10000_224" / "images").glob("*.jpg")) + sorted((data / "ham10000" / "images").glob("*.jpg"))
     if not paths:
         sys.exit(f"no images under {data}; pass --data")
     step = max(1, len(paths) // n)
-    return [p.read_bytes() for p in paths[::step][:n]]
+    return paths[::step][:n]
+
+
+def load_images(data: Path, n: int) -> list[bytes]:
+    """The bytes of up to n real images, spread over ham10000_224 then ham10000."""
+    return [p.read_bytes() for p in image_paths(data, n)]
 
 
 def bench_single(screener, images: list[bytes]) -> dict[str, list[float]]:
@@ -86,6 +92,25 @@ def bench_batch(screener, images: list[bytes], workers: int, heatmap: bool) -> t
         results = list(pool.map(lambda d: screener.analyze(d, heatmap=heatmap), images))
         elapsed = time.perf_counter() - t0
     return len(images) / elapsed, sum(r.status != "ok" for r in results)
+
+
+def bench_processes(model, paths: list[Path], workers: int, heatmap: bool, ood: bool) -> tuple[float, float, float, int]:
+    """dermscreen.batch.screen_files (what `dermscreen predict FOLDER` runs) over files on disk with
+    ``workers`` processes: (images/s including the workers' start, seconds to the first result,
+    images/s after the first result, refusals)."""
+    from dermscreen.batch import screen_files
+    from dermscreen.screening import ScreenerSettings
+
+    settings = ScreenerSettings(ood_refusal=ood, threads=1)
+    t0 = time.perf_counter()
+    first, refused = None, 0
+    for outcome in screen_files(paths, model, settings, workers=workers, heatmap=heatmap):
+        if first is None:
+            first = time.perf_counter() - t0
+        refused += outcome.result is None or outcome.result["status"] != "ok"
+    total = time.perf_counter() - t0
+    steady = (len(paths) - 1) / max(total - (first or 0.0), 1e-9)
+    return len(paths) / total, first or 0.0, steady, refused
 
 
 def bench_torch(bundle, runs: int = 100) -> tuple[float, float] | None:
@@ -170,6 +195,13 @@ def main() -> None:
         rate, refused = bench_batch(batch, images[: args.batch], args.workers, heatmap)
         print(f"\nbatch: {args.batch} images, {args.workers} worker threads, heatmap {'on' if heatmap else 'off'}: "
               f"**{rate:.1f} images/s** ({refused} answered cannot_assess)")
+    paths = image_paths(args.data, args.batch)
+    for heatmap in (True, False):
+        rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood)
+        print(f"\nbatch: {len(paths)} image files, {args.workers} worker processes (dermscreen.batch, as "
+              f"`dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "
+              f"including the workers' start ({first:.2f} s to the first result), {steady:.1f} images/s after it; "
+              f"{refused} cannot_assess")
     if args.torch_reference:
         ref = bench_torch(single.bundle)
         if ref:

@@ -93,3 +93,26 @@ def test_info(app, tiny_bundle):
     assert res.exit_code == 0 and "tiny-test-model" in res.stdout and "sensitivity_first" in res.stdout
     card = json.loads(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle), "--json"]).stdout)
     assert card["classes"][0]["code"] == "akiec" and card["ood"]["threshold"] > 0 and "licence" in card
+
+
+def test_worker_processes_give_the_serial_answers_in_order(app, folder, tiny_bundle, ham_dir, tmp_path):
+    # more files than workers: two spawned processes share them; the answers, their order, the error
+    # line and the report names must be exactly those of the one-process run
+    real = sorted((ham_dir / "images").glob("*.jpg"))[:5]
+    for p in real:
+        (folder / "a" / p.name).write_bytes(p.read_bytes())
+    runs = {}
+    for workers in ("1", "2"):
+        html = tmp_path / f"html{workers}"
+        res = CliRunner().invoke(app, ["predict", str(folder), "--model", str(tiny_bundle), "--json",
+                                       "--workers", workers, "--html", str(html)])
+        assert res.exit_code == 1, res.output
+        lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        runs[workers] = (lines, sorted(p.name for p in html.iterdir()))
+    (serial, serial_files), (parallel, parallel_files) = runs["1"], runs["2"]
+    assert [line["file"] for line in parallel] == [line["file"] for line in serial]
+    assert len(parallel) == 8 and sum("error" in line for line in parallel) == 1
+    for a, b in zip(serial, parallel):
+        if "error" not in a:
+            assert a["risk"] == b["risk"] and a["p_malignant"] == pytest.approx(b["p_malignant"], abs=1e-6)
+    assert parallel_files == serial_files and "lesion-2.html" in parallel_files

@@ -31,30 +31,23 @@ def iter_images(paths: list[Path]) -> Iterator[Path]:
 
 
 class _Outputs:
-    """Writes the per-image files the user asked for, with unique names per run."""
+    """Writes the per-image files the user asked for; called in whichever process analysed the image."""
 
     def __init__(self, html_dir: Path | None, fhir_dir: Path | None, heatmap_dir: Path | None):
         self.dirs = {"html": html_dir, "fhir": fhir_dir, "heatmap": heatmap_dir}
         for d in self.dirs.values():
             if d is not None:
                 d.mkdir(parents=True, exist_ok=True)
-        self.used: set[str] = set()
 
-    def stem(self, path: Path) -> str:
-        """A file stem not used yet in this run (two folders may hold files with the same name)."""
-        stem, n = path.stem, 1
-        while stem in self.used:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        self.used.add(stem)
-        return stem
+    def __bool__(self) -> bool:
+        return any(d is not None for d in self.dirs.values())
 
-    def write(self, path: Path, result, rgb) -> list[Path]:
-        """Write the HTML / FHIR / heatmap files for one result; returns the paths written."""
+    def __call__(self, path: Path, stem: str, result, rgb) -> list[Path]:
+        """Write the HTML / FHIR / heatmap files for one result under ``stem``; returns the paths written."""
         from .report import to_fhir, to_html
         from .explain import png_bytes
 
-        stem, written = self.stem(path), []
+        written = []
         if self.dirs["html"]:
             out = self.dirs["html"] / f"{stem}.html"
             out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {path.name}"), encoding="utf-8")
@@ -70,14 +63,15 @@ class _Outputs:
         return written
 
 
-def _row(table: Table, path: Path, result) -> None:
-    """One human-readable table row."""
-    tier = result.risk.tier
-    top = result.top_diagnoses[0] if result.top_diagnoses else None
-    notes = "; ".join(result.reasons + result.quality.warnings)
-    table.add_row(path.name, f"[{_TIER_STYLE[tier]}] {result.risk.label} [/]",
-                  "—" if result.malignancy_score is None else f"{result.malignancy_score:.0f}",
-                  f"{top.name} ({100 * top.probability:.0f} %)" if top else "—", notes)
+def _row(table: Table, path: Path, result: dict) -> None:
+    """One human-readable table row from a result's JSON."""
+    risk = result["risk"]
+    top = result["top_diagnoses"][0] if result.get("top_diagnoses") else None
+    notes = "; ".join(list(result.get("reasons") or []) + list((result.get("quality") or {}).get("warnings") or []))
+    score = result.get("malignancy_score")
+    table.add_row(path.name, f"[{_TIER_STYLE[risk['tier']]}] {risk['label']} [/]",
+                  "—" if score is None else f"{score:.0f}",
+                  f"{top['name']} ({100 * top['probability']:.0f} %)" if top else "—", notes)
 
 
 def predict(
@@ -91,24 +85,36 @@ def predict(
     sex: Annotated[Optional[str], typer.Option(help="male | female | unknown.")] = None,
     site: Annotated[Optional[str], typer.Option(help="Anatomical site, e.g. back, face, lower extremity.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped copies (slower, slightly steadier).")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per analysis (default: all cores; "
+                                                   "1 per worker when several workers run).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes for many files (default: one per core).",
+                                                   min=1)] = None,
 ) -> None:
     """Screen dermoscopic images: a risk tier, malignancy score and top diagnoses per image."""
     from .screening import Screener, ScreenerSettings
 
+    from .batch import default_workers
+
     err = Console(stderr=True)
-    try:
-        screener = Screener(model, ScreenerSettings(tta=tta, threads=threads))
-    except DermscreenError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
     files = list(iter_images(images))
     if not files:
         err.print("[red]error:[/] no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
         raise typer.Exit(2)
+    workers = workers or default_workers()
+    parallel = workers > 1 and len(files) > workers
+    settings = ScreenerSettings(tta=tta, threads=threads if threads or not parallel else 1)
+    try:
+        # loaded here even when workers will load their own copy: a missing or tampered bundle and bad
+        # age/sex/site fail once, with one message, before any worker starts
+        screener = Screener(model, settings)
+        screener._metadata_vector(age, sex, site)
+    except DermscreenError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
     outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)
-    want_heatmap = bool(html_dir or heatmap_dir)
-    failures = _predict_files(screener, files, outputs, as_json, want_heatmap, dict(age=age, sex=sex, site=site), err)
+    options = dict(age=age, sex=sex, site=site, tta=tta, heatmap=bool(html_dir or heatmap_dir))
+    failures = _predict_files(files, model, settings, screener, workers if parallel else 1,
+                              outputs if outputs else None, as_json, options, err)
     if not as_json:
         err.print(f"[dim]{DISCLAIMER}[/]")
     if failures:
@@ -116,10 +122,12 @@ def predict(
         raise typer.Exit(1)
 
 
-def _predict_files(screener, files: list[Path], outputs: _Outputs, as_json: bool, want_heatmap: bool,
-                   meta: dict, err: Console) -> int:
-    """Analyse every file, print results as they come, report bad files and go on; returns the failure count."""
+def _predict_files(files: list[Path], model, settings, screener, workers: int, writer, as_json: bool,
+                   options: dict, err: Console) -> int:
+    """Analyse every file, print results in order as they come, report bad files and go on; the failure count."""
     from rich.progress import Progress
+
+    from .batch import screen_files
 
     table = Table(title="dermscreen — screening aid, not a diagnosis")
     for col in ("image", "risk", "score", "top diagnosis", "notes"):
@@ -127,25 +135,22 @@ def _predict_files(screener, files: list[Path], outputs: _Outputs, as_json: bool
     failures = 0
     with Progress(console=err, transient=True, disable=len(files) < 2) as progress:
         task = progress.add_task("Screening", total=len(files))
-        for path in files:
-            try:
-                result = screener.analyze(path.read_bytes(), heatmap=want_heatmap, **meta)
-                outputs.write(path, result, result.image_rgb)
-            except (ImageError, OSError) as exc:
-                failures += 1
-                message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
-                progress.console.print(f"[red]{path}:[/] {message}")
-                if as_json:
-                    print(json.dumps({"file": str(path), "error": {"type": type(exc).__name__, "message": message}}),
-                          flush=True)
-            except DermscreenError as exc:  # a bad option (e.g. --site) fails every file alike: stop at once
-                progress.console.print(f"[red]error:[/] {exc}")
+        outcomes = screen_files(files, model, settings, workers=workers, writer=writer, screener=screener, **options)
+        for outcome in outcomes:
+            if outcome.fatal:
+                outcomes.close()
+                progress.console.print(f"[red]error:[/] {outcome.error}")
                 raise typer.Exit(2)
-            else:
+            if outcome.error is not None:
+                failures += 1
+                progress.console.print(f"[red]{outcome.path}:[/] {outcome.error}")
                 if as_json:
-                    print(json.dumps({"file": str(path), **result.to_json()}), flush=True)
-                else:
-                    _row(table, path, result)
+                    print(json.dumps({"file": str(outcome.path),
+                                      "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
+            elif as_json:
+                print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
+            else:
+                _row(table, outcome.path, outcome.result)
             progress.advance(task)
     if not as_json and table.row_count:
         Console().print(table)

@@ -1,0 +1,122 @@
+"""Screen many image files on all cores: one Screener per worker process.
+
+Threads in one process do not scale here: onnxruntime releases the interpreter lock, but the
+Python and small-numpy work around it (decoding, quality gate, lesion outline, JSON) does not, so
+two threads on two cores gave ~1.1x. Worker processes are started with ``spawn`` (never ``fork``:
+a forked onnxruntime thread pool can deadlock) and each loads and verifies the bundle once.
+
+Results come back in input order as JSON-ready dicts (``ScreeningResult.to_json()``), so nothing but
+the answer crosses the process boundary; the per-image files a caller asked for (HTML, FHIR,
+heatmap PNG) are written by the worker that holds the image, under a name fixed beforehand.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from .errors import DermscreenError, ImageError
+
+# what one file costs a worker to send back is small; chunks amortise the inter-process round trip
+CHUNK = 4
+
+
+@dataclass
+class FileOutcome:
+    """One file's answer: the result as JSON (``result``), or why it could not be analysed (``error``)."""
+
+    index: int
+    path: Path
+    result: Optional[dict] = None
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    fatal: bool = False  # a problem with the options, not the file: every other file would fail alike
+    written: tuple[Path, ...] = ()
+
+
+# A writer is called in the worker as writer(path, stem, result, rgb) -> written paths; it must be picklable.
+Writer = Callable[[Path, str, object, object], list]
+
+_screener = None
+_writer: Optional[Writer] = None
+_options: dict = {}
+
+
+def _init(model, settings, writer, options) -> None:
+    global _screener, _writer, _options
+    from .screening import Screener
+
+    _screener = Screener(model, settings)
+    _writer, _options = writer, options
+
+
+def analyze_file(screener, index: int, path: Path, stem: str, writer: Optional[Writer], options: dict) -> FileOutcome:
+    """Analyse one file with ``screener``; a bad file becomes an error outcome, never an exception."""
+    try:
+        result = screener.analyze(path.read_bytes(), filename=path.name, **options)
+        written = tuple(writer(path, stem, result, result.image_rgb)) if writer else ()
+        return FileOutcome(index, path, result.to_json(), written=written)
+    except (ImageError, OSError) as exc:
+        message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
+        return FileOutcome(index, path, error=message, error_type=type(exc).__name__)
+    except DermscreenError as exc:  # e.g. an unknown --site: it fails every file alike
+        return FileOutcome(index, path, error=str(exc), error_type=type(exc).__name__, fatal=True)
+
+
+def _work(job: tuple[int, Path, str]) -> FileOutcome:
+    index, path, stem = job
+    return analyze_file(_screener, index, path, stem, _writer, _options)
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """A distinct file stem per path (two folders may hold files of the same name): a, a-2, a-3, …"""
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, n = path.stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def screen_files(paths: list[Path], model, settings, *, workers: int | None = None, writer: Optional[Writer] = None,
+                 screener=None, **options) -> Iterator[FileOutcome]:
+    """Analyse ``paths`` → FileOutcome per file, in input order.
+
+    ``options`` are Screener.analyze keywords (heatmap, tta, age, sex, site). With ``workers`` > 1
+    and more files than workers, ``workers`` processes share the files (``settings.threads`` each,
+    best 1); otherwise they run here, with ``screener`` if given.
+    """
+    workers = default_workers() if workers is None else max(1, workers)
+    stems = unique_stems(paths)
+    jobs = [(i, Path(p), s) for i, (p, s) in enumerate(zip(paths, stems))]
+    if workers == 1 or len(jobs) <= workers:
+        if screener is None:
+            from .screening import Screener
+
+            screener = Screener(model, settings)
+        for i, path, stem in jobs:
+            yield analyze_file(screener, i, path, stem, writer, options)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                             initargs=(model, settings, writer, options)) as pool:
+        try:
+            yield from pool.map(_work, jobs, chunksize=CHUNK)
+        except GeneratorExit:  # the caller stopped early (a fatal error, Ctrl-C): drop the queued work
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -102,8 +102,8 @@ def test_three_manifest_formats_evaluate_identically(tmp_path, ham_dir, tiny_bun
         assert result.exit_code == 0, result.output
         outputs[name] = _read_predictions(tmp_path / name / "predictions.csv")
         assert {p.name for p in (tmp_path / name).iterdir()} == {
-            "predictions.csv", "metrics.json", "report.html", "confusion_matrix.png", "roc_curves.png",
-            "reliability.png"}
+            "predictions.csv", "metrics.json", "metrics.md", "report.html", "confusion_matrix.png",
+            "roc_curves.png", "reliability.png"}
     ham = outputs["ham"]
     assert len(ham) == 50 and [r["image"] for r in ham] == [r["image_id"] for r in rows]
     assert list(ham[0]) == ["image", "true_dx", *[f"p_{c}" for c in CODES], "p_malignant", "predicted_dx",
@@ -123,6 +123,11 @@ def test_three_manifest_formats_evaluate_identically(tmp_path, ham_dir, tiny_bun
     assert overall["n"] == 50 and set(overall["per_class"]) == set(CODES)
     assert set(overall["operating_points"]) == {"sensitivity_first", "balanced"}
     assert 0.0 <= overall["headline"]["balanced_accuracy"]["value"] <= 1.0
+    md = (tmp_path / "ham" / "metrics.md").read_text()
+    bacc = overall["headline"]["balanced_accuracy"]
+    assert f"| balanced_accuracy | {bacc['value']:.3f} ({bacc['ci95'][0]:.3f}–{bacc['ci95'][1]:.3f}) |" in md
+    mel = overall["per_class"]["mel"]
+    assert f"| mel | {mel['n']} | " in md and "| sensitivity_first | " in md and "| sex: " in md
     html = (tmp_path / "ham" / "report.html").read_text()
     _assert_self_contained(html)
     assert "tiny-test-model" in html and metrics["model"]["sha256"] in html and "not a diagnosis" in html

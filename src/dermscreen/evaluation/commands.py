@@ -67,7 +67,7 @@ def _rich_progress(console):
 def evaluate(
     labels: Annotated[Path, typer.Option(help="Labelled CSV: HAM10000 metadata, ISIC one-hot ground truth, "
                                               "or plain image,dx.")],
-    out: Annotated[Path, typer.Option(help="Folder for predictions.csv, metrics.json, plots and report.html.")],
+    out: Annotated[Path, typer.Option(help="Folder for predictions.csv, metrics.json, metrics.md, plots and report.html.")],
     model: Annotated[Optional[Path], typer.Option(help="Model bundle (folder or zip). Default: $DERMSCREEN_MODEL, "
                                                        "else the installed default model.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Images folder. Default: <labels folder>/images for "
@@ -103,5 +103,5 @@ def evaluate(
     if result.metrics["classes_absent"]:
         stdout.print(f"Evaluated on the classes present only: {', '.join(result.metrics['classes_evaluated'])} "
                       f"(absent: {', '.join(result.metrics['classes_absent'])}).")
-    stdout.print(f"Wrote {result.out}/: predictions.csv, metrics.json, report.html and plots.")
+    stdout.print(f"Wrote {result.out}/: predictions.csv, metrics.json, metrics.md (tables for a model card), report.html and plots.")
     stdout.print("[dim]Screening aid, not a diagnosis.[/dim]")

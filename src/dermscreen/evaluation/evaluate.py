@@ -18,6 +18,7 @@ from ..bundle import Bundle
 from ..errors import ConfigError, ManifestError
 from ..inference import Predictions, predict_samples, resolve_model
 from ..manifests import LabelledSet, load_labels
+from .markdown import to_markdown
 from .metrics import EvalData, compute_metrics, subgroup_columns
 from .plots import confusion_matrix_png, reliability_png, roc_png
 from .report import render_report
@@ -178,9 +179,11 @@ def _write_outputs(out: Path, data: LabelledSet, preds: Predictions, scored: Eva
                                        headline.get("ece_uncalibrated", {}).get("value")),
     }
     out.mkdir(parents=True, exist_ok=True)
-    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json", "report": out / "report.html"}
+    files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json", "report": out / "report.html",
+             "markdown": out / "metrics.md"}
     write_predictions(files["predictions"], data, preds)
     files["metrics"].write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
+    files["markdown"].write_text(to_markdown(metrics), encoding="utf-8")
     for name, png in plots.items():
         files[name] = out / PLOT_FILES[name]
         files[name].write_bytes(png)

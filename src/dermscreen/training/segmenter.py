@@ -1,9 +1,12 @@
 """``dermscreen train-segmenter``: a lesion segmentation network, trained on masks, exported into a bundle.
 
-Model: the EfficientNet-Lite encoder of ``backbones.create_backbone`` (offline ImageNet weights) tapped at
-strides 4, 8, 16 and 32, and a light U-Net-style decoder (1x1 laterals; upsample, concatenate the skip and
-one 3x3 conv per level; 0.2 M parameters) giving one lesion logit per pixel at the input size. The whole
-frame is squashed to S x S, as ``lesion.OnnxSegmenter`` does at inference.
+Model: the EfficientNet-Lite encoder of ``backbones.create_backbone`` (offline ImageNet weights) up to its
+stride-16 stage, tapped at strides 4, 8 and 16, and a light U-Net-style decoder (1x1 laterals; upsample,
+concatenate the skip and one 3x3 conv per level; ~0.1 M parameters) giving one lesion logit per pixel at the
+input size. The stride-32 stages are never run: a lesion outline needs no more context than the stride-16
+features already see at these input sizes, and they hold most of the encoder's weights and a third of its
+compute (the exported ONNX holds only what runs). The whole frame is squashed to S x S, as
+``lesion.OnnxSegmenter`` does at inference.
 
 Data: the masks (``<image_id>_segmentation.png``, lesion >= 128) beside the images; the split is
 ``splits.grouped_split`` by lesion with the same seed and fractions as the classifier recipe, so the
@@ -42,8 +45,8 @@ from .backbones import DEFAULT_BACKBONE, create_backbone
 from .data import load_rgb
 
 log = logging.getLogger("dermscreen.training")
-TAPS = (1, 2, 4, 6)  # EfficientNet(-Lite) block stages ending at strides 4, 8, 16, 32
-DECODER_WIDTHS = (96, 64, 48, 32)  # stride 32, 16, 8, 4
+TAPS = (1, 2, 4)  # EfficientNet(-Lite) block stages ending at strides 4, 8, 16; later stages are not run
+DECODER_WIDTHS = (64, 48, 32)  # stride 16, 8, 4
 TOLERANCE = 1e-4
 
 
@@ -74,7 +77,7 @@ class LesionSegmenterNet(nn.Module):
         return [f.shape[1] for f in feats]
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's feature maps at strides 4, 8, 16, 32."""
+        """The encoder's feature maps at strides 4, 8 and 16."""
         b = self.backbone
         x = b.bn1(b.conv_stem(image))
         taps = []
@@ -82,6 +85,8 @@ class LesionSegmenterNet(nn.Module):
             x = block(x)
             if i in TAPS:
                 taps.append(x)
+            if i == TAPS[-1]:
+                break
         return taps
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -361,3 +361,23 @@ def test_extra_training_images_never_come_from_val_or_test_lesions(tmp_path, syn
     added = [s for s in more.samples[len(plain):]]
     assert [s.image_id for s in added] == ["x1", "x3"]
     assert all(s.lesion_id not in held for s in more.samples)
+
+
+def test_prior_correction_respects_the_calibration_limit():
+    from dermscreen.calibration import expected_calibration_error, fit_temperature, softmax
+    from dermscreen.training.priors import choose_tau
+
+    # validation with the real (skewed) class mix: undoing the prior fully would miscalibrate it
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [600, 60, 20])
+    prior = np.array([600, 60, 20]) / 680
+    logits = np.eye(3)[labels] * 1.5 + rng.normal(0, 1, (680, 3)) + np.log(prior)
+    free, scores = choose_tau(logits, labels, prior, "auto")
+    for limit in (0.05, 0.03, 0.02):
+        tau, _ = choose_tau(logits, labels, prior, "auto", max_ece=limit)
+        assert tau <= free
+        if tau:
+            shifted = logits - tau * np.log(prior)
+            assert expected_calibration_error(softmax(shifted, fit_temperature(shifted, labels)), labels) <= limit
+    strict, _ = choose_tau(logits, labels, prior, "auto", max_ece=0.02)
+    assert strict < free and scores[strict] < scores[free]  # the limit binds here: it costs balanced accuracy

@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     # exported classifier bias gets -tau * log(training prior). "auto" picks tau on validation balanced
     # accuracy (also used to choose the best epoch); "none" or 0 switches it off; a number fixes tau.
     prior_correction: Literal["auto", "none"] | float = "auto"
+    # "auto" exports the best tau whose calibrated validation ECE stays at or below this (None: no limit).
+    # Epochs are still ranked by the best balanced accuracy any tau reaches.
+    prior_correction_max_ece: float | None = Field(0.05, gt=0, le=1)
     patience: int = Field(6, ge=1, description="epochs without validation balanced-accuracy gain before stopping")
     augment: AugmentConfig = AugmentConfig()
 

@@ -55,7 +55,7 @@ def finish_run(model, run, config, data, split, train_data, spec, meta_spec, inf
 def _correct_prior(model, config, train_data, val_logits, val_labels, taxonomy):
     """Fold the chosen logit adjustment into the classifier bias; (adjusted val logits, manifest record)."""
     prior = training_prior(train_data.labels, taxonomy.num_classes, config.balance, config.balance_power)
-    tau, scores = choose_tau(val_logits, val_labels, prior, config.prior_correction)
+    tau, scores = choose_tau(val_logits, val_labels, prior, config.prior_correction, config.prior_correction_max_ece)
     delta = shift(prior, tau)
     if tau:
         with torch.no_grad():
@@ -65,7 +65,9 @@ def _correct_prior(model, config, train_data, val_logits, val_labels, taxonomy):
     record = {"tau": tau, "training_prior": [round(float(p), 6) for p in prior],
               "bias_shift": [round(float(d), 6) for d in delta],
               "val_balanced_accuracy_by_tau": {f"{t:g}": round(v, 4) for t, v in scores.items()},
-              "method": "logit adjustment, classifier bias -= tau * log(training prior); tau chosen on validation"}
+              "max_ece": config.prior_correction_max_ece,
+              "method": "logit adjustment, classifier bias -= tau * log(training prior); tau chosen on validation "
+                        "(best balanced accuracy whose calibrated ECE stays within max_ece)"}
     return val_logits + delta, record
 
 

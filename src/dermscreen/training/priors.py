@@ -32,9 +32,16 @@ def balanced_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) ->
     return float(np.mean(hits[present] / totals[present]))
 
 
-def choose_tau(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
-               setting: str | float) -> tuple[float, dict[float, float]]:
-    """(tau, validation balanced accuracy for each tau tried) for ``setting`` ("auto" | "none" | a number)."""
+def choose_tau(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray, setting: str | float,
+               max_ece: float | None = None) -> tuple[float, dict[float, float]]:
+    """(tau, validation balanced accuracy for each tau tried) for ``setting`` ("auto" | "none" | a number).
+
+    With ``max_ece``, "auto" only accepts a tau whose shifted logits can still be calibrated (temperature
+    scaling) to an ECE of at most ``max_ece``: the correction moves probabilities away from the class
+    frequencies the validation set really has, and calibrated probabilities matter more than the argmax.
+    """
+    from ..calibration import expected_calibration_error, fit_temperature, softmax
+
     labels = np.asarray(labels, dtype=int)
     log_prior = np.log(prior)
     if setting == "none":
@@ -43,10 +50,17 @@ def choose_tau(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
         grid = TAU_GRID
     else:
         grid = (float(setting),)
-    scores = {tau: balanced_accuracy(labels, (logits - tau * log_prior).argmax(1), logits.shape[1]) for tau in grid}
+    scores, allowed = {}, []
+    for tau in grid:
+        shifted = logits - tau * log_prior
+        scores[tau] = balanced_accuracy(labels, shifted.argmax(1), logits.shape[1])
+        if setting != "auto" or max_ece is None or tau == 0.0:
+            allowed.append(tau)
+        elif expected_calibration_error(softmax(shifted, fit_temperature(shifted, labels)), labels) <= max_ece:
+            allowed.append(tau)
     # the smallest tau among the best: the least change to the trained model that reaches the score
-    best = max(scores.values())
-    tau = min(t for t, s in scores.items() if s >= best - 1e-12)
+    best = max(scores[t] for t in allowed)
+    tau = min(t for t in allowed if scores[t] >= best - 1e-12)
     return float(tau), scores
 
 

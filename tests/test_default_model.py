@@ -36,7 +36,8 @@ def _heldout() -> list[tuple[str, str]]:
 
 def test_shipped_bundle_loads_and_verifies(bundle):
     m = bundle.manifest
-    assert set(m.files) >= {"model.onnx", "arrays.npz"}
+    assert set(m.files) >= {"model.onnx", "arrays.npz", "segmenter.onnx"}  # the default ships its segmenter
+    assert bundle.has_segmenter and m.segmenter.image_size % 32 == 0
     assert set(m.taxonomy.codes) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
     assert {op.name for op in m.operating_points} >= {"sensitivity_first", "balanced"}
     # the bundle records its recipe, the data it saw and the training wall time
@@ -45,7 +46,10 @@ def test_shipped_bundle_loads_and_verifies(bundle):
     assert m.training["data"]["images"] > 1000
     assert m.training["wall_time_s"] > 0
     history = m.training["history"]
-    assert len(history) == m.training["epochs_run"] == m.training["recipe"]["epochs"]
+    recipe = m.training["recipe"]
+    assert len(history) == m.training["epochs_run"] <= recipe["epochs"]
+    if m.training["epochs_run"] < recipe["epochs"]:  # stopped early: only by the recipe's patience rule
+        assert m.training["epochs_run"] - m.training["best_epoch"] >= recipe["patience"]
     assert m.training["epoch_seconds_total"] == pytest.approx(sum(r["seconds"] for r in history), abs=0.1)
     assert "non-commercial" in m.card.licence.lower()
     # no checkpoints or stray files in the package
@@ -96,9 +100,9 @@ def test_scores_well_above_chance_on_200_heldout_images(bundle, ham224_dir):
     malignant = bundle.manifest.taxonomy.malignant_mask[y]
     mal_auc = roc_auc_score(malignant, pred.p_malignant)
     mel_auc = roc_auc_score(y == codes.index("mel"), pred.probs[:, codes.index("mel")])
-    # chance is 1/7 = 0.14 balanced accuracy and 0.5 AUC. The shipped model measured 0.554 / 0.884 / 0.884
-    # on these 200 images (0.551 / 0.908 / 0.900 on the whole test split, docs/model-card.md)
-    assert bacc >= 0.45, f"balanced accuracy {bacc:.3f}"
-    assert mal_auc >= 0.80, f"malignant-vs-benign AUC {mal_auc:.3f}"
-    assert mel_auc >= 0.80, f"melanoma AUC {mel_auc:.3f}"
+    # chance is 1/7 = 0.14 balanced accuracy and 0.5 AUC. The shipped model measured 0.679 / 0.904 / 0.929
+    # on these 200 images (0.661 / 0.908 / 0.903 on the whole test split, docs/model-card.md)
+    assert bacc >= 0.60, f"balanced accuracy {bacc:.3f}"
+    assert mal_auc >= 0.85, f"malignant-vs-benign AUC {mal_auc:.3f}"
+    assert mel_auc >= 0.85, f"melanoma AUC {mel_auc:.3f}"
     assert np.allclose(pred.probs.sum(axis=1), 1, atol=1e-5)

@@ -297,7 +297,10 @@ def test_screener_uses_the_bundles_segmenter(tiny_bundle, tmp_path):
     rgb, truth = _disk(r=35)
     result = screener.analyze_image(rgb)
     assert result.lesion.method == "segmenter" and result.lesion.found
-    assert _dice(result.segmentation.mask, truth) > 0.9
+    mask = result.segmentation.mask  # at the segmenter's mask size, not the image's
+    assert max(mask.shape) == L.SEGMENTER_MASK_SIDE and result.segmentation.scale == pytest.approx(128 / 200)
+    small_truth = np.asarray(Image.fromarray(truth).resize(mask.shape[::-1], Image.NEAREST))
+    assert _dice(mask, small_truth) > 0.9
     classical = Screener(bundle, ScreenerSettings(ood_refusal=False, segmenter="classical")).analyze_image(rgb)
     assert classical.lesion.method == "classical"
     card = screener.model_card()

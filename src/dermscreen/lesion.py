@@ -32,6 +32,7 @@ from .errors import BundleError, ConfigError
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
 Method = Literal["segmenter", "classical"]
 
+SEGMENTER_MASK_SIDE = 128  # longest side of the segmenter's mask (see OnnxSegmenter.segment)
 WORK_MAX_SIDE = 256  # segment at most at this size: the mask's detail beyond it does not change a crop or ABCD
 # border-connected pixels whose brightest channel is darker than this are the dermatoscope's lens edge, not skin
 VIGNETTE_LUMA = 40
@@ -331,9 +332,12 @@ class OnnxSegmenter:
     def segment(self, rgb: np.ndarray) -> Segmentation:
         """(H, W, 3) uint8 RGB → Segmentation at working resolution (largest central component, holes filled)."""
         prob = self.probabilities(rgb)
-        size = working_size(rgb.shape[1], rgb.shape[0])
+        # The network's map is already smooth and coarse (its input is ~100 px): a mask finer than
+        # SEGMENTER_MASK_SIDE adds no detail, only cost to the cleaning and the ABCD measurements, and
+        # opening/closing is not needed; the largest central component with its holes filled is.
+        size = working_size(rgb.shape[1], rgb.shape[0], SEGMENTER_MASK_SIDE)
         prob = np.asarray(Image.fromarray(prob).resize(size, Image.BILINEAR))
-        mask = clean_mask(prob > self.spec.threshold, smooth=3)
+        mask = clean_mask(prob > self.spec.threshold, smooth=0)
         found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)
         return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found)
 

@@ -115,15 +115,20 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--factor", type=float, default=3.0, help="how many times wider and taller the zoomed-out field is")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--crop-below", type=float, nargs="+", default=None,
+                    help="smart_crop_below values to compare (default: the Screener's)")
     args = ap.parse_args()
     from dermscreen.screening import Screener, ScreenerSettings
 
     common = dict(quality_gate=False, ood_refusal=False, heatmap=False, abcd=False, threads=args.threads)
-    with_crop = Screener(args.model, ScreenerSettings(smart_crop=True, **common))
     without = Screener(args.model, ScreenerSettings(smart_crop=False, **common))
+    below = args.crop_below or [ScreenerSettings().smart_crop_below]
+    crops = {b: Screener(without.bundle, ScreenerSettings(smart_crop=True, smart_crop_below=b, **common)) for b in below}
+    with_crop = crops[below[0]]
     codes = with_crop.bundle.manifest.taxonomy.codes
     samples = validation_samples(args.data, args.split, args.images)
-    truth, preds, fired = [], {k: [] for k in ("orig_off", "orig_on", "zoom_off", "zoom_on")}, {"orig": 0, "zoom": 0}
+    keys = ["orig_off", "zoom_off"] + [f"{n}_on_{b:g}" for b in below for n in ("orig", "zoom")]
+    truth, preds, fired = [], {k: [] for k in keys}, {k: 0 for k in keys}
     start = time.perf_counter()
     for k, s in enumerate(samples):
         rgb = np.asarray(Image.open(s.image_path).convert("RGB"))
@@ -133,10 +138,11 @@ def main() -> None:
         truth.append(codes.index(s.dx))
         for name, image in (("orig", rgb), ("zoom", zoomed)):
             off = without.analyze_image(image, heatmap=False)
-            on = with_crop.analyze_image(image, heatmap=False)
             preds[f"{name}_off"].append(int(np.argmax([p.probability for p in off.probabilities])))
-            preds[f"{name}_on"].append(int(np.argmax([p.probability for p in on.probabilities])))
-            fired[name] += on.lesion is not None and on.lesion.crop_box is not None
+            for b, screener in crops.items():
+                on = screener.analyze_image(image, heatmap=False)
+                preds[f"{name}_on_{b:g}"].append(int(np.argmax([p.probability for p in on.probabilities])))
+                fired[f"{name}_on_{b:g}"] += on.lesion is not None and on.lesion.crop_box is not None
     y = np.array(truth)
     from bench_screening import machine_info
 
@@ -144,11 +150,14 @@ def main() -> None:
     m = with_crop.bundle.manifest
     print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
           f"images, zoom-out factor {args.factor:g}, {time.perf_counter() - start:.0f} s.\n")
-    print("| images | smart crop | balanced accuracy | 95 % CI | crop fired |\n|---|---|---|---|---|")
-    for key, label in (("orig_off", "original | off"), ("orig_on", "original | on"),
-                       ("zoom_off", "zoomed out | off"), ("zoom_on", "zoomed out | on")):
+    print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}.\n")
+    print("| images | smart crop (crop when the lesion's longest side < x of the shorter side) | balanced accuracy "
+          "| 95 % CI | crop fired |\n|---|---|---|---|---|")
+    for key in sorted(keys, key=lambda k: (not k.startswith("orig"), k)):
         ba, lo, hi = balanced_accuracy_ci(y, np.array(preds[key]))
-        share = "" if key.endswith("off") else f"{100 * fired[key.split('_')[0]] / len(y):.0f} %"
+        name, _, b = key.partition("_on_")
+        label = ("original" if key.startswith("orig") else "zoomed out") + " | " + (f"on, x = {b}" if b else "off")
+        share = f"{100 * fired[key] / len(y):.0f} %" if b else ""
         print(f"| {label} | {ba:.3f} | {lo:.3f}-{hi:.3f} | {share} |")
 
 

@@ -52,6 +52,9 @@ def test_shipped_bundle_loads_and_verifies(bundle):
         assert m.training["epochs_run"] - m.training["best_epoch"] >= recipe["patience"]
     assert m.training["epoch_seconds_total"] == pytest.approx(sum(r["seconds"] for r in history), abs=0.1)
     assert "non-commercial" in m.card.licence.lower()
+    if m.training.get("extra_train"):  # the card's words must count every training image, extra ones included
+        train = m.training["splits"]["train"]["images"]
+        assert f"so {train} training images in all" in m.card.training_data
     # no checkpoints or stray files in the package
     assert sorted(p.name for p in DEFAULT.iterdir()) == sorted(["manifest.json", *m.files])
 

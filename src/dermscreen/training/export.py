@@ -134,13 +134,14 @@ HAM_CITATION = ("Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a l
 
 
 def build_card(data_summary: dict, data_format: str, taxonomy_name: str, image_size: int,
-               source_resolution: str | None = None) -> ModelCard:
-    """The model card for a model trained on the data described by ``data_summary``."""
+               source_resolution: str | None = None, extra_training: str | None = None) -> ModelCard:
+    """The model card for a model trained on the data described by ``data_summary`` (+ ``extra_training``, a
+    sentence on training-only images from other manifests)."""
     is_ham = data_format in ("ham10000", "isic") or taxonomy_name == "ham10000"
     counts = ", ".join(f"{k} {v}" for k, v in data_summary.get("class_counts", {}).items())
     training_data = (f"{data_summary.get('images', '?')} images of {data_summary.get('groups', '?')} lesions "
                      f"({data_format} manifest {Path(str(data_summary.get('source') or '?')).name}); "
-                     f"class counts: {counts}.")
+                     f"class counts: {counts}." + (f" {extra_training}" if extra_training else ""))
     limitations = [
         "Dermoscopic images only: photographs taken without a dermatoscope are outside what it learned.",
         "Skin types V-VI are under-represented in the training data; performance on darker skin is unknown "

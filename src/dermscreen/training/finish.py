@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,7 +117,8 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
     }
-    card = build_card(summary, data.format, taxonomy.name, config.image_size, _source_resolution(data))
+    card = build_card(summary, data.format, taxonomy.name, config.image_size, _source_resolution(data),
+                      extra_training_sentence(config, len(split["train"]), train_data))
     return Manifest(
         name=config.name, taxonomy=taxonomy, preprocessing=spec,
         model=ModelSpec(backbone=info.name, embedding_dim=info.num_features,
@@ -136,3 +138,15 @@ def _extra_summary(source, taxonomy) -> dict:
         return {"source": source.data}
     return {"source": source.data, "images_folder": source.images, "manifest_sha256": more.sha256,
             "images_in_manifest": len(more)}
+
+
+def extra_training_sentence(config, split_train: int, train_data) -> str | None:
+    """The model card's words for the extra_train images (None when there are none)."""
+    added = len(train_data) - split_train
+    if not config.extra_train or added <= 0:
+        return None
+    names = ", ".join(Path(source.data).parent.name + "/" + Path(source.data).name for source in config.extra_train)
+    counts = ", ".join(f"{k} {v}" for k, v in train_data.class_counts().items())
+    return (f"It was split by lesion into train/validation/test; training also used {added} more images from "
+            f"{names} (training only: no copy of a split image, no image of a validation or test lesion), "
+            f"so {len(train_data)} training images in all; training class counts: {counts}.")

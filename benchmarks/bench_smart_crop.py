@@ -117,13 +117,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--crop-below", type=float, nargs="+", default=None,
                     help="smart_crop_below values to compare (default: the Screener's)")
+    ap.add_argument("--crop-fill", type=float, default=None, help="smart_crop_fill (default: the Screener's)")
     args = ap.parse_args()
     from dermscreen.screening import Screener, ScreenerSettings
 
     common = dict(quality_gate=False, ood_refusal=False, heatmap=False, abcd=False, threads=args.threads)
     without = Screener(args.model, ScreenerSettings(smart_crop=False, **common))
     below = args.crop_below or [ScreenerSettings().smart_crop_below]
-    crops = {b: Screener(without.bundle, ScreenerSettings(smart_crop=True, smart_crop_below=b, **common)) for b in below}
+    fill = {} if args.crop_fill is None else {"smart_crop_fill": args.crop_fill}
+    crops = {b: Screener(without.bundle, ScreenerSettings(smart_crop=True, smart_crop_below=b, **fill, **common))
+             for b in below}
     with_crop = crops[below[0]]
     codes = with_crop.bundle.manifest.taxonomy.codes
     samples = validation_samples(args.data, args.split, args.images)
@@ -150,7 +153,8 @@ def main() -> None:
     m = with_crop.bundle.manifest
     print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
           f"images, zoom-out factor {args.factor:g}, {time.perf_counter() - start:.0f} s.\n")
-    print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}.\n")
+    print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}; "
+          f"the lesion fills {with_crop.settings.smart_crop_fill:g} of the crop's side.\n")
     print("| images | smart crop (crop when the lesion's longest side < x of the shorter side) | balanced accuracy "
           "| 95 % CI | crop fired |\n|---|---|---|---|---|")
     for key in sorted(keys, key=lambda k: (not k.startswith("orig"), k)):

@@ -367,3 +367,16 @@ def test_info_names_how_lesions_are_outlined(tiny_bundle, tmp_path):
     assert with_seg.exit_code == 0 and "test Dice 0.900 (0.890-0.910), IoU 0.820 on 1000 held-out" in words
     plain = CliRunner().invoke(app, ["info", "--model", str(tiny_bundle)])
     assert plain.exit_code == 0 and "no segmenter.onnx" in " ".join(plain.output.split())
+
+
+def test_smart_crop_fill_sets_how_tight_the_crop_is(tiny_bundle):
+    image = _jpeg(_textured(600, 450, 30))  # a 60 px lesion in a wide field: the crop fires
+    sides = {}
+    for fill in (0.6, 0.8):
+        result = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, smart_crop_fill=fill)).analyze(image)
+        left, top, right, bottom = result.lesion.crop_box
+        assert right - left == bottom - top
+        sides[fill] = right - left
+        lesion_side = max(result.lesion.box[2] - result.lesion.box[0], result.lesion.box[3] - result.lesion.box[1])
+        assert sides[fill] == pytest.approx(lesion_side / fill, abs=2)
+    assert sides[0.8] < sides[0.6]

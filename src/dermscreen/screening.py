@@ -26,6 +26,7 @@ from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from .lesion import (
     ABCD,
     CROP_BELOW,
+    CROP_FILL,
     OnnxSegmenter,
     Segmentation,
     abcd,
@@ -75,6 +76,8 @@ class ScreenerSettings(BaseModel):
     smart_crop_below: float = Field(CROP_BELOW, gt=0.0, le=1.0,
                                     description="crop when the lesion's longest side is below this share of the "
                                                 "frame's shorter side")
+    smart_crop_fill: float = Field(CROP_FILL, gt=0.0, le=1.0,
+                                   description="share of the crop's side the lesion's longest side fills")
     abcd: bool = Field(True, description="measure asymmetry, border, colours and diameter on the lesion mask")
     segmenter: Literal["auto", "classical"] = Field(
         "auto", description="auto: the bundle's segmenter.onnx when it has one, else the classical fallback")
@@ -332,7 +335,8 @@ class Screener:
         rgb = decoded.rgb
         seg = self.segmenter.segment(rgb) if self.segmenter is not None else segment_classical(rgb)
         box = seg.box()
-        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below) if self.settings.smart_crop else None
+        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below, self.settings.smart_crop_fill) \
+            if self.settings.smart_crop else None
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."

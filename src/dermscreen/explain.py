@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .preprocess import fit_within
+
 
 def cam(features: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """(D, h, w) feature map · (D,) weight direction → (h, w) float32 activation map (signed)."""
@@ -125,9 +127,7 @@ class Heatmaps:
     @property
     def display_size(self) -> tuple[int, int]:
         """(width, height) of rendered maps: the image size, shrunk so the longer side is at most max_side."""
-        w, h = self.image_size
-        s = min(1.0, self.max_side / max(w, h))
-        return max(1, round(w * s)), max(1, round(h * s))
+        return fit_within(*self.image_size, self.max_side)
 
     def heat(self, which: str = "malignant") -> np.ndarray:
         """The [0, 1] map for ``which`` ("malignant" | "top_class") over the frame at display size."""

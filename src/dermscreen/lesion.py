@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from .bundle import Bundle, SegmenterSpec
 from .errors import BundleError, ConfigError
+from .preprocess import fit_within
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
 Method = Literal["segmenter", "classical"]
@@ -130,17 +131,9 @@ class Segmentation:
                 min(w, math.ceil(b[2] / s)), min(h, math.ceil(b[3] / s)))
 
 
-def working_size(width: int, height: int, max_side: int = WORK_MAX_SIDE) -> tuple[int, int]:
-    """(width, height) of an image shrunk so its longest side is at most ``max_side`` (unchanged if smaller)."""
-    s = max_side / max(width, height)
-    if s >= 1:
-        return width, height
-    return max(1, round(width * s)), max(1, round(height * s))
-
-
 def working_copy(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> np.ndarray:
     """(H, W, 3) uint8 → the same image shrunk so its longest side is at most ``max_side``."""
-    size = working_size(rgb.shape[1], rgb.shape[0], max_side)
+    size = fit_within(rgb.shape[1], rgb.shape[0], max_side)
     if size == (rgb.shape[1], rgb.shape[0]):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
@@ -335,7 +328,7 @@ class OnnxSegmenter:
         # The network's map is already smooth and coarse (its input is ~100 px): a mask finer than
         # SEGMENTER_MASK_SIDE adds no detail, only cost to the cleaning and the ABCD measurements, and
         # opening/closing is not needed; the largest central component with its holes filled is.
-        size = working_size(rgb.shape[1], rgb.shape[0], SEGMENTER_MASK_SIDE)
+        size = fit_within(rgb.shape[1], rgb.shape[0], SEGMENTER_MASK_SIDE)
         prob = np.asarray(Image.fromarray(prob).resize(size, Image.BILINEAR))
         mask = clean_mask(prob > self.spec.threshold, smooth=0)
         found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)

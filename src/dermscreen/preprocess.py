@@ -22,6 +22,14 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) shrunk, aspect kept, so the longer side is at most ``max_side`` (unchanged if smaller)."""
+    s = max_side / max(width, height)
+    if s >= 1:
+        return width, height
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
 def model_box(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the region of a (width, height) image that the model is fed."""
     w, h = size

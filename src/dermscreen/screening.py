@@ -37,7 +37,7 @@ from .lesion import (
 )
 from .metadata import HAM10000_SITES, MetadataSpec
 from .ood import MahalanobisOOD
-from .preprocess import model_box, preprocess
+from .preprocess import fit_within, model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
 
 
@@ -238,8 +238,6 @@ def resolve_bundle(bundle: Bundle | str | Path | None) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.load(resolve_bundle_path(bundle))
 
 
-
-
 def _flips(x: np.ndarray) -> np.ndarray:
     """(3, S, S) → (4, 3, S, S): identity, horizontal, vertical, both flips."""
     return np.stack([x, x[:, :, ::-1], x[:, ::-1, :], x[:, ::-1, ::-1]])
@@ -433,7 +431,8 @@ class Screener:
             return self._cannot_assess([ood.message], quality, ood, image, debug)
         result = self._assessed(probs, p_mal, quality, ood, image, debug)
         result.lesion, result._segmentation = lesion, seg
-        result._display_size = _display_size(decoded.size, self.settings.heatmap_max_side)
+        # the overlays' size (explain.Heatmaps.display_size), so the outline and the heatmaps stack exactly
+        result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
         if want_heatmap:
             t = time.perf_counter()
             box = model_box(decoded.size, m.preprocessing) if lesion is None or lesion.crop_box is None else \
@@ -479,14 +478,6 @@ def _box_size(box: tuple[int, int, int, int]) -> tuple[int, int]:
 def _shift(box: tuple[int, int, int, int], origin: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """A box given inside ``origin``'s region → the same box in the whole frame's coordinates."""
     return box[0] + origin[0], box[1] + origin[1], box[2] + origin[0], box[3] + origin[1]
-
-
-def _display_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """(width, height) of rendered overlays: the image shrunk so its longer side is at most ``max_side``
-    (the same rule as explain.Heatmaps.display_size, so outline and heatmaps stack exactly)."""
-    w, h = size
-    s = min(1.0, max_side / max(w, h))
-    return max(1, round(w * s)), max(1, round(h * s))
 
 
 def _now() -> str:

@@ -31,7 +31,7 @@ from . import distributed as D
 from .config import TrainConfig, dump_config, load_config
 from .data import BalancedSampler, LesionDataset, class_weights
 from .model import LesionClassifier, build_model, set_frozen_bn_eval
-from .priors import choose_tau, training_prior
+from .priors import balanced_accuracy, choose_tau, training_prior
 from .progress import TrainProgress
 from .runlog import RunFolder
 
@@ -253,8 +253,6 @@ def predict(model: LesionClassifier, dataset: LesionDataset, indices, device, ba
 def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfig, ctx,
              train_labels=()) -> tuple[np.ndarray, dict]:
     """Validation logits (all processes share the work) and {loss, balanced_accuracy[, after prior correction]}."""
-    from sklearn.metrics import balanced_accuracy_score
-
     mine = list(range(ctx.rank, len(val_set), ctx.world_size))
     logits, _ = predict(model, val_set, mine, ctx.device, config.batch_size * 2)
     parts = D.gather_objects((mine, logits), ctx)
@@ -263,7 +261,7 @@ def validate(model: LesionClassifier, val_set: LesionDataset, config: TrainConfi
     labels = np.asarray(val_set.labels)
     t = torch.from_numpy(all_logits)
     loss = float(nn.functional.cross_entropy(t, torch.from_numpy(labels)))
-    bacc = float(balanced_accuracy_score(labels, all_logits.argmax(1)))
+    bacc = balanced_accuracy(labels, all_logits.argmax(1), all_logits.shape[1])
     row = {"val_loss": loss, "val_balanced_accuracy": bacc}
     if config.prior_correction not in ("none", 0, 0.0):
         # the exported model gets the prior correction, so the best epoch is the best after it

@@ -45,14 +45,6 @@ def ground_truth(sample) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) >= 128
 
 
-def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two bool masks of one size (1, 1 when both are empty)."""
-    inter = float((pred & truth).sum())
-    total = float(pred.sum() + truth.sum())
-    union = total - inter
-    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
-
-
 def full_size(seg, shape: tuple[int, int]) -> np.ndarray:
     """A Segmentation's mask resized (nearest) to the image's (H, W)."""
     if seg.mask.shape == shape:
@@ -60,15 +52,10 @@ def full_size(seg, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(seg.mask.astype(np.uint8)).resize((shape[1], shape[0]), Image.NEAREST)) > 0
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap CI of the mean."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def measure_quality(samples: list, segment) -> dict:
     """Dice/IoU of ``segment`` (rgb → Segmentation) over samples; means, CIs, medians, not-found share."""
+    from dermscreen.lesion import bootstrap_ci, dice_iou
+
     dices, ious, missed = [], [], 0
     for s in samples:
         rgb = np.asarray(Image.open(s.image_path).convert("RGB"))

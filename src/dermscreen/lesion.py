@@ -411,6 +411,21 @@ def smart_crop_box(box: Box | None, size: tuple[int, int], crop_below: float = C
     return x0, y0, x0 + side, y0 + side
 
 
+# ---- segmentation quality (the one Dice/IoU and CI behind train-segmenter, bench_lesion and the card) ----
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two bool masks of one size (1, 1 when both are empty)."""
+    inter = float((pred & truth).sum())
+    total = float(pred.sum() + truth.sum())
+    return (2 * inter / total if total else 1.0), (inter / (total - inter) if total - inter else 1.0)
+
+
+def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap CI of the mean of ``values``."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 # ---- ABCD ----------------------------------------------------------------------------------------------
 MAX_POINTS = 4000  # shares and moments from an even sample of this many lesion pixels are within ~1 %
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..bundle import SEGMENTER_FILE, Bundle, SegmenterSpec
 from ..errors import BundleError, ConfigError
-from ..lesion import add_segmenter
+from ..lesion import add_segmenter, bootstrap_ci, dice_iou  # noqa: F401 (dice_iou: part of this API)
 from ..manifests import LabelledSet, Sample, load_labels
 from ..splits import grouped_split
 from .backbones import DEFAULT_BACKBONE, create_backbone
@@ -155,20 +155,6 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     t = target.flatten(1)
     dice = (2 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
     return bce + (1.0 - dice).mean()
-
-
-def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two bool masks (1, 1 when both are empty)."""
-    inter = float((pred & truth).sum())
-    total = float(pred.sum() + truth.sum())
-    return (2 * inter / total if total else 1.0), (inter / (total - inter) if total - inter else 1.0)
-
-
-def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap CI of the mean of ``values``."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 @torch.no_grad()

@@ -104,3 +104,33 @@ def test_image_size_must_fit_the_encoder_stride(tmp_path):
 
     with pytest.raises(ConfigError, match="multiple of 32"):
         train_segmenter(tmp_path / "none.csv", tmp_path, image_size=100)
+
+
+def test_zoom_out_places_the_image_small_with_its_mask_mirrored_alongside():
+    import random
+
+    from dermscreen.training.data import zoom_out
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[10:20, 5:15] = 255
+    big, big_mask = zoom_out([image, mask], 3.0, random.Random(1))
+    assert big.shape == (90, 120, 3) and big_mask.shape == (90, 120)
+    # the photograph is in there once, unchanged, with its own mask at the same spot
+    hits = [(y, x) for y in range(61) for x in range(81) if np.array_equal(big[y:y + 30, x:x + 40], image)]
+    assert len(hits) == 1
+    y, x = hits[0]
+    assert np.array_equal(big_mask[y:y + 30, x:x + 40], mask)
+    # the mirrored field around it carries the mirrored lesion too: image and labels stay consistent
+    assert (big_mask > 0).sum() > (mask > 0).sum()
+    if x > 0:  # the column left of the photograph mirrors its first column, in the image and in the mask
+        assert np.array_equal(big[y:y + 30, x - 1], image[:, 0]) and np.array_equal(big_mask[y:y + 30, x - 1], mask[:, 0])
+    assert x > 0 or y > 0
+
+
+def test_zoom_out_probability_is_checked(tmp_path):
+    from dermscreen.training.segmenter import train_segmenter
+
+    with pytest.raises(ConfigError, match="zoom-out"):
+        train_segmenter(tmp_path / "none.csv", tmp_path, image_size=96, zoom_out=1.5)

@@ -223,6 +223,27 @@ def test_augment_keeps_size_and_flips_are_pixel_exact():
     assert jittered.size == (32, 32)
 
 
+def test_zoom_out_shows_the_view_smaller_with_mirrored_skin_around_it():
+    src = np.zeros((32, 32, 3), np.uint8)
+    src[12:20, 12:20] = 255  # a bright 8 px "lesion" in the middle of a black frame
+    img = Image.fromarray(src)
+    spec = Preprocessing(image_size=32)
+    only_geometry = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_degrees=0, brightness=0, contrast=0,
+                         saturation=0, hue=0, flips=False, rotate90=False)
+    assert np.array_equal(np.asarray(augment(img, spec, AugmentConfig(**only_geometry), random.Random(0))), src)
+    zoomed = AugmentConfig(zoom_out=1.0, zoom_out_max=2.0, **only_geometry)
+    import scipy.ndimage as ndi
+
+    largest = []
+    for seed in range(8):
+        labels, n = ndi.label(np.asarray(augment(img, spec, zoomed, random.Random(seed)))[..., 0] > 127)
+        largest.append(np.bincount(labels.ravel())[1:].max() if n else 0)
+    # the lesion (and its mirrored copies) is seen smaller than its 64 px, never larger, never lost
+    assert all(0 < a <= 64 for a in largest) and sum(a < 56 for a in largest) >= 6, largest
+    # off by default, and an older recipe's random draws are not disturbed by the new option
+    assert AugmentConfig().zoom_out == 0.0
+
+
 def test_class_weights_and_balanced_sampler():
     labels = [0] * 90 + [1] * 9 + [2] * 1
     w = class_weights(labels, 4, power=1.0)

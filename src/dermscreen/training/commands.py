@@ -105,6 +105,8 @@ def train_segmenter(
     device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu, cuda or cuda:N."),
     num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
     seed: int = typer.Option(0, "--seed", help="Split and training seed (0: the classifier recipe's split)."),
+    zoom_out: float = typer.Option(0.5, "--zoom-out", help="Share of training images shown zoomed out (placed small, "
+                                   "off-centre, in a mirrored wider field) so small lesions in wide photos are found."),
 ) -> None:
     """Train the lesion segmenter on masks (split by lesion), export segmenter.onnx, and add it to a bundle."""
     _need_torch()
@@ -116,7 +118,7 @@ def train_segmenter(
     try:
         result = run(data, out, images=images, masks=masks, bundle=bundle, backbone=backbone, weights=weights,
                      image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, max_images=max_images,
-                     threads=threads, device=device, num_workers=num_workers, seed=seed)
+                     threads=threads, device=device, num_workers=num_workers, seed=seed, zoom_out=zoom_out)
     except DermscreenError as exc:
         _fail(exc)
         return

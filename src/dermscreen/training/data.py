@@ -39,6 +39,11 @@ class AugmentConfig(BaseModel):
     contrast: float = Field(0.2, ge=0, le=1)
     saturation: float = Field(0.2, ge=0, le=1)
     hue: float = Field(0.03, ge=0, le=0.5)
+    # zoom-out: with this probability the view is widened by up to zoom_out_max x with its own skin mirrored
+    # outwards, so the lesion is seen smaller and off-frame context is not new; the Screener's smart crop
+    # around a small lesion in a wide photo shows the model just such views
+    zoom_out: float = Field(0.0, ge=0, le=1)
+    zoom_out_max: float = Field(1.8, ge=1, le=4)
 
 
 def load_rgb(path) -> Image.Image:
@@ -63,6 +68,17 @@ def _random_resized_crop(image: Image.Image, aug: AugmentConfig, rng: random.Ran
             left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
             return image.crop((left, top, left + cw, top + ch))
     return image
+
+
+def zoom_out(arrays: list[np.ndarray], factor: float, rng: random.Random) -> list[np.ndarray]:
+    """(H, W[, C]) arrays of one frame (an image, its mask), each placed at the same random spot of a frame
+    ``factor`` x wider and taller that is filled by mirroring them outwards (the same skin, no seams; a
+    mask is mirrored with its image, so the labels stay true)."""
+    h, w = arrays[0].shape[:2]
+    extra_h, extra_w = round(h * (factor - 1)), round(w * (factor - 1))
+    top, left = rng.randint(0, extra_h), rng.randint(0, extra_w)
+    pads = ((top, extra_h - top), (left, extra_w - left))
+    return [np.pad(a, pads + ((0, 0),) * (a.ndim - 2), mode="symmetric") for a in arrays]
 
 
 def _small_rotation(image: Image.Image, degrees: float, rng: random.Random) -> Image.Image:
@@ -98,6 +114,8 @@ def _colour_jitter(image: Image.Image, aug: AugmentConfig, rng: random.Random) -
 def augment(image: Image.Image, spec: Preprocessing, aug: AugmentConfig, rng: random.Random) -> Image.Image:
     """A randomly augmented RGB PIL image at the model's input size (``spec.image_size`` square)."""
     image = _model_view(image, spec)
+    if aug.zoom_out > 0 and rng.random() < aug.zoom_out:  # no draw when off: older recipes replay exactly
+        image = Image.fromarray(zoom_out([np.asarray(image)], rng.uniform(1.0, aug.zoom_out_max), rng)[0])
     image = _random_resized_crop(image, aug, rng)
     # resize to the model size before the cheap pixel ops: the source may be much larger
     image = image.resize((spec.image_size, spec.image_size), Image.BILINEAR)

@@ -42,12 +42,13 @@ from ..lesion import add_segmenter, bootstrap_ci, dice_iou  # noqa: F401 (dice_i
 from ..manifests import LabelledSet, Sample, load_labels
 from ..splits import grouped_split
 from .backbones import DEFAULT_BACKBONE, create_backbone
-from .data import load_rgb
+from .data import load_rgb, zoom_out
 
 log = logging.getLogger("dermscreen.training")
 TAPS = (1, 2, 4)  # EfficientNet(-Lite) block stages ending at strides 4, 8, 16; later stages are not run
 DECODER_WIDTHS = (64, 48, 32)  # stride 16, 8, 4
 TOLERANCE = 1e-4
+MAX_ZOOM = 3.5  # training zoom-out up to this factor: a lesion as small as ~1/3.5 of the frame's side
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -116,10 +117,16 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 class MaskDataset(Dataset):
-    """(image (3,S,S) normalised, mask (1,S,S) float, index) of samples; flips and mild colour jitter when training."""
+    """(image (3,S,S) normalised, mask (1,S,S) float, index) of samples.
 
-    def __init__(self, samples: list[Sample], masks_dir: Path | None, spec: SegmenterSpec, train: bool, seed: int = 0):
+    When training: zoom-out (probability ``zoom_out``, factor up to ``max_zoom``), flips, quarter turns and mild
+    colour jitter.
+    """
+
+    def __init__(self, samples: list[Sample], masks_dir: Path | None, spec: SegmenterSpec, train: bool, seed: int = 0,
+                 zoom_out: float = 0.0, max_zoom: float = MAX_ZOOM):
         self.samples, self.masks_dir, self.spec, self.train, self.seed = samples, masks_dir, spec, train, seed
+        self.zoom_out, self.max_zoom = zoom_out, max_zoom
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -128,13 +135,15 @@ class MaskDataset(Dataset):
     def __getitem__(self, i: int):
         s = self.spec.image_size
         sample = self.samples[i]
-        image = load_rgb(sample.image_path).resize((s, s), Image.BILINEAR)
-        mask = Image.fromarray(read_mask(mask_path(sample, self.masks_dir)).astype(np.uint8) * 255).resize(
-            (s, s), Image.BILINEAR)
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        m = np.asarray(mask, dtype=np.float32) / 255.0
+        image = np.asarray(load_rgb(sample.image_path))
+        mask = read_mask(mask_path(sample, self.masks_dir)).astype(np.uint8) * 255
+        rng = random.Random(hash((self.seed, self.epoch, i)))
+        if self.train and rng.random() < self.zoom_out:
+            # lesions small and off-centre in a wide field, as a phone photo shows them (HAM10000 has few)
+            image, mask = zoom_out([image, mask], rng.uniform(1.2, self.max_zoom), rng)
+        x = np.asarray(Image.fromarray(image).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
+        m = np.asarray(Image.fromarray(mask).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0
         if self.train:
-            rng = random.Random(hash((self.seed, self.epoch, i)))
             if rng.random() < 0.5:
                 x, m = x[:, ::-1], m[:, ::-1]
             if rng.random() < 0.5:
@@ -238,12 +247,14 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
                     bundle: Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
                     image_size: int = 256, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
                     max_images: int | None = None, threads: int | None = None, device: str = "auto",
-                    num_workers: int = 0, seed: int = 0) -> SegmenterResult:
+                    num_workers: int = 0, seed: int = 0, zoom_out: float = 0.5) -> SegmenterResult:
     """Train on ``data_csv``'s images and masks, export ONNX into ``out`` (and a bundle); returns SegmenterResult."""
     from .distributed import resolve_device
 
     if image_size % 32:
         raise ConfigError(f"image size {image_size} must be a multiple of 32 (the encoder's stride).")
+    if not 0.0 <= zoom_out <= 1.0:
+        raise ConfigError(f"zoom-out probability {zoom_out} must be between 0 and 1.")
     start = time.perf_counter()
     if bundle is not None:
         Bundle.load(bundle)  # a wrong --bundle should fail now, not after hours of training
@@ -261,7 +272,7 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
     model = LesionSegmenterNet(encoder).to(dev)
     log.info("segmenter: %s encoder (%s), %d/%d/%d images, %d px, device %s", backbone, info.weights,
              len(parts["train"]), len(parts["val"]), len(parts["test"]), image_size, dev)
-    train_set = MaskDataset(parts["train"], masks, spec, train=True, seed=seed)
+    train_set = MaskDataset(parts["train"], masks, spec, train=True, seed=seed, zoom_out=zoom_out)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     # the encoder is pretrained, the decoder is not: a gentler step for the encoder keeps its features
@@ -293,7 +304,8 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
     model.load_state_dict(best_state)
     test = evaluate(model, MaskDataset(parts["test"], masks, spec, train=False), dev, batch_size * 2)
     spec = spec.model_copy(update={"validation": {**{f"test_{k}": v for k, v in test.items()},
-                                                  "val_dice": best, "seed": float(seed)}})
+                                                  "val_dice": best, "seed": float(seed),
+                                                  "zoom_out": float(zoom_out)}})
     check = torch.stack([val_set[i][0] for i in range(min(4, len(val_set)))]).numpy()
     onnx_bytes = to_onnx(model, image_size)
     diff = check_onnx(onnx_bytes, model, check)

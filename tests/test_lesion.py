@@ -301,6 +301,11 @@ def test_screener_uses_the_bundles_segmenter(tiny_bundle, tmp_path):
     assert max(mask.shape) == L.SEGMENTER_MASK_SIDE and result.segmentation.scale == pytest.approx(128 / 200)
     small_truth = np.asarray(Image.fromarray(truth).resize(mask.shape[::-1], Image.NEAREST))
     assert _dice(mask, small_truth) > 0.9
+    # the image is shrunk once, to the mask's size; ABCD reads it and says what it says from the full image
+    seg = result.segmentation
+    assert seg.small is not None and seg.small.shape[:2] == mask.shape
+    from dataclasses import replace
+    assert L.abcd(seg, rgb) == L.abcd(replace(seg, small=None), rgb)
     classical = Screener(bundle, ScreenerSettings(ood_refusal=False, segmenter="classical")).analyze_image(rgb)
     assert classical.lesion.method == "classical"
     card = screener.model_card()

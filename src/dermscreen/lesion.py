@@ -109,6 +109,9 @@ class Segmentation:
     image_size: tuple[int, int]  # (width, height) of the segmented image
     method: Method
     found: bool
+    # the image shrunk to the mask's size, when the segmenter made one: ABCD reads the lesion's colours from
+    # it instead of shrinking the image a second time
+    small: np.ndarray | None = None
 
     @property
     def scale(self) -> float:
@@ -275,7 +278,7 @@ def segment_classical(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> Segment
         other = clean_mask((channel > minimum_error_threshold(channel[valid])) & valid)
         if _is_lesion(other, channel, valid) and not _spans_frame(other):
             mask, found = other, True
-    return Segmentation(mask if found else np.zeros_like(mask), size, "classical", found)
+    return Segmentation(mask if found else np.zeros_like(mask), size, "classical", found, small)
 
 
 def _spans_frame(mask: np.ndarray) -> bool:
@@ -324,15 +327,18 @@ class OnnxSegmenter:
 
     def segment(self, rgb: np.ndarray) -> Segmentation:
         """(H, W, 3) uint8 RGB → Segmentation at working resolution (largest central component, holes filled)."""
-        prob = self.probabilities(rgb)
         # The network's map is already smooth and coarse (its input is ~100 px): a mask finer than
         # SEGMENTER_MASK_SIDE adds no detail, only cost to the cleaning and the ABCD measurements, and
         # opening/closing is not needed; the largest central component with its holes filled is.
-        size = fit_within(rgb.shape[1], rgb.shape[0], SEGMENTER_MASK_SIDE)
+        # The image is shrunk once, to the mask's size; the network's input and ABCD's colours come from that.
+        small = working_copy(rgb, SEGMENTER_MASK_SIDE)
+        prob = self.probabilities(small)
+        size = (small.shape[1], small.shape[0])
         prob = np.asarray(Image.fromarray(prob).resize(size, Image.BILINEAR))
         mask = clean_mask(prob > self.spec.threshold, smooth=0)
         found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)
-        return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found)
+        return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found,
+                            small)
 
 
 def load_segmenter(bundle: Bundle, threads: int | None = None) -> OnnxSegmenter | None:
@@ -390,12 +396,14 @@ def mask_box(mask: np.ndarray) -> Box | None:
 
 
 def smart_crop_box(box: Box | None, size: tuple[int, int], crop_below: float = CROP_BELOW,
-                   fill: float = CROP_FILL) -> Box | None:
+                   fill: float = CROP_FILL, min_side: int = MIN_CROP_SIDE) -> Box | None:
     """A square (left, top, right, bottom) around a small lesion ``box`` in a (width, height) frame, else None.
 
     None when there is no box or the lesion's longest side is at least ``crop_below`` of the frame's
     shorter side (it is already at a scale the classifier knows). The square is centred on the lesion,
-    ``longest side / fill`` wide, and shifted (never shrunk below the lesion) to stay inside the frame.
+    ``longest side / fill`` wide but at least ``min_side`` (the Screener passes the model's input size, so a
+    crop is never enlarged: a tiny lesion keeps some skin around it instead of being blown up into blur), and
+    shifted (never shrunk below the lesion) to stay inside the frame.
     """
     if box is None:
         return None
@@ -404,7 +412,7 @@ def smart_crop_box(box: Box | None, size: tuple[int, int], crop_below: float = C
     longest = max(right - left, bottom - top)
     if longest >= crop_below * min(w, h):
         return None
-    side = int(min(min(w, h), max(MIN_CROP_SIDE, math.ceil(longest / fill))))
+    side = int(min(min(w, h), max(min_side, math.ceil(longest / fill))))
     cx, cy = (left + right) / 2, (top + bottom) / 2
     x0 = int(min(max(0, round(cx - side / 2)), w - side))
     y0 = int(min(max(0, round(cy - side / 2)), h - side))
@@ -565,7 +573,8 @@ def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = No
     if not seg.found or not seg.mask.any():
         return None
     mask = seg.mask
-    small = rgb if rgb.shape[:2] == mask.shape else working_copy(rgb, max(mask.shape))
+    small = seg.small if seg.small is not None and seg.small.shape[:2] == mask.shape else \
+        rgb if rgb.shape[:2] == mask.shape else working_copy(rgb, max(mask.shape))
     if small.shape[:2] != mask.shape:  # rounding differed: sample the image at the mask's size exactly
         small = np.asarray(Image.fromarray(rgb).resize((mask.shape[1], mask.shape[0]), Image.BILINEAR))
     points = lesion_points(mask)

@@ -333,8 +333,8 @@ class Screener:
         rgb = decoded.rgb
         seg = self.segmenter.segment(rgb) if self.segmenter is not None else segment_classical(rgb)
         box = seg.box()
-        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below, self.settings.smart_crop_fill) \
-            if self.settings.smart_crop else None
+        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below, self.settings.smart_crop_fill,
+                              self.bundle.manifest.preprocessing.image_size) if self.settings.smart_crop else None
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."

@@ -52,8 +52,13 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return np.asarray(img) > 0
 
 
-def skin_field(rgb: np.ndarray, lesion: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A (height, width, 3) field of this image's skin: lesion and lens-edge pixels cloned from skin, mirror-tiled."""
+def skin_field(rgb: np.ndarray, lesion: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
+               origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A (height, width, 3) field of this image's skin: lesion and lens-edge pixels cloned from skin, mirror-tiled.
+
+    The tiling is anchored at ``origin`` (x, y), where the photograph will be pasted, so the field next to each
+    of its edges continues that edge's own skin (mirrored): no seam where the photograph meets the field.
+    """
     value = rgb.max(axis=2).astype(np.float32)
     # the lesion, the lens edge's dark corners and any other dark spot (a second mole) are not plain skin
     not_skin = _dilate(lesion | (value < 0.7 * np.median(value)), 4)
@@ -75,19 +80,37 @@ def skin_field(rgb: np.ndarray, lesion: np.ndarray, size: tuple[int, int], rng: 
     patch[remaining] = skin[rng.integers(0, len(skin), int(remaining.sum()))]
     w, h = size
     ph, pw = patch.shape[:2]
-    return np.pad(patch, ((0, max(0, h - ph)), (0, max(0, w - pw)), (0, 0)), mode="symmetric")[:h, :w]
+    x0, y0 = origin
+    return np.pad(patch, ((y0, max(0, h - ph - y0)), (x0, max(0, w - pw - x0)), (0, 0)), mode="symmetric")[:h, :w]
 
 
-def zoom_out(rgb: np.ndarray, lesion: np.ndarray, factor: float, seed: int) -> np.ndarray:
-    """The lesion of ``rgb`` (bool mask ``lesion``) pasted, feathered, on a skin field ``factor`` x larger."""
+def _frame_alpha(h: int, w: int, feather: float) -> np.ndarray:
+    """(h, w, 1) weights: 1 inside, ramping smoothly to 0 over ``feather`` of the shorter side at the edges."""
+    ramp = max(1.0, feather * min(h, w))
+    ys = np.minimum(np.arange(h), np.arange(h)[::-1])[:, None] + 0.5
+    xs = np.minimum(np.arange(w), np.arange(w)[::-1])[None, :] + 0.5
+    t = np.clip(np.minimum(ys, xs) / ramp, 0.0, 1.0)
+    return (t * t * (3 - 2 * t))[..., None].astype(np.float32)  # smoothstep: no visible seam
+
+
+def zoom_out(rgb: np.ndarray, lesion: np.ndarray, factor: float, seed: int, paste: str = "image") -> np.ndarray:
+    """``rgb`` placed small, feathered, at a seeded position on a skin field ``factor`` x wider and taller.
+
+    ``paste="image"``: the whole photograph (the lesion with the skin around it, as a wider shot would show it),
+    its edges blended into the field over 8 % of its shorter side. ``paste="lesion"``: only the lesion (its mask
+    dilated 8 px, feathered), so its own surroundings are replaced by the field (the harder, older variant).
+    """
     rng = np.random.default_rng(seed)
     h, w = lesion.shape
     size = (round(w * factor), round(h * factor))
-    field = skin_field(rgb, lesion, size, rng).astype(np.float32)
-    alpha = np.asarray(Image.fromarray(_dilate(lesion, 8).astype(np.uint8) * 255).filter(
-        ImageFilter.GaussianBlur(4)), dtype=np.float32)[..., None] / 255.0
     x0 = int(rng.integers(0, size[0] - w + 1))
     y0 = int(rng.integers(0, size[1] - h + 1))
+    field = skin_field(rgb, lesion, size, rng, (x0, y0)).astype(np.float32)
+    if paste == "image":
+        alpha = _frame_alpha(h, w, 0.08)
+    else:
+        alpha = np.asarray(Image.fromarray(_dilate(lesion, 8).astype(np.uint8) * 255).filter(
+            ImageFilter.GaussianBlur(4)), dtype=np.float32)[..., None] / 255.0
     region = field[y0:y0 + h, x0:x0 + w]
     field[y0:y0 + h, x0:x0 + w] = region * (1 - alpha) + rgb.astype(np.float32) * alpha
     return np.clip(field + 0.5, 0, 255).astype(np.uint8)

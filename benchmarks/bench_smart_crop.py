@@ -4,11 +4,13 @@ Usage:
   python benchmarks/bench_smart_crop.py --model runs/<run>/bundle [--split runs/<run>/split.csv]
          [--data ../shared/data] [--images 1000] [--factor 3] [--threads 1]
 
-Zoom-out: each validation image's lesion (its reference mask, dilated 8 px and feathered) is placed at a
-seeded random position on a field ``factor`` times wider and taller, made of that image's own skin: lesion,
-lens-edge and other dark pixels are replaced by skin cloned from shifted copies of the same image, and the
-result is mirror-tiled. The lesion keeps its pixel size, so it fills 1/factor of the frame's side, like a lesion
-photographed small in a wide field by a phone.
+Zoom-out: each validation photograph (the lesion with the skin around it) is placed at a seeded random position
+on a field ``factor`` times wider and taller, made of that image's own skin: lesion, lens-edge and other dark
+pixels are replaced by skin cloned from shifted copies of the same image, and the result is mirror-tiled from
+where the photograph sits, so the field next to each edge continues that edge's skin; the photograph's edges
+are blended into it over 8 % of its shorter side. The lesion keeps its pixel size, so it fills 1/factor of what
+it filled, like a lesion photographed small in a wide field by a phone. ``--paste lesion``: only the lesion (its
+mask dilated 8 px, feathered) is pasted, so its own surroundings are replaced too (harder; the first variant).
 
 Four conditions, the same bundle: original images with smart crop off (the reference) and on, zoomed-out
 images with smart crop off and on. The quality gate and OOD refusal are off so every image gets an answer;
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--factor", type=float, default=3.0, help="how many times wider and taller the zoomed-out field is")
+    ap.add_argument("--paste", choices=("image", "lesion"), default="image",
+                    help="paste the whole photograph (default) or only the lesion onto the skin field")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--crop-below", type=float, nargs="+", default=None,
                     help="smart_crop_below values to compare (default: the Screener's)")
@@ -160,7 +164,7 @@ def main() -> None:
         rgb = np.asarray(Image.open(s.image_path).convert("RGB"))
         mask = np.asarray(Image.open(s.image_path.parent.parent / "masks" / f"{s.image_id}_segmentation.png")
                           .convert("L")) >= 128
-        zoomed = zoom_out(rgb, mask, args.factor, seed=k)
+        zoomed = zoom_out(rgb, mask, args.factor, seed=k, paste=args.paste)
         truth.append(codes.index(s.dx))
         for name, image in (("orig", rgb), ("zoom", zoomed)):
             off = without.analyze_image(image, heatmap=False)
@@ -175,7 +179,7 @@ def main() -> None:
     print(f"\n### Smart crop on zoomed-out validation images (benchmarks/bench_smart_crop.py)\n\n{machine_info()}\n")
     m = with_crop.bundle.manifest
     print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
-          f"images, zoom-out factor {args.factor:g}, {time.perf_counter() - start:.0f} s.\n")
+          f"images, zoom-out factor {args.factor:g} (pasted: {args.paste}), {time.perf_counter() - start:.0f} s.\n")
     print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}; "
           f"the lesion fills {with_crop.settings.smart_crop_fill:g} of the crop's side.\n")
     print("| images | smart crop (crop when the lesion's longest side < x of the shorter side) | balanced accuracy "

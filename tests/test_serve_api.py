@@ -274,6 +274,18 @@ def test_settings_round_trip_through_the_environment(monkeypatch, open_bundle):
     assert ServeSettings().max_upload_bytes == int(7.5 * 2**20)
 
 
+def test_workers_share_the_cores_unless_concurrency_is_set(monkeypatch, open_bundle):
+    import os
+
+    monkeypatch.delenv("DERMSCREEN_CONCURRENCY", raising=False)
+    monkeypatch.delenv("DERMSCREEN_WORKERS", raising=False)
+    cores = os.cpu_count() or 1
+    assert ServeSettings(model=str(open_bundle)).concurrency == cores
+    assert ServeSettings(model=str(open_bundle), workers=2).concurrency == max(1, cores // 2)
+    assert ServeSettings(model=str(open_bundle), workers=64).concurrency == 1
+    assert ServeSettings(model=str(open_bundle), workers=2, concurrency=3).concurrency == 3
+
+
 def test_json_errors_are_valid_json_for_the_page(client):
     r = client.get("/api/v1/nothing")
     assert_error(r, 404, "not found")

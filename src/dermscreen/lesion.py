@@ -17,6 +17,7 @@ descriptive measurements to support a clinician's reading, not a diagnosis or a 
 from __future__ import annotations
 
 import io
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,12 +193,15 @@ def _vignette(value: np.ndarray) -> np.ndarray:
     return np.isin(labels, edge[edge > 0])
 
 
+@functools.lru_cache(maxsize=8)
 def _centre_distance(shape: tuple[int, int]) -> np.ndarray:
-    """(h, w) squared distance from the centre, 1 at the middle of each edge."""
+    """(h, w) squared distance from the centre, 1 at the middle of each edge (cached: masks come in few sizes)."""
     h, w = shape
     yy = ((np.arange(h) + 0.5 - h / 2) / (h / 2)) ** 2
     xx = ((np.arange(w) + 0.5 - w / 2) / (w / 2)) ** 2
-    return yy[:, None] + xx[None, :]
+    out = yy[:, None] + xx[None, :]
+    out.flags.writeable = False  # shared by every caller
+    return out
 
 
 def _box_morph(mask: np.ndarray, size: int, dilate: bool) -> np.ndarray:
@@ -451,7 +455,8 @@ def principal_axes(mask: np.ndarray, points: tuple[np.ndarray, np.ndarray] | Non
     ys, xs = points if points is not None else np.nonzero(mask)
     pts = np.stack([ys, xs], axis=1).astype(np.float64)
     centre = pts.mean(axis=0)
-    cov = np.cov((pts - centre).T) if len(pts) > 1 else np.eye(2)
+    d = pts - centre
+    cov = d.T @ d / (len(pts) - 1) if len(pts) > 1 else np.eye(2)  # np.cov, without its overhead
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
     return centre, values[order], vectors[:, order].T

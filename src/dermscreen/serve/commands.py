@@ -42,7 +42,7 @@ def serve(
     max_buffered_mb: Annotated[float, typer.Option(
         help="Uploads held in memory by all requests together, in MiB; more are answered 503.")] = 256.0,
     concurrency: Annotated[Optional[int], typer.Option(
-        help="Analyses run at once per worker (default: CPU cores).")] = None,
+        help="Analyses run at once per worker (default: CPU cores / workers).")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation by default.")] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:

@@ -27,12 +27,19 @@ class ServeSettings(BaseSettings):
                                    "requests together, in MiB; uploads beyond it are answered 503 (busy).")
     max_pixels: int | None = Field(None, ge=10_000, description="Largest decoded image (width x height), "
                                    "checked before decoding; empty = the Screener's default.")
-    concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
-                             description="Analyses run at once per worker; more requests wait their turn.")
+    concurrency: int | None = Field(None, ge=1, le=256, description="Analyses run at once per worker; more requests "
+                                    "wait their turn (empty = the CPU cores shared among the workers).")
     threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads per analysis "
                                 "(empty = CPU cores / concurrency, so analyses never oversubscribe the cores).")
     tta: bool = Field(False, description="Test-time augmentation (flips) unless a request says otherwise.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @model_validator(mode="after")
+    def _share_the_cores(self) -> "ServeSettings":
+        # N workers each running cores analyses at once would put N x cores analyses on the cores
+        if self.concurrency is None:
+            self.concurrency = max(1, (os.cpu_count() or 1) // self.workers)
+        return self
 
     @model_validator(mode="after")
     def _one_upload_fits(self) -> "ServeSettings":

@@ -102,7 +102,7 @@ def test_train_segmenter_cli_tiny_run_into_a_bundle(ham_dir, tiny_bundle, tmp_pa
 def test_image_size_must_fit_the_encoder_stride(tmp_path):
     from dermscreen.training.segmenter import train_segmenter
 
-    with pytest.raises(ConfigError, match="multiple of 32"):
+    with pytest.raises(ConfigError, match="multiple of 16"):
         train_segmenter(tmp_path / "none.csv", tmp_path, image_size=100)
 
 

@@ -96,7 +96,7 @@ def train_segmenter(
                                          "(default: <images folder>/../masks)."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm EfficientNet(-Lite) encoder."),
     weights: str = typer.Option("imagenet", "--weights", help="imagenet (offline package), a file, timm[:tag] or none."),
-    image_size: int = typer.Option(256, "--image-size", help="Square input size, a multiple of 32."),
+    image_size: int = typer.Option(256, "--image-size", help="Square input size, a multiple of 16."),
     epochs: int = typer.Option(20, "--epochs"),
     batch_size: int = typer.Option(16, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Decoder learning rate (the encoder gets a third of it)."),

@@ -58,7 +58,7 @@ def _conv(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
 
 
 class LesionSegmenterNet(nn.Module):
-    """forward(image (N,3,S,S)) → lesion logits (N,1,S,S); S a multiple of 32."""
+    """forward(image (N,3,S,S)) → lesion logits (N,1,S,S); S a multiple of 16 (the deepest stage run)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -251,8 +251,8 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
     """Train on ``data_csv``'s images and masks, export ONNX into ``out`` (and a bundle); returns SegmenterResult."""
     from .distributed import resolve_device
 
-    if image_size % 32:
-        raise ConfigError(f"image size {image_size} must be a multiple of 32 (the encoder's stride).")
+    if image_size % 16:  # the encoder is cut after its stride-16 stage (see the module docstring)
+        raise ConfigError(f"image size {image_size} must be a multiple of 16 (the encoder's deepest stride used).")
     if not 0.0 <= zoom_out <= 1.0:
         raise ConfigError(f"zoom-out probability {zoom_out} must be between 0 and 1.")
     start = time.perf_counter()

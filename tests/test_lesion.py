@@ -105,6 +105,23 @@ def test_classical_dice_on_real_images(ham_dir):
 
 
 # ---- crop -------------------------------------------------------------------------------------------------
+def test_fill_holes_and_clean_mask():
+    yy, xx = np.mgrid[:60, :80]
+    r2 = (yy - 30) ** 2 + (xx - 40) ** 2
+    ring = (r2 < 20 ** 2) & (r2 >= 8 ** 2)
+    assert np.array_equal(L.fill_holes(ring), r2 < 20 ** 2)  # the hole is filled
+    disk = r2 < 20 ** 2
+    assert np.array_equal(L.fill_holes(disk), disk)  # nothing to fill: unchanged
+    frame = np.ones((60, 80), bool)
+    frame[10:50, 10:70] = False  # a "lesion" covering the whole border: the inside is a hole
+    assert L.fill_holes(frame).all()
+    two = disk | ((yy - 5) ** 2 + (xx - 5) ** 2 < 9)  # a speck in the corner beside the central lesion
+    for smooth in (0, 5):
+        kept = L.clean_mask(two, smooth=smooth)
+        assert kept[30, 40] and not kept[5, 5]
+    assert np.array_equal(L.clean_mask(ring, smooth=0), r2 < 20 ** 2)  # one component: kept, holes filled
+
+
 def test_smart_crop_box_rules():
     assert L.smart_crop_box(None, (200, 150)) is None
     assert L.smart_crop_box((60, 30, 140, 120), (200, 150)) is None  # 90 px of 150: already at training scale

@@ -21,7 +21,7 @@ def _texture(w: int = 200, h: int = 150, seed: int = 0) -> np.ndarray:
 
 def test_measures_are_in_expected_ranges():
     m = measure(_texture())
-    assert set(m) == {"sharpness", "brightness", "highlights", "clipped", "contrast", "min_side"}
+    assert set(m) == {"sharpness", "brightness", "highlights", "clipped", "contrast", "chroma", "min_side"}
     assert 0 < m["sharpness"] and 0 <= m["clipped"] <= 1 and 0 <= m["brightness"] <= m["highlights"] <= 255
     assert m["min_side"] == 150
 
@@ -43,6 +43,7 @@ def test_clean_synthetic_image_passes_without_warning():
     (lambda a: np.clip(a.astype(int) * 5, 0, 255).astype(np.uint8), "bright"),
     (lambda a: np.full_like(a, 128), "uniform"),
     (lambda a: np.asarray(Image.fromarray(a).resize((40, 30))), "too small"),
+    (lambda a: np.repeat(a.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2), "grey-scale"),
 ])
 def test_severe_degradations_are_refused_with_reason(degrade, word):
     report = assess(degrade(_texture()))
@@ -78,6 +79,14 @@ def test_real_images_pass(ham_dir, ham224_dir):
 
 
 @pytest.mark.data
+def test_real_image_in_grey_scale_is_refused(ham_dir):
+    rgb = np.asarray(Image.open(ham_dir / "images" / "ISIC_0024306.jpg").convert("RGB"))
+    assert assess(rgb).passed
+    grey = np.asarray(Image.fromarray(rgb).convert("L").convert("RGB"))
+    report = assess(grey)
+    assert not report.passed and "grey-scale" in report.refused_reason
+
+
 def test_real_image_blurred_is_refused(ham_dir):
     img = Image.open(sorted((ham_dir / "images").glob("*.jpg"))[0]).convert("RGB")
     assert assess(np.asarray(img)).passed

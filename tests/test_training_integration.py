@@ -96,6 +96,10 @@ def test_tiny_run_bundle_manifest_is_complete(tiny_run):
     assert {p.name for p in m.operating_points} == {"sensitivity_first", "balanced"}
     assert m.operating_points[0].sensitivity >= 0.95
     assert m.ood is not None and 0.9 <= m.ood.validation_kept <= 1.0
+    # the colour check is fitted beside the embedding one; together they keep most validation images
+    assert m.ood.colour_threshold is not None and 0.9 <= m.ood.colour_validation_kept <= 1.0
+    assert m.ood.validation_kept_both <= min(m.ood.validation_kept, m.ood.colour_validation_kept)
+    assert bundle.arrays["ood_colour_precision"].shape == (8, 8)
     assert m.calibration.temperature > 0 and m.calibration.ece_after is not None
     assert 0 <= m.metrics["balanced_accuracy"] <= 1 and "malignant_auc" in m.metrics
     assert "non-commercial" in m.card.licence and any("V-VI" in x for x in m.card.limitations)

@@ -73,6 +73,10 @@ class OODSpec(BaseModel):
     method: str = "mahalanobis"
     threshold: float
     validation_kept: float = Field(description="share of in-distribution validation images with score <= threshold")
+    colour_threshold: float | None = Field(None, description="threshold of the colour-statistics check "
+                                           "(ood.ColourOOD); None: the bundle has no colour check")
+    colour_validation_kept: float | None = Field(None, description="share of validation images the colour check keeps")
+    validation_kept_both: float | None = Field(None, description="share of validation images both checks keep")
 
 
 class Calibration(BaseModel):

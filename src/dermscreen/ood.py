@@ -1,13 +1,73 @@
-"""Out-of-distribution scoring on the model's pooled embedding (numpy only).
+"""Out-of-distribution scoring (numpy only): two checks, each with its own threshold.
 
-Class-conditional Mahalanobis distance with a shared covariance (Lee et al., NeurIPS 2018), in a
-PCA subspace of the training embeddings, plus the squared norm of the residual outside that
-subspace (as in ViM, Wang et al. CVPR 2022): images unlike the training data are far from every
-class centre or have energy in directions the training data never used. Higher = more unusual.
+``MahalanobisOOD``, on the model's pooled embedding: class-conditional Mahalanobis distance with a
+shared covariance (Lee et al., NeurIPS 2018), in a PCA subspace of the training embeddings, plus the
+squared norm of the residual outside that subspace (as in ViM, Wang et al. CVPR 2022): images unlike
+the training data are far from every class centre or have energy in directions the training data
+never used. Higher = more unusual.
+
+``ColourOOD``, on the photograph's colour statistics (``colour_features``): dermoscopic images are
+colour photographs of skin, red over green over blue nearly everywhere. A grey-scale scan, a green
+logo or a blue-tinted photo can land near some class centre in embedding space, but not here: a
+Gaussian fitted on the training images' features, scored by Mahalanobis distance.
 """
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+
+COLOUR_THUMBNAIL = 64  # colour statistics of a 64 px thumbnail are those of the photograph within ~1 %
+COLOUR_FEATURES = ("mean chroma", "mean red - green", "mean green - blue", "mean brightness",
+                   "brightness spread", "chroma spread", "log share green > red", "log share blue > red")
+
+
+def colour_features(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (8,) float64 colour statistics (COLOUR_FEATURES) of its thumbnail."""
+    h, w = rgb.shape[:2]
+    scale = COLOUR_THUMBNAIL / max(h, w)
+    if scale < 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
+    f = rgb.reshape(-1, 3).astype(np.float32)
+    r, g, b = f[:, 0], f[:, 1], f[:, 2]
+    chroma = f.max(axis=1) - f.min(axis=1)
+    value = f.mean(axis=1)
+    # shares are bounded and pile up at 0: their log (with a floor) is closer to Gaussian
+    return np.array([chroma.mean(), (r - g).mean(), (g - b).mean(), value.mean(), value.std(), chroma.std(),
+                     np.log((g > r).mean() + 0.01), np.log((b > r).mean() + 0.01)], dtype=np.float64)
+
+
+class ColourOOD:
+    """Mahalanobis distance of ``colour_features`` from the training images' (higher = less like them)."""
+
+    def __init__(self, mean: np.ndarray, precision: np.ndarray):
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.precision = np.asarray(precision, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, shrinkage: float = 1e-3) -> "ColourOOD":
+        """Fit on (N, 8) training features."""
+        x = np.asarray(features, dtype=np.float64)
+        mean = x.mean(axis=0)
+        cov = np.cov((x - mean).T) if len(x) > 1 else np.eye(x.shape[1])
+        cov += shrinkage * np.trace(cov) / len(mean) * np.eye(len(mean)) + 1e-9 * np.eye(len(mean))
+        return cls(mean, np.linalg.inv(cov))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N, 8) features → (N,) squared Mahalanobis distances."""
+        d = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean
+        return np.einsum("ni,ij,nj->n", d, self.precision, d)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays for the bundle's ``arrays.npz``."""
+        return {"ood_colour_mean": self.mean.astype(np.float64), "ood_colour_precision": self.precision.astype(np.float64)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ColourOOD | None":
+        """The check stored in a bundle's arrays, or None for bundles from before it existed."""
+        if "ood_colour_mean" not in arrays:
+            return None
+        return cls(arrays["ood_colour_mean"], arrays["ood_colour_precision"])
 
 
 class MahalanobisOOD:

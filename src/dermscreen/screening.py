@@ -36,7 +36,7 @@ from .lesion import (
     smart_crop_box,
 )
 from .metadata import HAM10000_SITES, MetadataSpec
-from .ood import MahalanobisOOD
+from .ood import ColourOOD, MahalanobisOOD, colour_features
 from .preprocess import fit_within, model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
 
@@ -102,12 +102,19 @@ class ClassProbability(BaseModel):
     probability: float
 
 
+COLOUR_REFUSAL = ("This image's colours are unlike the dermoscopic skin-lesion photographs the model was trained on "
+                  "(for example a grey-scale, strongly tinted or non-skin picture), so the model gives no answer for it.")
+
+
 class OODFinding(BaseModel):
     """Out-of-distribution check: the score (higher = less like the training images) and its threshold."""
 
     checked: bool
     score: float | None = None
     threshold: float | None = None
+    colour_score: float | None = Field(None, description="colour-statistics distance (ood.ColourOOD), when the "
+                                       "bundle has that check")
+    colour_threshold: float | None = None
     in_distribution: bool | None = None
     message: str | None = None
 
@@ -166,6 +173,8 @@ class DebugInfo(BaseModel):
     p_malignant: float | None = None
     ood_score: float | None = None
     ood_threshold: float | None = None
+    colour_score: float | None = None
+    colour_threshold: float | None = None
     operating_points: list[OperatingPoint] = []
     tta: bool = False
     metadata_used: bool = False
@@ -267,6 +276,8 @@ class Screener:
         self.ood = MahalanobisOOD.from_arrays(arrays) if m.ood and "ood_mean" in arrays else None
         self.ood_threshold = self.settings.ood_threshold if self.settings.ood_threshold is not None else \
             (m.ood.threshold if m.ood else None)
+        self.colour_ood = ColourOOD.from_arrays(arrays) if m.ood and m.ood.colour_threshold is not None else None
+        self.colour_threshold = m.ood.colour_threshold if self.colour_ood is not None else None
         self.quality_thresholds = QualityThresholds(**{**m.quality, **self.settings.quality})
         self.metadata_spec: MetadataSpec | None = m.model.metadata
         self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256,
@@ -360,6 +371,12 @@ class Screener:
             return out["logits"].mean(0), out["embedding"].mean(0), _unflip_mean(out["features"]), (t1 - t0) * 1000
         return out["logits"][0], out["embedding"][0], out["features"][0], (t1 - t0) * 1000
 
+    def _colour(self, rgb: np.ndarray) -> float | None:
+        """The colour-statistics OOD distance, or None when the bundle has no such check or refusal is off."""
+        if self.colour_ood is None or not self.settings.ood_refusal:
+            return None
+        return float(self.colour_ood.score(colour_features(rgb)[None])[0])
+
     def _ood(self, embedding: np.ndarray) -> OODFinding:
         """Score the embedding against the bundle's in-distribution statistics."""
         if self.ood is None or self.ood_threshold is None or not self.settings.ood_refusal:
@@ -405,11 +422,18 @@ class Screener:
         timings["quality"] = (time.perf_counter() - t) * 1000
         m = self.bundle.manifest
         debug = DebugInfo(temperature=m.calibration.temperature, ood_threshold=self.ood_threshold,
-                          operating_points=m.operating_points, tta=tta, metadata_used=meta is not None)
+                          colour_threshold=self.colour_threshold, operating_points=m.operating_points, tta=tta,
+                          metadata_used=meta is not None)
         image = ImageFacts(format=decoded.format, width=decoded.size[0], height=decoded.size[1],
                            pixel_spacing_mm=decoded.pixel_spacing_mm, notes=decoded.notes)
         if not quality.passed:
             return self._cannot_assess([quality.refused_reason], quality, OODFinding(checked=False), image, debug)
+        colour = self._colour(decoded.rgb)
+        debug.colour_score = colour
+        if colour is not None and colour > self.colour_threshold:  # refused before the model: nothing to show
+            finding = OODFinding(checked=True, colour_score=colour, colour_threshold=self.colour_threshold,
+                                 in_distribution=False, message=COLOUR_REFUSAL)
+            return self._cannot_assess([COLOUR_REFUSAL], quality, finding, image, debug)
         seg, lesion, view = None, None, decoded.rgb
         if self.settings.smart_crop or self.settings.abcd:
             t = time.perf_counter()
@@ -425,6 +449,9 @@ class Screener:
         probs = softmax(logits[None], m.calibration.temperature)[0]
         p_mal = float(m.taxonomy.p_malignant(probs))
         ood = self._ood(embedding)
+        if colour is not None:  # it passed the colour check above; report it beside the embedding check
+            ood = ood.model_copy(update={"colour_score": colour, "colour_threshold": self.colour_threshold,
+                                         "checked": True, "in_distribution": ood.in_distribution is not False})
         debug.logits, debug.p_malignant, debug.ood_score = [float(v) for v in logits], p_mal, ood.score
         timings["postprocess"] = (time.perf_counter() - t) * 1000
         if ood.in_distribution is False:  # not a skin lesion: an outline and ABCD of it would mislead

@@ -217,3 +217,45 @@ def _segmenter_line(spec: dict | None) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use the dermscreen command")
+
+
+def refit_ood(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="The bundle whose OOD checks to refit (not modified).")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled CSV the run was trained on (HAM10000 metadata, ...).")],
+    split: Annotated[Path, typer.Option("--split", help="The training run's split.csv (image_id, split).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new bundle.")],
+    extra: Annotated[Optional[list[Path]], typer.Option(
+        "--extra", help="More labelled CSVs (other copies of the same lesions): their images of training lesions "
+        "join the fit, those of validation lesions the thresholds; test lesions are never used.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Images folder of --data (default: "
+                                                   "<CSV folder>/images).")] = None,
+    keep: Annotated[float, typer.Option(help="Share of validation images the embedding check keeps.")] = 0.97,
+    colour_keep: Annotated[float, typer.Option(help="Share of validation images the colour check keeps.")] = 0.99,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+) -> None:
+    """Fit the colour check and re-choose both "cannot assess" thresholds of a bundle on its validation images."""
+    from rich.progress import Progress
+
+    from .ood_fit import refit_ood as run
+
+    try:
+        with Progress(transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(part: str, done: int, total: int) -> None:
+                if part not in tasks:
+                    tasks[part] = bar.add_task(part, total=total)
+                bar.update(tasks[part], completed=done)
+
+            folder = run(bundle, data, split, out, extra=extra or [], images=images, keep=keep,
+                         colour_keep=colour_keep, threads=threads, progress=progress)
+    except DermscreenError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    from .bundle import Bundle
+
+    ood = Bundle.load(folder).manifest.ood
+    typer.echo(f"Embedding check: threshold {ood.threshold:.1f} keeps {100 * ood.validation_kept:.1f} % of validation "
+               f"images; colour check: threshold {ood.colour_threshold:.1f} keeps {100 * ood.colour_validation_kept:.1f} "
+               f"%; both: {100 * ood.validation_kept_both:.1f} %.")
+    typer.echo(f"Bundle: {folder}")

@@ -64,7 +64,8 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonom
 
 def fit_ood(train_embeddings: np.ndarray, train_labels: np.ndarray,
             val_embeddings: np.ndarray) -> tuple[MahalanobisOOD, OODSpec]:
-    """Mahalanobis OOD fitted on training embeddings; threshold keeps 95% of validation images."""
+    """Mahalanobis OOD fitted on training embeddings; threshold keeps 95% of validation images (when the colour
+    check is fitted beside it, ``ood_fit.colour_check`` re-chooses both thresholds together)."""
     n_components = int(min(128, train_embeddings.shape[1], max(2, len(train_embeddings) // 4)))
     ood = MahalanobisOOD.fit(train_embeddings, train_labels, n_components=n_components)
     val_scores = ood.score(val_embeddings)

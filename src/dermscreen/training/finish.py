@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..bundle import Manifest, ModelSpec
+from ..ood_fit import colour_check, file_colours
 from .calibrate import calibrate, fit_ood, validation_metrics
 from .data import LesionDataset, load_rgb
 from .export import build_card, export_bundle
@@ -37,14 +38,19 @@ def finish_run(model, run, config, data, split, train_data, spec, meta_spec, inf
                  calibration.ece_before, calibration.ece_after, metrics)
         _, train_emb = predict(model, train_eval, range(len(train_eval)), ctx.device, bs, workers)
         ood, ood_spec = fit_ood(train_emb, np.asarray(train_eval.labels), val_emb)
-        log.info("OOD threshold %.3f keeps %.1f%% of validation images", ood_spec.threshold, 100 * ood_spec.validation_kept)
+        # the colour check beside it, and both thresholds chosen together (dermscreen.ood_fit)
+        colour, ood_spec = colour_check(ood, ood_spec, file_colours(s.image_path for s in train_data.samples),
+                                        file_colours(s.image_path for s in val_eval.data.samples), val_emb)
+        log.info("OOD: embedding threshold %.3f keeps %.1f%%, colour threshold %.3f keeps %.1f%%, both keep %.1f%% "
+                 "of validation images", ood_spec.threshold, 100 * ood_spec.validation_kept,
+                 ood_spec.colour_threshold, 100 * ood_spec.colour_validation_kept, 100 * ood_spec.validation_kept_both)
         bundle_dir = None
         if config.export:
             manifest = _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx,
                                  start, calibration, points, ood_spec, metrics, prior_record)
             images, meta = _check_batch(val_eval, config.export_check_images)
-            bundle_dir = export_bundle(model, run.bundle_dir, manifest, ood.to_arrays(), images, meta,
-                                       config.onnx_exporter)
+            arrays = {**ood.to_arrays(), **colour.to_arrays()}
+            bundle_dir = export_bundle(model, run.bundle_dir, manifest, arrays, images, meta, config.onnx_exporter)
             log.info("bundle written to %s", bundle_dir)
         wall = time.perf_counter() - start
         log.info("finished in %.1f s", wall)

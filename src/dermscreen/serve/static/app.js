@@ -403,8 +403,10 @@ function showDebug(r) {
     box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })),
       el("input", { type: "range", id, min: "0", max: "1", step: "0.01", value: String(op.threshold), "data-op": op.name, oninput: recompute }));
   }
+  const colour = d.colour_threshold === null || d.colour_threshold === undefined ? "" :
+    `, colour check ${fmt(d.colour_score)} (threshold ${fmt(d.colour_threshold)})`;
   $("dbg-facts").textContent = `Server: temperature ${fmt(d.temperature)}, OOD score ${fmt(d.ood_score)} ` +
-    `(threshold ${fmt(d.ood_threshold)}), tier ${r.risk.tier}.`;
+    `(threshold ${fmt(d.ood_threshold)})${colour}, tier ${r.risk.tier}.`;
   recompute();
 }
 

@@ -191,12 +191,12 @@ def main() -> None:
     print(f"\n## single image, in process, all cores for onnxruntime ({args.single} real images)")
     print_single(stages)
     batch = Screener(single.bundle, ScreenerSettings(ood_refusal=not args.no_ood, threads=1))
-    for heatmap in (True, False):
+    for heatmap in (True, False) if args.batch else ():  # --batch 0: single-image latency only
         rate, refused = bench_batch(batch, images[: args.batch], args.workers, heatmap)
         print(f"\nbatch: {args.batch} images, {args.workers} worker threads, heatmap {'on' if heatmap else 'off'}: "
               f"**{rate:.1f} images/s** ({refused} answered cannot_assess)")
-    paths = image_paths(args.data, args.batch)
-    for heatmap in (True, False):
+    paths = image_paths(args.data, args.batch) if args.batch else []
+    for heatmap in (True, False) if args.batch else ():
         rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood)
         print(f"\nbatch: {len(paths)} image files, {args.workers} worker processes (dermscreen.batch, as "
               f"`dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "

@@ -109,7 +109,8 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     # for pink skin under dermoscope light.
     darkest_channel = np.minimum(np.minimum(centre_rgb[..., 0], centre_rgb[..., 1]), centre_rgb[..., 2])
     clipped = float(np.mean(darkest_channel >= 245)) if centre_rgb.size else 0.0
-    chroma = float(np.mean(work.max(axis=2) - work.min(axis=2))) if work.size else 0.0
+    r, g, b = work[..., 0], work[..., 1], work[..., 2]  # pairwise max/min: a reduction over axis 2 is ~20x slower
+    chroma = float(np.mean(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b))) if work.size else 0.0
     return {
         "sharpness": round(sharpness, 5),
         "brightness": round(_quantile(gray, 0.5), 2),

@@ -145,7 +145,12 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=0, help="seconds of soak at --soak-concurrency after the runs (e.g. 300)")
     ap.add_argument("--soak-concurrency", type=int, default=8)
     ap.add_argument("--label", default="", help="text to print with the results, e.g. the model and machine")
+    ap.add_argument("--wrk", type=float, default=0, metavar="SECONDS",
+                    help="instead: load each concurrency for SECONDS with wrk (C, Debian package 'wrk'; far less CPU "
+                         "than this Python client takes from the server on a small machine) and print its report")
     args = ap.parse_args()
+    if args.wrk:
+        return wrk_runs(args)
 
     images = load_images(args.images, args.num_images)
     port = free_port()
@@ -166,6 +171,32 @@ def main() -> None:
         proc.wait(timeout=15)
     print(json.dumps(report, indent=2))
     print(markdown(report))
+
+
+def wrk_runs(args) -> None:
+    """Load the server with wrk at each concurrency (one wrk thread per 8 connections) and print its reports."""
+    import shutil
+
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    paths = sorted(args.images.glob("*.jpg"))[: args.num_images]
+    port = free_port()
+    proc, cold_start = start_server(args.model, port, args.workers, {"DERMSCREEN_LOG_LEVEL": "warning"})
+    url = f"http://127.0.0.1:{port}/api/v1/analyze"
+    script = Path(__file__).with_name("wrk_analyze.lua")
+    try:
+        print(f"cold start {cold_start:.2f} s; RSS idle {server_rss_mb(proc):.1f} MB; wrk {args.wrk:g} s per level")
+        subprocess.run(["wrk", "-t1", "-c2", "-d3s", "-s", str(script), url, "--", *map(str, paths)],
+                       check=True, capture_output=True)  # warm-up
+        for c in args.concurrency:
+            out = subprocess.run(["wrk", f"-t{max(1, min(2, c // 8))}", f"-c{c}", f"-d{args.wrk:g}s", "--latency",
+                                  "--timeout", "30s", "-s", str(script), url, "--", *map(str, paths)],
+                                 check=True, capture_output=True, text=True).stdout
+            print(f"\n### concurrency {c}\n```\n{out.strip()}\n```")
+        print(f"\nRSS after load {server_rss_mb(proc):.1f} MB")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def markdown(report: dict) -> str:

@@ -260,6 +260,10 @@ def test_smart_crop_on_a_small_lesion(tiny_bundle, screener):
     cropped = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, smart_crop=False, quality_gate=False))
     same = cropped.analyze_image(np.ascontiguousarray(rgb[top:bottom, left:right]))
     assert np.allclose(same.debug.logits, result.debug.logits, atol=1e-5)
+    # a tinier lesion is not blown up into blur: the crop is never narrower than the model's input (64 px)
+    tiny = screener.analyze_image(_textured(400, 300, 10)).lesion
+    assert tiny.found and tiny.box[2] - tiny.box[0] < 30
+    assert tiny.crop_box[2] - tiny.crop_box[0] == screener.bundle.manifest.preprocessing.image_size == 64
 
 
 def test_switches_turn_the_stage_off(tiny_bundle):

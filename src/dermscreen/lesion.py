@@ -16,8 +16,8 @@ descriptive measurements to support a clinician's reading, not a diagnosis or a 
 """
 from __future__ import annotations
 
-import io
 import functools
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path

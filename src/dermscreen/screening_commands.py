@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import DISCLAIMER
-from .errors import DermscreenError, ImageError
+from .errors import DermscreenError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".dcm", ".dicom"}
 _TIER_STYLE = {"high": "bold white on red3", "moderate": "bold black on dark_orange",

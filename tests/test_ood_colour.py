@@ -86,6 +86,8 @@ def test_refit_ood_cli_adds_the_colour_check_and_the_screener_uses_it(tiny_bundl
     assert ood.validation_kept_both <= min(ood.validation_kept, ood.colour_validation_kept)
     assert {p.name: sha256_bytes(p.read_bytes()) for p in tiny_bundle.iterdir()} == before  # source untouched
     assert bundle.file("model.onnx") == (tiny_bundle / "model.onnx").read_bytes()
+    info = CliRunner().invoke(app, ["info", "--model", str(out)])
+    assert info.exit_code == 0 and "colour check" in " ".join(info.output.split())  # the card says it has the check
     # the Screener refuses a green copy of a real image by colour, before running the model
     screener = Screener(out)
     rgb = np.asarray(Image.open(samples[2].image_path).convert("RGB"))

@@ -186,9 +186,15 @@ def _print_card(card: dict, console: Console) -> None:
     for op in card["operating_points"]:
         ops.add_row(op["name"], f"{op['threshold']:.3f}", f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}")
     console.print(ops)
-    console.print(f"temperature {card['temperature']:.3f}; OOD threshold "
-                  f"{card['ood']['threshold']:.3g} (keeps {card['ood']['validation_kept']:.1%} of validation)"
-                  if card["ood"] else f"temperature {card['temperature']:.3f}; no OOD statistics")
+    ood = card["ood"]
+    if ood is None:
+        console.print(f"temperature {card['temperature']:.3f}; no OOD statistics")
+    else:
+        colour = "" if ood.get("colour_threshold") is None else (
+            f"; colour check {ood['colour_threshold']:.3g} (keeps {ood['colour_validation_kept']:.1%}; both "
+            f"{ood['validation_kept_both']:.1%})")
+        console.print(f"temperature {card['temperature']:.3f}; OOD threshold {ood['threshold']:.3g} "
+                      f"(keeps {ood['validation_kept']:.1%} of validation){colour}")
     scalar = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))}
     if scalar:
         console.print("metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))

@@ -10,7 +10,8 @@ pixels are replaced by skin cloned from shifted copies of the same image, and th
 where the photograph sits, so the field next to each edge continues that edge's skin; the photograph's edges
 are blended into it over 8 % of its shorter side. The lesion keeps its pixel size, so it fills 1/factor of what
 it filled, like a lesion photographed small in a wide field by a phone. ``--paste lesion``: only the lesion (its
-mask dilated 8 px, feathered) is pasted, so its own surroundings are replaced too (harder; the first variant).
+mask dilated 8 px, feathered) is pasted, so its own surroundings are replaced too (harder; the first variant,
+though the field's anchoring and the seeded placement now differ from it, so its numbers move a little).
 
 Four conditions, the same bundle: original images with smart crop off (the reference) and on, zoomed-out
 images with smart crop off and on. The quality gate and OOD refusal are off so every image gets an answer;

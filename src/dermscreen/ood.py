@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-COLOUR_THUMBNAIL = 64  # colour statistics of a 64 px thumbnail are those of the photograph within ~1 %
+COLOUR_THUMBNAIL = 64  # colour statistics need few pixels; a thumbnail bounds the cost for large uploads
 COLOUR_FEATURES = ("mean chroma", "mean red - green", "mean green - blue", "mean brightness",
                    "brightness spread", "chroma spread", "log share green > red", "log share blue > red")
 

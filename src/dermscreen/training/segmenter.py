@@ -138,7 +138,7 @@ class MaskDataset(Dataset):
         image = np.asarray(load_rgb(sample.image_path))
         mask = read_mask(mask_path(sample, self.masks_dir)).astype(np.uint8) * 255
         rng = random.Random(hash((self.seed, self.epoch, i)))
-        if self.train and rng.random() < self.zoom_out:
+        if self.train and self.zoom_out > 0 and rng.random() < self.zoom_out:  # no draw when off: old runs replay
             # lesions small and off-centre in a wide field, as a phone photo shows them (HAM10000 has few)
             image, mask = zoom_out([image, mask], rng.uniform(1.2, self.max_zoom), rng)
         x = np.asarray(Image.fromarray(image).resize((s, s), Image.BILINEAR), dtype=np.float32) / 255.0

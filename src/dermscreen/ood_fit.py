@@ -70,20 +70,20 @@ def file_colours(paths: Iterable[Path]) -> np.ndarray:
     return np.array([colour_features(read_image_file(p)) for p in paths])
 
 
-def colour_check(embedding: MahalanobisOOD, spec: OODSpec, train_colours: np.ndarray, val_colours: np.ndarray,
+def colour_check(embedding: MahalanobisOOD, train_colours: np.ndarray, val_colours: np.ndarray,
                  val_embeddings: np.ndarray, keep: float = EMBEDDING_KEEP,
                  colour_keep: float = COLOUR_KEEP) -> tuple[ColourOOD, OODSpec]:
-    """Fit the colour check on training colours; choose both thresholds on validation → (check, new spec)."""
+    """Fit the colour check on training colours; choose both thresholds on validation → (check, the bundle's
+    OOD spec)."""
     colour = ColourOOD.fit(train_colours)
     colour_scores = colour.score(val_colours)
     emb_scores = embedding.score(val_embeddings)
     threshold = float(np.quantile(emb_scores, keep))
     colour_threshold = float(np.quantile(colour_scores, colour_keep))
-    return colour, spec.model_copy(update={
-        "threshold": threshold, "validation_kept": float(np.mean(emb_scores <= threshold)),
-        "colour_threshold": colour_threshold,
-        "colour_validation_kept": float(np.mean(colour_scores <= colour_threshold)),
-        "validation_kept_both": float(np.mean((emb_scores <= threshold) & (colour_scores <= colour_threshold)))})
+    return colour, OODSpec(
+        threshold=threshold, validation_kept=float(np.mean(emb_scores <= threshold)),
+        colour_threshold=colour_threshold, colour_validation_kept=float(np.mean(colour_scores <= colour_threshold)),
+        validation_kept_both=float(np.mean((emb_scores <= threshold) & (colour_scores <= colour_threshold))))
 
 
 def _features(bundle: Bundle, paths: list[Path], threads: int | None,
@@ -122,7 +122,7 @@ def refit_ood(bundle_path: str | Path, data_csv: Path, split_csv: Path, out: Pat
     tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: None)
     train_colour, _ = _features(bundle, train, threads, tick("training images", len(train)))
     val_colour, val_emb = _features(bundle, val, threads, tick("validation images", len(val)))
-    colour, ood = colour_check(MahalanobisOOD.from_arrays(bundle.arrays), m.ood, train_colour, val_colour, val_emb,
+    colour, ood = colour_check(MahalanobisOOD.from_arrays(bundle.arrays), train_colour, val_colour, val_emb,
                                keep, colour_keep)
     buf = io.BytesIO()
     np.savez(buf, **{**dict(bundle.arrays), **colour.to_arrays()})

@@ -377,13 +377,15 @@ class Screener:
             return None
         return float(self.colour_ood.score(colour_features(rgb)[None])[0])
 
-    def _ood(self, embedding: np.ndarray) -> OODFinding:
-        """Score the embedding against the bundle's in-distribution statistics."""
+    def _ood(self, embedding: np.ndarray, colour: float | None) -> OODFinding:
+        """Both checks of an image that passed the colour check (``colour``: its distance, None if not run):
+        the embedding scored against the bundle's in-distribution statistics, and the colour distance beside it."""
+        colours = {"colour_score": colour, "colour_threshold": self.colour_threshold} if colour is not None else {}
         if self.ood is None or self.ood_threshold is None or not self.settings.ood_refusal:
-            return OODFinding(checked=False)
+            return OODFinding(checked=bool(colours), in_distribution=True if colours else None, **colours)
         score = float(self.ood.score(embedding[None])[0])
         inside = score <= self.ood_threshold
-        return OODFinding(checked=True, score=score, threshold=self.ood_threshold, in_distribution=inside,
+        return OODFinding(checked=True, score=score, threshold=self.ood_threshold, in_distribution=inside, **colours,
                           message=None if inside else "This image does not look like the dermoscopic skin-lesion "
                           "images the model was trained on, so the model gives no answer for it.")
 
@@ -448,10 +450,7 @@ class Screener:
         t = time.perf_counter()
         probs = softmax(logits[None], m.calibration.temperature)[0]
         p_mal = float(m.taxonomy.p_malignant(probs))
-        ood = self._ood(embedding)
-        if colour is not None:  # it passed the colour check above; report it beside the embedding check
-            ood = ood.model_copy(update={"colour_score": colour, "colour_threshold": self.colour_threshold,
-                                         "checked": True, "in_distribution": ood.in_distribution is not False})
+        ood = self._ood(embedding, colour)
         debug.logits, debug.p_malignant, debug.ood_score = [float(v) for v in logits], p_mal, ood.score
         timings["postprocess"] = (time.perf_counter() - t) * 1000
         if ood.in_distribution is False:  # not a skin lesion: an outline and ABCD of it would mislead

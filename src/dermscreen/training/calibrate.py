@@ -1,4 +1,4 @@
-"""Post-fit calibration on the validation split: temperature, operating points, OOD threshold, metrics."""
+"""Post-fit calibration on the validation split: temperature, operating points, OOD statistics, metrics."""
 from __future__ import annotations
 
 import logging
@@ -6,13 +6,12 @@ import logging
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from ..bundle import Calibration, OODSpec
+from ..bundle import Calibration
 from ..calibration import OperatingPoint, expected_calibration_error, fit_temperature, operating_points, softmax
 from ..ood import MahalanobisOOD
 from ..taxonomy import Taxonomy
 
 log = logging.getLogger("dermscreen.training")
-OOD_KEEP = 0.95
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> tuple[Calibration, list[OperatingPoint]]:
@@ -62,13 +61,7 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonom
     return out
 
 
-def fit_ood(train_embeddings: np.ndarray, train_labels: np.ndarray,
-            val_embeddings: np.ndarray) -> tuple[MahalanobisOOD, OODSpec]:
-    """Mahalanobis OOD fitted on training embeddings; threshold keeps 95% of validation images (when the colour
-    check is fitted beside it, ``ood_fit.colour_check`` re-chooses both thresholds together)."""
+def fit_ood(train_embeddings: np.ndarray, train_labels: np.ndarray) -> MahalanobisOOD:
+    """Mahalanobis OOD statistics of the training embeddings (``ood_fit.colour_check`` chooses the thresholds)."""
     n_components = int(min(128, train_embeddings.shape[1], max(2, len(train_embeddings) // 4)))
-    ood = MahalanobisOOD.fit(train_embeddings, train_labels, n_components=n_components)
-    val_scores = ood.score(val_embeddings)
-    threshold = float(np.quantile(val_scores, OOD_KEEP))
-    kept = float(np.mean(val_scores <= threshold))
-    return ood, OODSpec(threshold=threshold, validation_kept=kept)
+    return MahalanobisOOD.fit(train_embeddings, train_labels, n_components=n_components)

@@ -37,9 +37,9 @@ def finish_run(model, run, config, data, split, train_data, spec, meta_spec, inf
         log.info("temperature %.3f, ECE %.4f -> %.4f; validation: %s", calibration.temperature,
                  calibration.ece_before, calibration.ece_after, metrics)
         _, train_emb = predict(model, train_eval, range(len(train_eval)), ctx.device, bs, workers)
-        ood, ood_spec = fit_ood(train_emb, np.asarray(train_eval.labels), val_emb)
+        ood = fit_ood(train_emb, np.asarray(train_eval.labels))
         # the colour check beside it, and both thresholds chosen together (dermscreen.ood_fit)
-        colour, ood_spec = colour_check(ood, ood_spec, file_colours(s.image_path for s in train_data.samples),
+        colour, ood_spec = colour_check(ood, file_colours(s.image_path for s in train_data.samples),
                                         file_colours(s.image_path for s in val_eval.data.samples), val_emb)
         log.info("OOD: embedding threshold %.3f keeps %.1f%%, colour threshold %.3f keeps %.1f%%, both keep %.1f%% "
                  "of validation images", ood_spec.threshold, 100 * ood_spec.validation_kept,

@@ -402,3 +402,63 @@ def test_prior_correction_respects_the_calibration_limit():
             assert expected_calibration_error(softmax(shifted, fit_temperature(shifted, labels)), labels) <= limit
     strict, _ = choose_tau(logits, labels, prior, "auto", max_ece=0.02)
     assert strict < free and scores[strict] < scores[free]  # the limit binds here: it costs balanced accuracy
+
+
+def test_lesion_box_in_image_scales_a_same_aspect_mask_and_maps_a_centre_square_into_a_wider_one():
+    from dermscreen.training.data import lesion_box_in_image
+
+    mask = np.zeros((150, 200), bool)
+    mask[30:90, 100:160] = True  # rows 30-89, columns 100-159 of a 4:3 frame
+    assert lesion_box_in_image(mask, (200, 150)) == (100, 30, 160, 90)
+    assert lesion_box_in_image(mask, (400, 300)) == (200, 60, 320, 180)
+    # a 224 px centre square of the frame (HAM10000's sharp copy): columns 25-174 of the mask, scaled by 224/150
+    assert lesion_box_in_image(mask, (224, 224)) == (112, 44, 202, 135)
+    outside = np.zeros((150, 200), bool)
+    outside[10:20, 2:20] = True  # left of the centre square
+    assert lesion_box_in_image(outside, (224, 224)) is None
+    assert lesion_box_in_image(np.zeros((150, 200), bool), (200, 150)) is None
+
+
+def test_lesion_crop_centres_a_square_the_lesion_fills_and_mirrors_skin_beyond_the_edge():
+    from dermscreen.training.data import lesion_crop
+
+    src = np.full((150, 200, 3), 200, np.uint8)
+    src[60:90, 20:50] = 0  # a dark 30 px lesion near the left edge
+    crop = np.asarray(lesion_crop(Image.fromarray(src), (20, 60, 50, 90), 0.5, random.Random(0)))
+    assert crop.shape == (60, 60, 3)  # 30 px / 0.5
+    ys, xs = np.nonzero(crop[..., 0] == 0)
+    assert ys.max() - ys.min() + 1 == 30 and xs.max() - xs.min() + 1 == 30  # the whole lesion, unscaled
+    assert abs((ys.mean() - 29.5)) <= 6.5 and abs(xs.mean() - 29.5) <= 6.5  # centred, give or take a tenth
+    # a square wider than the frame: skin is mirrored beyond the edges, so the lesion appears mirrored too
+    wide = np.asarray(lesion_crop(Image.fromarray(src), (20, 60, 50, 90), 0.1, random.Random(0)))
+    assert wide.shape == (300, 300, 3) and (wide[..., 0] == 0).sum() > 900
+    # off by default
+    assert AugmentConfig().lesion_crop == 0.0
+
+
+def test_augment_uses_the_lesion_crop_only_when_a_box_is_known(tmp_path):
+    from dermscreen.training.data import lesion_boxes
+
+    spec = Preprocessing(image_size=32)
+    src = np.full((60, 80, 3), 200, np.uint8)
+    src[10:20, 71:79] = 0  # a small lesion off to the right, outside the centred square the model sees
+    img = Image.fromarray(src)
+    only_geometry = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), rotate_degrees=0, brightness=0, contrast=0,
+                         saturation=0, hue=0, flips=False, rotate90=False, lesion_crop=1.0)
+    aug = AugmentConfig(**only_geometry)
+    plain = np.asarray(augment(img, spec, aug, random.Random(0)))
+    assert (plain < 100).sum() == 0  # no box: the centred square, which misses the lesion
+    cropped = np.asarray(augment(img, spec, aug, random.Random(0), box=(71, 10, 79, 20)))
+    assert (cropped[..., 0] < 100).sum() > 50  # the lesion, now in view and larger
+    # boxes come from <image_id>_segmentation.png files; images without one are left out
+    from dermscreen.manifests import Sample
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    img.save(tmp_path / "images" / "a.png")
+    img.save(tmp_path / "images" / "b.png")
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:20, 71:79] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "a_segmentation.png")
+    samples = [Sample("a", tmp_path / "images" / "a.png", "nv"), Sample("b", tmp_path / "images" / "b.png", "nv")]
+    assert lesion_boxes(samples, None) == {"a": (71, 10, 79, 20)}

@@ -39,6 +39,9 @@ class TrainConfig(BaseModel):
     # training only if its image id is not in `data` and its lesion (group) is in no val/test split, so
     # held-out scores stay clean. Needs lesion ids in both manifests to filter by lesion.
     extra_train: list[ExtraTrainData] = Field(default_factory=list)
+    # folder of reference lesion masks, <image_id>_segmentation.png (lesion >= 128), for augment.lesion_crop;
+    # None: each image's <images folder>/../masks. Images without a mask simply never get the lesion crop.
+    masks: str | None = None
 
     backbone: str = "tf_efficientnet_lite0"
     weights: str = Field("imagenet", description="imagenet | none | timm | timm:<tag> | path to .pth/.safetensors")
@@ -86,6 +89,13 @@ class TrainConfig(BaseModel):
     def _fractions(self) -> "TrainConfig":
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% of images for training")
+        return self
+
+    @model_validator(mode="after")
+    def _lesion_crop_fill(self) -> "TrainConfig":
+        low, high = self.augment.lesion_crop_fill
+        if not 0.05 <= low <= high <= 1:
+            raise ValueError("augment.lesion_crop_fill must be [low, high] with 0.05 <= low <= high <= 1")
         return self
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -44,6 +45,12 @@ class AugmentConfig(BaseModel):
     # around a small lesion in a wide photo shows the model just such views
     zoom_out: float = Field(0.0, ge=0, le=1)
     zoom_out_max: float = Field(1.8, ge=1, le=4)
+    # lesion crop: with this probability (for images with a reference mask, TrainConfig.masks) the view is a
+    # square centred on the lesion that it fills lesion_crop_fill of (the Screener's smart crop, seen in
+    # training, so a lesion-centred square is not a new framing to the model); skin beyond the photograph's
+    # edge is mirrored. Drawn before zoom-out, which then applies to the other views only.
+    lesion_crop: float = Field(0.0, ge=0, le=1)
+    lesion_crop_fill: tuple[float, float] = (0.45, 0.75)
 
 
 def load_rgb(path) -> Image.Image:
@@ -81,6 +88,76 @@ def zoom_out(arrays: list[np.ndarray], factor: float, rng: random.Random) -> lis
     return [np.pad(a, pads + ((0, 0),) * (a.ndim - 2), mode="symmetric") for a in arrays]
 
 
+def lesion_crop(image: Image.Image, box: tuple[int, int, int, int], fill: float, rng: random.Random) -> Image.Image:
+    """A square around the lesion ``box`` (left, top, right, bottom) that its longest side fills ``fill`` of,
+    centred on it give or take a tenth of the side (a segmenter's box is not exact). Like smart_crop_box it is
+    shifted to stay inside the frame where it fits; where it does not, the skin beyond the edge is mirrored."""
+    arr = np.asarray(image)
+    h, w = arr.shape[:2]
+    left, top, right, bottom = box
+    side = max(8, round(max(right - left, bottom - top) / fill))
+    cx = (left + right) / 2 + rng.uniform(-0.1, 0.1) * side
+    cy = (top + bottom) / 2 + rng.uniform(-0.1, 0.1) * side
+    x0, y0 = round(cx - side / 2), round(cy - side / 2)
+    if side <= w:
+        x0 = min(max(0, x0), w - side)
+    if side <= h:
+        y0 = min(max(0, y0), h - side)
+    pad_x, pad_y = (max(0, -x0), max(0, x0 + side - w)), (max(0, -y0), max(0, y0 + side - h))
+    if any(pad_x + pad_y):
+        arr = np.pad(arr, (pad_y, pad_x, (0, 0)), mode="symmetric")
+    x0, y0 = x0 + pad_x[0], y0 + pad_y[0]
+    return Image.fromarray(np.ascontiguousarray(arr[y0:y0 + side, x0:x0 + side]))
+
+
+def lesion_box_in_image(mask: np.ndarray, image_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The bounding box (left, top, right, bottom) of a reference mask's lesion (bool H, W) in the pixels of an
+    image of ``image_size`` (width, height); None when the lesion is empty or outside the image.
+
+    A mask of the image's aspect ratio is scaled. Otherwise the image is taken to be the mask frame's centred
+    crop at the image's aspect: HAM10000's sharper 224 px copy is the centre square of the 600x450 photographs
+    whose masks are 4:3.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    mh, mw = mask.shape
+    iw, ih = image_size
+    if abs(iw / ih - mw / mh) < 0.02:
+        cw, ch = mw, mh
+    elif iw / ih < mw / mh:  # the image is narrower: the crop spans the mask's full height
+        cw, ch = mh * iw / ih, mh
+    else:
+        cw, ch = mw, mw * ih / iw
+    ox, oy = (mw - cw) / 2, (mh - ch) / 2
+    sx, sy = iw / cw, ih / ch
+    left, right = max(0, math.floor((xs.min() - ox) * sx)), min(iw, math.ceil((xs.max() + 1 - ox) * sx))
+    top, bottom = max(0, math.floor((ys.min() - oy) * sy)), min(ih, math.ceil((ys.max() + 1 - oy) * sy))
+    if right - left < 2 or bottom - top < 2:
+        return None
+    return left, top, right, bottom
+
+
+def lesion_boxes(samples, masks_dir) -> dict[str, tuple[int, int, int, int]]:
+    """{image_id: lesion box in that image's pixels} for the samples whose reference mask
+    (``<image_id>_segmentation.png`` in ``masks_dir``, else in ``<images folder>/../masks``) exists."""
+    from .segmenter import mask_path, read_mask  # segmenter imports this module
+
+    boxes = {}
+    for sample in samples:
+        path = mask_path(sample, None if masks_dir is None else Path(masks_dir))
+        if not path.is_file():
+            continue
+        with Image.open(sample.image_path) as im:  # the header only: the size, not the pixels
+            size = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF turns it a quarter: decoded upright
+                size = size[::-1]
+        box = lesion_box_in_image(read_mask(path), size)
+        if box is not None:
+            boxes[sample.image_id] = box
+    return boxes
+
+
 def _small_rotation(image: Image.Image, degrees: float, rng: random.Random) -> Image.Image:
     if degrees <= 0:
         return image
@@ -111,11 +188,17 @@ def _colour_jitter(image: Image.Image, aug: AugmentConfig, rng: random.Random) -
     return image
 
 
-def augment(image: Image.Image, spec: Preprocessing, aug: AugmentConfig, rng: random.Random) -> Image.Image:
-    """A randomly augmented RGB PIL image at the model's input size (``spec.image_size`` square)."""
-    image = _model_view(image, spec)
-    if aug.zoom_out > 0 and rng.random() < aug.zoom_out:  # no draw when off: older recipes replay exactly
-        image = Image.fromarray(zoom_out([np.asarray(image)], rng.uniform(1.0, aug.zoom_out_max), rng)[0])
+def augment(image: Image.Image, spec: Preprocessing, aug: AugmentConfig, rng: random.Random,
+            box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """A randomly augmented RGB PIL image at the model's input size (``spec.image_size`` square); ``box`` is
+    the lesion's bounding box in ``image`` (from its reference mask) when known."""
+    # no random draw for an option that is off: older recipes replay exactly
+    if box is not None and aug.lesion_crop > 0 and rng.random() < aug.lesion_crop:
+        image = lesion_crop(image, box, rng.uniform(*aug.lesion_crop_fill), rng)
+    else:
+        image = _model_view(image, spec)
+        if aug.zoom_out > 0 and rng.random() < aug.zoom_out:
+            image = Image.fromarray(zoom_out([np.asarray(image)], rng.uniform(1.0, aug.zoom_out_max), rng)[0])
     image = _random_resized_crop(image, aug, rng)
     # resize to the model size before the cheap pixel ops: the source may be much larger
     image = image.resize((spec.image_size, spec.image_size), Image.BILINEAR)
@@ -136,8 +219,10 @@ class LesionDataset(Dataset):
     """Items are (image 3xSxS float32, metadata vector (dim,) or (0,), label) for a LabelledSet."""
 
     def __init__(self, data: LabelledSet, spec: Preprocessing, aug: AugmentConfig | None = None,
-                 metadata: MetadataSpec | None = None, seed: int = 0):
+                 metadata: MetadataSpec | None = None, seed: int = 0,
+                 boxes: dict[str, tuple[int, int, int, int]] | None = None):
         self.data = data
+        self.boxes = boxes or {}  # image_id -> lesion box, for augment's lesion crop
         self.spec = spec
         self.aug = aug if aug is not None and aug.enabled else None
         self.metadata = metadata
@@ -161,7 +246,8 @@ class LesionDataset(Dataset):
             # seeded per (seed, epoch, item): the same run draws the same augmentations on any
             # number of workers or processes, which keeps --resume and DDP runs reproducible
             rng = random.Random(hash((self.seed, self.epoch, i)))
-            x = normalize(np.asarray(resize_for_model(augment(image, self.spec, self.aug, rng), self.spec)), self.spec)
+            view = augment(image, self.spec, self.aug, rng, self.boxes.get(sample.image_id))
+            x = normalize(np.asarray(resize_for_model(view, self.spec)), self.spec)
         if self.metadata is not None:
             meta = self.metadata.encode(sample.age, sample.sex, sample.site)
         else:

@@ -29,7 +29,7 @@ from ..splits import SPLIT_NAMES, assert_no_group_leak, grouped_split
 from ..taxonomy import Taxonomy, load_taxonomy
 from . import distributed as D
 from .config import TrainConfig, dump_config, load_config
-from .data import BalancedSampler, LesionDataset, class_weights
+from .data import BalancedSampler, LesionDataset, class_weights, lesion_boxes
 from .model import LesionClassifier, build_model, set_frozen_bn_eval
 from .priors import balanced_accuracy, choose_tau, training_prior
 from .progress import TrainProgress
@@ -151,7 +151,16 @@ def read_split(data: LabelledSet, path: Path) -> dict[str, list[int]]:
 
 def _loaders(config, data, split, train_data, spec, meta, ctx, taxonomy):
     """(train DataLoader, its sampler, val dataset) for this process."""
-    train_set = LesionDataset(train_data, spec, config.augment, meta, config.seed)
+    boxes = None
+    if config.augment.enabled and config.augment.lesion_crop > 0:
+        boxes = lesion_boxes(train_data.samples, config.masks)
+        if not boxes:
+            raise ConfigError("augment.lesion_crop needs reference lesion masks (<image_id>_segmentation.png), "
+                              f"but none were found for the training images in {config.masks or '<images>/../masks'}; "
+                              "set `masks:` in the recipe or set augment.lesion_crop to 0.")
+        if ctx.is_main:
+            log.info("lesion crop: reference masks for %d of %d training images", len(boxes), len(train_data))
+    train_set = LesionDataset(train_data, spec, config.augment, meta, config.seed, boxes)
     val_set = LesionDataset(data.subset(split["val"]), spec, None, meta)
     if config.balance == "sampler":
         sampler = BalancedSampler(train_set.labels, taxonomy.num_classes, power=config.balance_power,

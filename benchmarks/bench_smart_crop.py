@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--crop-below", type=float, nargs="+", default=None,
                     help="smart_crop_below values to compare (default: the Screener's)")
     ap.add_argument("--crop-fill", type=float, default=None, help="smart_crop_fill (default: the Screener's)")
+    ap.add_argument("--no-refine", action="store_true", help="crop around the first outline (no second segmentation)")
     args = ap.parse_args()
     from dermscreen.screening import Screener, ScreenerSettings
 
@@ -153,6 +154,7 @@ def main() -> None:
     without = Screener(args.model, ScreenerSettings(smart_crop=False, **common))
     below = args.crop_below or [ScreenerSettings().smart_crop_below]
     fill = {} if args.crop_fill is None else {"smart_crop_fill": args.crop_fill}
+    fill["smart_crop_refine"] = not args.no_refine
     crops = {b: Screener(without.bundle, ScreenerSettings(smart_crop=True, smart_crop_below=b, **fill, **common))
              for b in below}
     with_crop = crops[below[0]]
@@ -181,7 +183,8 @@ def main() -> None:
     m = with_crop.bundle.manifest
     print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
           f"images, zoom-out factor {args.factor:g} (pasted: {args.paste}), {time.perf_counter() - start:.0f} s.\n")
-    print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}; "
+    print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}"
+          f"{', outline refined around a small lesion' if with_crop.settings.smart_crop_refine else ''}; "
           f"the lesion fills {with_crop.settings.smart_crop_fill:g} of the crop's side.\n")
     print("| images | smart crop (crop when the lesion's longest side < x of the shorter side) | balanced accuracy "
           "| 95 % CI | crop fired |\n|---|---|---|---|---|")

@@ -25,6 +25,7 @@ from .explain import Heatmaps, cam, data_url, malignant_direction
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 from .lesion import (
     ABCD,
+    Box,
     CROP_BELOW,
     CROP_FILL,
     OnnxSegmenter,
@@ -78,6 +79,8 @@ class ScreenerSettings(BaseModel):
                                                 "frame's shorter side")
     smart_crop_fill: float = Field(CROP_FILL, gt=0.0, le=1.0,
                                    description="share of the crop's side the lesion's longest side fills")
+    smart_crop_refine: bool = Field(True, description="before cropping, segment again around the small lesion found "
+                                    "(the first pass sees it at a few pixels) and crop around that outline")
     abcd: bool = Field(True, description="measure asymmetry, border, colours and diameter on the lesion mask")
     segmenter: Literal["auto", "classical"] = Field(
         "auto", description="auto: the bundle's segmenter.onnx when it has one, else the classical fallback")
@@ -344,8 +347,11 @@ class Screener:
         rgb = decoded.rgb
         seg = self.segmenter.segment(rgb) if self.segmenter is not None else segment_classical(rgb)
         box = seg.box()
-        crop = smart_crop_box(box, decoded.size, self.settings.smart_crop_below, self.settings.smart_crop_fill,
-                              self.bundle.manifest.preprocessing.image_size) if self.settings.smart_crop else None
+        crop = self._crop(box, decoded.size)
+        if crop is not None and self.segmenter is not None and self.settings.smart_crop_refine:
+            refined = self._refine(rgb, crop)
+            if refined is not None and self._crop(refined, decoded.size) is not None:
+                box, crop = refined, self._crop(refined, decoded.size)
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."
@@ -357,6 +363,27 @@ class Screener:
         measured = abcd(seg, rgb, decoded.pixel_spacing_mm) if self.settings.abcd else None
         return seg, LesionInfo(method=seg.method, found=seg.found, box=box, area_fraction=round(seg.area_fraction, 4),
                                crop_box=crop, abcd=measured, message=message)
+
+    def _crop(self, box: Box | None, size: tuple[int, int]) -> Box | None:
+        """The smart-crop square for a lesion box, or None (no lesion, big enough already, or smart crop off)."""
+        if not self.settings.smart_crop:
+            return None
+        return smart_crop_box(box, size, self.settings.smart_crop_below, self.settings.smart_crop_fill,
+                              self.bundle.manifest.preprocessing.image_size)
+
+    def _refine(self, rgb: np.ndarray, crop: Box) -> Box | None:
+        """The lesion's box found by segmenting again a square region twice the crop's side around it.
+
+        A lesion small in a wide frame is a few pixels wide in the segmenter's input, so its first outline is
+        coarse; seen again at the crop's scale it is outlined as in an ordinary dermoscopic image.
+        """
+        h, w = rgb.shape[:2]
+        side = min(w, h, 2 * (crop[2] - crop[0]))
+        cx, cy = (crop[0] + crop[2]) // 2, (crop[1] + crop[3]) // 2
+        x0, y0 = min(max(0, cx - side // 2), w - side), min(max(0, cy - side // 2), h - side)
+        seg = self.segmenter.segment(rgb[y0:y0 + side, x0:x0 + side])
+        box = seg.box()
+        return None if box is None else (box[0] + x0, box[1] + y0, box[2] + x0, box[3] + y0)
 
     def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
         """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""

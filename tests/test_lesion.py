@@ -314,7 +314,8 @@ def test_screener_uses_the_bundles_segmenter(tiny_bundle, tmp_path):
     bundle = Bundle.load(folder)
     assert bundle.has_segmenter and SEGMENTER_FILE in bundle.manifest.files
     assert bundle.manifest.segmenter.validation == {"dice": 0.5}
-    screener = Screener(bundle, ScreenerSettings(ood_refusal=False))
+    # the 70 px disk is small enough for smart crop; refinement (tested below) would segment a region
+    screener = Screener(bundle, ScreenerSettings(ood_refusal=False, smart_crop_refine=False))
     rgb, truth = _disk(r=35)
     result = screener.analyze_image(rgb)
     assert result.lesion.method == "segmenter" and result.lesion.found
@@ -422,6 +423,7 @@ def test_refined_outline_of_a_small_lesion_boxes_it_better_with_the_shipped_segm
     common = dict(quality_gate=False, ood_refusal=False, heatmap=False)
     refined, first = (Screener(None, ScreenerSettings(smart_crop_refine=r, **common)) for r in (True, False))
     ious = {True: [], False: []}
+    refined_regions = 0
     for image_id in ids:
         rgb = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
         truth = np.asarray(Image.open(ham_dir / "masks" / f"{image_id}_segmentation.png").convert("L")) >= 128
@@ -432,8 +434,30 @@ def test_refined_outline_of_a_small_lesion_boxes_it_better_with_the_shipped_segm
         field[150:300, 200:400] = rgb
         true_box = L.mask_box(np.pad(truth, ((150, 150), (200, 200))))
         for refine, screener in ((True, refined), (False, first)):
-            lesion = screener.analyze_image(field, heatmap=False).lesion
+            result = screener.analyze_image(field, heatmap=False)
+            lesion = result.lesion
             assert lesion.crop_box is not None  # every one is small in this frame
             ious[refine].append(_box_iou(lesion.box, true_box) if lesion.box else 0.0)
+            if refine and result.segmentation.frame_size is not None:  # the region's outline, in the frame
+                assert result.segmentation.box() == lesion.box and lesion.abcd is not None
+                outline = L.outline_mask(result.segmentation, (600, 450))
+                ys, xs = np.nonzero(outline)
+                assert (lesion.box[0] <= xs.min() and xs.max() < lesion.box[2] and lesion.box[1] <= ys.min()
+                        and ys.max() < lesion.box[3])
+                refined_regions = refined_regions + 1
     # measured: 0.83 refined vs 0.80 from the first outline (mean box IoU with the reference mask's box)
     assert np.mean(ious[True]) >= 0.8 and np.mean(ious[True]) > np.mean(ious[False])
+    assert refined_regions >= 20  # the closer look found the lesion (and was used) in nearly every image
+
+
+def test_a_regions_segmentation_reports_box_area_and_outline_in_the_whole_image():
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True  # a 32 px square in a 64 px mask of a 128 px region: scale 0.5
+    seg = L.Segmentation(mask, (128, 128), "segmenter", True, origin=(300, 100), frame_size=(800, 600))
+    assert seg.box() == (332, 132, 396, 196)
+    assert seg.area_fraction == pytest.approx(64 * 64 / (800 * 600))
+    outline = L.outline_mask(seg, (400, 300), width=1)  # the display at half the image's size
+    ys, xs = np.nonzero(outline)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (166, 197, 66, 97)
+    whole = L.Segmentation(mask, (128, 128), "segmenter", True)
+    assert whole.box() == (32, 32, 96, 96) and whole.area_fraction == pytest.approx(0.25)

@@ -106,23 +106,40 @@ class ABCD(BaseModel):
 # ---- segmentation ---------------------------------------------------------------------------------------
 @dataclass
 class Segmentation:
-    """A lesion mask at working resolution: ``mask`` (h, w) bool; ``scale`` = mask px per image px."""
+    """A lesion mask at working resolution: ``mask`` (h, w) bool; ``scale`` = mask px per image px.
+
+    The mask covers the whole image, or, when ``frame_size`` is set, a region of it: the ``image_size`` pixels
+    whose top-left corner is at ``origin`` in an image of ``frame_size`` (a small lesion segmented again around
+    itself). Boxes, area and outlines are always given in the whole image.
+    """
 
     mask: np.ndarray
-    image_size: tuple[int, int]  # (width, height) of the segmented image
+    image_size: tuple[int, int]  # (width, height) of the segmented image (or region)
     method: Method
     found: bool
     # the image shrunk to the mask's size, when the segmenter made one: ABCD reads the lesion's colours from
     # it instead of shrinking the image a second time
     small: np.ndarray | None = None
+    origin: tuple[int, int] = (0, 0)
+    frame_size: tuple[int, int] | None = None
 
     @property
     def scale(self) -> float:
         return self.mask.shape[1] / self.image_size[0]
 
     @property
+    def frame(self) -> tuple[int, int]:
+        """(width, height) of the whole image."""
+        return self.frame_size or self.image_size
+
+    @property
     def area_fraction(self) -> float:
-        return float(self.mask.mean()) if self.found else 0.0
+        """The lesion's share of the whole image."""
+        if not self.found:
+            return 0.0
+        if self.frame_size is None:
+            return float(self.mask.mean())
+        return float(self.mask.sum() / self.scale**2 / (self.frame_size[0] * self.frame_size[1]))
 
     def box(self) -> Box | None:
         """Bounding box of the lesion in image pixels, or None when no lesion was found."""
@@ -131,10 +148,10 @@ class Segmentation:
         b = mask_box(self.mask)
         if b is None:
             return None
-        w, h = self.image_size
+        (w, h), (x0, y0) = self.frame, self.origin
         s = self.scale
-        return (max(0, math.floor(b[0] / s)), max(0, math.floor(b[1] / s)),
-                min(w, math.ceil(b[2] / s)), min(h, math.ceil(b[3] / s)))
+        return (max(0, x0 + math.floor(b[0] / s)), max(0, y0 + math.floor(b[1] / s)),
+                min(w, x0 + math.ceil(b[2] / s)), min(h, y0 + math.ceil(b[3] / s)))
 
 
 def working_copy(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> np.ndarray:
@@ -357,6 +374,15 @@ class OnnxSegmenter:
         found = bool(mask.sum() >= MIN_AREA_FRACTION * mask.size)
         return Segmentation(mask if found else np.zeros_like(mask), (rgb.shape[1], rgb.shape[0]), "segmenter", found,
                             small)
+
+
+def segment_region(segmenter: "OnnxSegmenter", rgb: np.ndarray, region: Box) -> Segmentation:
+    """Segment only ``region`` (left, top, right, bottom) of an (H, W, 3) image → a Segmentation that knows
+    where the region lies, so its box, area and outline are in the whole image's terms."""
+    left, top, right, bottom = region
+    seg = segmenter.segment(np.ascontiguousarray(rgb[top:bottom, left:right]))
+    seg.origin, seg.frame_size = (left, top), (rgb.shape[1], rgb.shape[0])
+    return seg
 
 
 def load_segmenter(bundle: Bundle, threads: int | None = None) -> OnnxSegmenter | None:
@@ -594,6 +620,9 @@ def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = No
     if not seg.found or not seg.mask.any():
         return None
     mask = seg.mask
+    if seg.frame_size is not None:  # a region's mask: its colours come from that region
+        x0, y0 = seg.origin
+        rgb = rgb[y0:y0 + seg.image_size[1], x0:x0 + seg.image_size[0]]
     small = seg.small if seg.small is not None and seg.small.shape[:2] == mask.shape else \
         rgb if rgb.shape[:2] == mask.shape else working_copy(rgb, max(mask.shape))
     if small.shape[:2] != mask.shape:  # rounding differed: sample the image at the mask's size exactly
@@ -646,7 +675,16 @@ OUTLINE_COLOUR = (0, 229, 255)  # cyan: stands out on skin and on the heatmap's 
 
 def outline_mask(seg: Segmentation, size: tuple[int, int], width: int = 2) -> np.ndarray:
     """(height, width) bool: the lesion's outline, ``width`` px thick, over a frame of ``size`` = (width, height)."""
-    mask = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    if seg.frame_size is None:
+        mask = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    else:  # a region's mask: scaled to the region's place in the frame
+        sx, sy = size[0] / seg.frame_size[0], size[1] / seg.frame_size[1]
+        x0, y0 = round(seg.origin[0] * sx), round(seg.origin[1] * sy)
+        x1 = min(size[0], max(x0 + 1, round((seg.origin[0] + seg.image_size[0]) * sx)))
+        y1 = min(size[1], max(y0 + 1, round((seg.origin[1] + seg.image_size[1]) * sy)))
+        mask = np.zeros((size[1], size[0]), bool)
+        mask[y0:y1, x0:x1] = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255)
+                                        .resize((x1 - x0, y1 - y0), Image.NEAREST)) > 0
     inner = mask.copy()
     for _ in range(width):  # erode by one pixel per step with 4-neighbour shifts; the frame edge stays lesion
         shrunk = inner.copy()

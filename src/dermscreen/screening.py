@@ -34,6 +34,7 @@ from .lesion import (
     load_segmenter,
     outline_png,
     segment_classical,
+    segment_region,
     smart_crop_box,
 )
 from .metadata import HAM10000_SITES, MetadataSpec
@@ -350,8 +351,9 @@ class Screener:
         crop = self._crop(box, decoded.size)
         if crop is not None and self.segmenter is not None and self.settings.smart_crop_refine:
             refined = self._refine(rgb, crop)
-            if refined is not None and self._crop(refined, decoded.size) is not None:
-                box, crop = refined, self._crop(refined, decoded.size)
+            refined_crop = self._crop(refined.box(), decoded.size)
+            if refined_crop is not None:  # the outline, its box, crop and ABCD now come from the closer look
+                seg, box, crop = refined, refined.box(), refined_crop
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."
@@ -371,19 +373,18 @@ class Screener:
         return smart_crop_box(box, size, self.settings.smart_crop_below, self.settings.smart_crop_fill,
                               self.bundle.manifest.preprocessing.image_size)
 
-    def _refine(self, rgb: np.ndarray, crop: Box) -> Box | None:
-        """The lesion's box found by segmenting again a square region twice the crop's side around it.
+    def _refine(self, rgb: np.ndarray, crop: Box) -> Segmentation:
+        """The lesion segmented again in a square region twice the crop's side around it.
 
         A lesion small in a wide frame is a few pixels wide in the segmenter's input, so its first outline is
-        coarse; seen again at the crop's scale it is outlined as in an ordinary dermoscopic image.
+        coarse; seen again at the crop's scale it is outlined (and measured for ABCD) as in an ordinary
+        dermoscopic image.
         """
         h, w = rgb.shape[:2]
         side = min(w, h, 2 * (crop[2] - crop[0]))
         cx, cy = (crop[0] + crop[2]) // 2, (crop[1] + crop[3]) // 2
         x0, y0 = min(max(0, cx - side // 2), w - side), min(max(0, cy - side // 2), h - side)
-        seg = self.segmenter.segment(rgb[y0:y0 + side, x0:x0 + side])
-        box = seg.box()
-        return None if box is None else (box[0] + x0, box[1] + y0, box[2] + x0, box[3] + y0)
+        return segment_region(self.segmenter, rgb, (x0, y0, x0 + side, y0 + side))
 
     def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
         """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""

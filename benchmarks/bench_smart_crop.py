@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/bench_smart_crop.py --model runs/<run>/bundle [--split runs/<run>/split.csv]
-         [--data ../shared/data] [--images 1000] [--factor 3] [--threads 1]
+         [--part val|test] [--data ../shared/data] [--images 1000] [--factor 3] [--threads 1] [--no-refine]
 
 Zoom-out: each validation photograph (the lesion with the skin around it) is placed at a seeded random position
 on a field ``factor`` times wider and taller, made of that image's own skin: lesion, lens-edge and other dark
@@ -34,18 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def validation_samples(data: Path, split_csv: Path | None, limit: int) -> list:
-    """The validation samples (the run's split, else grouped_split seed 0), seeded order, at most ``limit``."""
+def validation_samples(data: Path, split_csv: Path | None, limit: int, part: str = "val") -> list:
+    """The ``part`` (val or test) samples of the run's split (else of grouped_split seed 0), seeded order, at most
+    ``limit``."""
     from dermscreen.manifests import load_labels
     from dermscreen.splits import grouped_split
 
     labelled = load_labels(data / "ham10000" / "HAM10000_metadata.csv")
     if split_csv is not None:
         with open(split_csv, newline="", encoding="utf-8") as f:
-            wanted = {row["image_id"] for row in csv.DictReader(f) if row.get("split") == "val"}
+            wanted = {row["image_id"] for row in csv.DictReader(f) if row.get("split") == part}
         val = [s for s in labelled.samples if s.image_id in wanted]
     else:
-        val = [labelled.samples[i] for i in grouped_split(labelled, seed=0)["val"]]
+        val = [labelled.samples[i] for i in grouped_split(labelled, seed=0)[part]]
     order = np.random.default_rng(0).permutation(len(val))[:limit]
     return [val[i] for i in order]
 
@@ -137,6 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="a trained bundle folder or zip")
     ap.add_argument("--split", type=Path, default=None, help="the run's split.csv (its val rows are used)")
+    ap.add_argument("--part", choices=("val", "test"), default="val",
+                    help="which held-out part of the split: val (where settings are chosen) or test (a check after)")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--factor", type=float, default=3.0, help="how many times wider and taller the zoomed-out field is")
@@ -159,7 +162,7 @@ def main() -> None:
              for b in below}
     with_crop = crops[below[0]]
     codes = with_crop.bundle.manifest.taxonomy.codes
-    samples = validation_samples(args.data, args.split, args.images)
+    samples = validation_samples(args.data, args.split, args.images, args.part)
     keys = ["orig_off", "zoom_off"] + [f"{n}_on_{b:g}" for b in below for n in ("orig", "zoom")]
     truth, preds, fired = [], {k: [] for k in keys}, {k: 0 for k in keys}
     start = time.perf_counter()
@@ -179,7 +182,8 @@ def main() -> None:
     y = np.array(truth)
     from bench_screening import machine_info
 
-    print(f"\n### Smart crop on zoomed-out validation images (benchmarks/bench_smart_crop.py)\n\n{machine_info()}\n")
+    where = "validation" if args.part == "val" else "test"
+    print(f"\n### Smart crop on zoomed-out {where} images (benchmarks/bench_smart_crop.py)\n\n{machine_info()}\n")
     m = with_crop.bundle.manifest
     print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
           f"images, zoom-out factor {args.factor:g} (pasted: {args.paste}), {time.perf_counter() - start:.0f} s.\n")

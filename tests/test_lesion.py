@@ -125,10 +125,12 @@ def test_fill_holes_and_clean_mask():
 def test_smart_crop_box_rules():
     assert L.smart_crop_box(None, (200, 150)) is None
     assert L.smart_crop_box((60, 30, 140, 120), (200, 150)) is None  # 90 px of 150: already at training scale
-    crop = L.smart_crop_box((90, 65, 110, 85), (200, 150))  # 20 px lesion in the middle
+    crop = L.smart_crop_box((80, 55, 120, 95), (200, 150))  # 40 px lesion in the middle
     left, top, right, bottom = crop
-    assert right - left == bottom - top == math.ceil(20 / L.CROP_FILL)
-    assert left <= 90 and top <= 65 and right >= 110 and bottom >= 85
+    assert right - left == bottom - top == math.ceil(40 / L.CROP_FILL)
+    assert left <= 80 and top <= 55 and right >= 120 and bottom >= 95
+    loose = L.smart_crop_box((80, 55, 120, 95), (200, 150), fill=0.5)  # the lesion fills half the square
+    assert loose[2] - loose[0] == 80 and loose[0] <= 60 and loose[2] >= 140
     edge = L.smart_crop_box((0, 0, 12, 12), (200, 150))  # at the corner: shifted inside the frame
     assert edge[0] == 0 and edge[1] == 0 and edge[2] == edge[3] == L.MIN_CROP_SIDE
     big_frame = L.smart_crop_box((1000, 700, 1100, 760), (2000, 1500))

@@ -463,3 +463,14 @@ def test_a_regions_segmentation_reports_box_area_and_outline_in_the_whole_image(
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (166, 197, 66, 97)
     whole = L.Segmentation(mask, (128, 128), "segmenter", True)
     assert whole.box() == (32, 32, 96, 96) and whole.area_fraction == pytest.approx(0.25)
+
+
+def test_clean_mask_keeps_the_component_the_segmenter_is_surest_of():
+    candidate = np.zeros((60, 80), bool)
+    candidate[25:35, 35:45] = True  # central, 100 px
+    candidate[5:17, 2:14] = True  # in a corner, 144 px
+    confidence = np.full((60, 80), 0.5, np.float32)
+    confidence[5:17, 2:14] = 3.0  # the segmenter is far surer of the corner one
+    assert L.clean_mask(candidate, smooth=0)[30, 40]  # without confidence: big and central wins
+    kept = L.clean_mask(candidate, smooth=0, confidence=confidence)
+    assert kept[10, 8] and not kept[30, 40]

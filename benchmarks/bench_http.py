@@ -149,8 +149,20 @@ def main() -> None:
                     help="instead: load each concurrency for SECONDS with wrk (C, Debian package 'wrk'; far less CPU "
                          "than this Python client takes from the server on a small machine) and print its report")
     args = ap.parse_args()
-    if args.wrk:
-        return wrk_runs(args)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_screening import cpu_probe_ms, machine_info
+
+    print(machine_info())  # the VM's speed drifts: the probe before and after says in which phase this ran
+    try:
+        if args.wrk:
+            return wrk_runs(args)
+        return client_runs(args)
+    finally:
+        print(f"CPU probe after the runs: {cpu_probe_ms():.0f} ms")
+
+
+def client_runs(args) -> None:
+    """Load the server with the async httpx client at each concurrency (and the soak) and print the report."""
 
     images = load_images(args.images, args.num_images)
     port = free_port()

@@ -31,8 +31,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_probe_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop (best of 3). This VM's speed drifts by up to ~50 % within
+    minutes; printed beside every result so runs from different moments can be compared (lower = faster)."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+
+
 def machine_info() -> str:
-    """One line: date, CPU model, cores, OS, Python and onnxruntime versions."""
+    """One line: date, CPU model, cores, OS, Python and onnxruntime versions, and the CPU probe."""
     import onnxruntime
 
     cpu = platform.processor() or "unknown CPU"
@@ -44,7 +57,8 @@ def machine_info() -> str:
     except OSError:
         pass
     return (f"{datetime.datetime.now().isoformat(timespec='seconds')} · {cpu} · {os.cpu_count()} cores · "
-            f"{platform.platform()} · Python {sys.version.split()[0]} · onnxruntime {onnxruntime.__version__}")
+            f"{platform.platform()} · Python {sys.version.split()[0]} · onnxruntime {onnxruntime.__version__} · "
+            f"CPU probe {cpu_probe_ms():.0f} ms (1M-step Python loop, lower = faster VM phase)")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -185,7 +185,7 @@ def main() -> None:
     where = "validation" if args.part == "val" else "test"
     print(f"\n### Smart crop on zoomed-out {where} images (benchmarks/bench_smart_crop.py)\n\n{machine_info()}\n")
     m = with_crop.bundle.manifest
-    print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} validation "
+    print(f"Model {m.name} {m.version} ({m.model.backbone}, {m.preprocessing.image_size} px), {len(y)} {where} "
           f"images, zoom-out factor {args.factor:g} (pasted: {args.paste}), {time.perf_counter() - start:.0f} s.\n")
     print(f"Segmentation: {'the bundle segmenter' if with_crop.segmenter is not None else 'classical'}"
           f"{', outline refined around a small lesion' if with_crop.settings.smart_crop_refine else ''}; "

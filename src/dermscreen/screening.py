@@ -351,9 +351,10 @@ class Screener:
         crop = self._crop(box, decoded.size)
         if crop is not None and self.segmenter is not None and self.settings.smart_crop_refine:
             refined = self._refine(rgb, crop)
-            refined_crop = self._crop(refined.box(), decoded.size)
+            refined_box = refined.box()
+            refined_crop = self._crop(refined_box, decoded.size)
             if refined_crop is not None:  # the outline, its box, crop and ABCD now come from the closer look
-                seg, box, crop = refined, refined.box(), refined_crop
+                seg, box, crop = refined, refined_box, refined_crop
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."

@@ -201,3 +201,9 @@ def test_quality_thresholds_from_bundle_then_settings(tiny_bundle, tmp_path):
     relaxed = Screener(folder, ScreenerSettings(ood_refusal=False, quality={"min_side_refuse": 64,
                                                                             "min_side_warn": 100}))
     assert relaxed.analyze(data).status == "ok"
+
+
+def test_warm_up_runs_the_lesion_and_model_stages_on_a_synthetic_image(tiny_bundle, tiny_bundle_meta):
+    for bundle in (tiny_bundle, tiny_bundle_meta):  # a model that takes metadata gets its "unknown" vector
+        timings = Screener(bundle, ScreenerSettings()).warm_up()
+        assert set(timings) == {"lesion", "model"} and all(v > 0 for v in timings.values())

@@ -342,3 +342,21 @@ def test_budget_smaller_than_one_upload_is_a_configuration_error():
 
     with pytest.raises(ValidationError, match="max_buffered_mb"):
         ServeSettings(max_upload_mb=20, max_buffered_mb=10)
+
+
+def test_the_server_warms_up_in_the_background_unless_told_not_to(open_bundle, caplog):
+    import threading
+
+    def warm_up_threads():
+        return [t for t in threading.enumerate() if t.name == "dermscreen-warm-up"]
+
+    caplog.set_level(logging.INFO, logger="dermscreen.serve")
+    with TestClient(create_app(ServeSettings(model=str(open_bundle)))) as started:  # runs the app's startup
+        assert started.get("/healthz").status_code == 200
+        for thread in warm_up_threads():
+            thread.join(60)
+    assert any("warmed up on a synthetic image" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with TestClient(create_app(ServeSettings(model=str(open_bundle), warm_up=False))):
+        assert not warm_up_threads()
+    assert not any("warmed up" in r.getMessage() for r in caplog.records)

@@ -7,8 +7,10 @@ no external assets, and the access log has no query strings, addresses or result
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -276,7 +278,16 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     """The FastAPI app for ``settings`` (default: from the environment); ``screener`` overrides the model."""
     settings = settings or ServeSettings()
     screener = screener or build_screener(settings)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # once the app has started (not while the server still loads): in the background, so the server
+        # answers, /healthz included, while it runs
+        if settings.warm_up:
+            threading.Thread(target=_warm_up, args=(screener,), name="dermscreen-warm-up", daemon=True).start()
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         **_no_telemetry(),
         title="dermscreen",
         version=__version__,
@@ -293,3 +304,12 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     app.add_middleware(PrivacyHeadersMiddleware)
     app.add_middleware(AccessLogMiddleware)  # outermost: times and records everything, errors included
     return app
+
+
+def _warm_up(screener) -> None:
+    """Screener.warm_up, logged; a failure here only costs the first request its speed, so it is not fatal."""
+    try:
+        timings = screener.warm_up()
+        log.info("warmed up on a synthetic image (%s)", ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
+    except Exception as exc:  # a custom screener may lack warm_up, or a stage may fail on the synthetic image
+        log.warning("warm-up skipped: %s", exc)

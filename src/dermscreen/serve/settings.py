@@ -32,6 +32,8 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op threads per analysis "
                                 "(empty = CPU cores / concurrency, so analyses never oversubscribe the cores).")
     tta: bool = Field(False, description="Test-time augmentation (flips) unless a request says otherwise.")
+    warm_up: bool = Field(True, description="Right after start, run one synthetic analysis in the background, so "
+                          "the first real request does not pay for first-use costs (~0.5 s).")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
 
     @model_validator(mode="after")

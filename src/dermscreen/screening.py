@@ -310,7 +310,7 @@ class Screener:
         return self._analyze_decoded(decoded, {}, age, sex, site, heatmap, tta, time.perf_counter())
 
     def warm_up(self) -> dict[str, float]:
-        """Run every stage once on a synthetic lesion (nothing real, nothing kept) → its timings in ms.
+        """Run the lesion and model stages once on a synthetic lesion (nothing real, nothing kept) → ms per stage.
 
         The first analysis in a process otherwise pays for scipy.ndimage's import (~0.5 s) and onnxruntime's
         first-run allocations: measured 480-700 ms for a server's first request against ~65 ms after. The

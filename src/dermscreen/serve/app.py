@@ -278,6 +278,7 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     """The FastAPI app for ``settings`` (default: from the environment); ``screener`` overrides the model."""
     settings = settings or ServeSettings()
     screener = screener or build_screener(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         # once the app has started (not while the server still loads): in the background, so the server

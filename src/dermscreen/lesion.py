@@ -29,7 +29,8 @@ from pydantic import BaseModel, Field
 
 from .bundle import Bundle, SegmenterSpec
 from .errors import BundleError, ConfigError
-from .preprocess import fit_within
+from .preprocess import shrink_within
+from .quality import chroma
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, image pixels
 Method = Literal["segmenter", "classical"]
@@ -159,17 +160,13 @@ class Segmentation:
 
 def working_copy(rgb: np.ndarray, max_side: int = WORK_MAX_SIDE) -> np.ndarray:
     """(H, W, 3) uint8 → the same image shrunk so its longest side is at most ``max_side``."""
-    size = fit_within(rgb.shape[1], rgb.shape[0], max_side)
-    if size == (rgb.shape[1], rgb.shape[0]):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
+    return shrink_within(rgb, max_side)
 
 
 def lesion_channel(rgb: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8 → (h, w) uint8 'lesion-ness' = ((255 - blue) + chroma) / 2: darker in blue, more chromatic."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8 ops: no float copies
-    return ((255 - b.astype(np.uint16) + chroma) >> 1).astype(np.uint8)
+    # chroma in uint8: no float copies
+    return ((255 - rgb[..., 2].astype(np.uint16) + chroma(rgb)) >> 1).astype(np.uint8)
 
 
 def otsu_threshold(values: np.ndarray) -> int:

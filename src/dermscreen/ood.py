@@ -14,7 +14,9 @@ Gaussian fitted on the training images' features, scored by Mahalanobis distance
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+
+from .preprocess import shrink_within
+from .quality import chroma
 
 COLOUR_THUMBNAIL = 64  # colour statistics need few pixels; a thumbnail bounds the cost for large uploads
 COLOUR_FEATURES = ("mean chroma", "mean red - green", "mean green - blue", "mean brightness",
@@ -23,17 +25,12 @@ COLOUR_FEATURES = ("mean chroma", "mean red - green", "mean green - blue", "mean
 
 def colour_features(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB → (8,) float64 colour statistics (COLOUR_FEATURES) of its thumbnail."""
-    h, w = rgb.shape[:2]
-    scale = COLOUR_THUMBNAIL / max(h, w)
-    if scale < 1:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
-    f = rgb.reshape(-1, 3).astype(np.float32)
+    f = shrink_within(rgb, COLOUR_THUMBNAIL).reshape(-1, 3).astype(np.float32)
     r, g, b = f[:, 0], f[:, 1], f[:, 2]
-    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # (a length-3 axis reduction is slow)
+    c = chroma(f)
     value = f.mean(axis=1)
     # shares are bounded and pile up at 0: their log (with a floor) is closer to Gaussian
-    return np.array([chroma.mean(), (r - g).mean(), (g - b).mean(), value.mean(), value.std(), chroma.std(),
+    return np.array([c.mean(), (r - g).mean(), (g - b).mean(), value.mean(), value.std(), c.std(),
                      np.log((g > r).mean() + 0.01), np.log((b > r).mean() + 0.01)], dtype=np.float64)
 
 

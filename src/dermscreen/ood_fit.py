@@ -12,7 +12,6 @@ validation shares they keep.
 """
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,24 +23,12 @@ from .errors import ConfigError
 from .imaging import read_image_file
 from .manifests import LabelledSet, load_labels
 from .ood import ColourOOD, MahalanobisOOD, colour_features
+from .splits import read_split_file
 
 # Together the two checks may refuse up to 3 % + 1 % of validation images: under the 5 % asked of in-distribution
 # refusals, with room for a test set a little unlike validation (the embedding check alone kept 95 %).
 EMBEDDING_KEEP = 0.97
 COLOUR_KEEP = 0.99
-
-
-def read_split(path: Path) -> dict[str, str]:
-    """A run's split.csv → {image_id: "train" | "val" | "test"}."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise ConfigError(f"Cannot read the split file {path}: {exc.strerror or exc}.") from None
-    if not rows or not {"image_id", "split"} <= set(rows[0]):
-        raise ConfigError(f"{path} is not a split file: it needs image_id and split columns (a training run's "
-                          "split.csv).")
-    return {r["image_id"].strip(): r["split"].strip() for r in rows}
 
 
 def ood_images(data: LabelledSet, split: dict[str, str], extra: Iterable[LabelledSet] = ()) -> tuple[list, list]:
@@ -65,9 +52,14 @@ def ood_images(data: LabelledSet, split: dict[str, str], extra: Iterable[Labelle
     return train, val
 
 
-def file_colours(paths: Iterable[Path]) -> np.ndarray:
+def file_colours(paths: Iterable[Path], progress: Callable[[int], None] | None = None) -> np.ndarray:
     """(N, 8) colour features of image files, decoded as the Screener decodes uploads."""
-    return np.array([colour_features(read_image_file(p)) for p in paths])
+    colours = []
+    for k, path in enumerate(paths):
+        colours.append(colour_features(read_image_file(path)))
+        if progress:
+            progress(k + 1)
+    return np.array(colours)
 
 
 def colour_check(embedding: MahalanobisOOD, train_colours: np.ndarray, val_colours: np.ndarray,
@@ -117,10 +109,10 @@ def refit_ood(bundle_path: str | Path, data_csv: Path, split_csv: Path, out: Pat
     m = bundle.manifest
     if m.ood is None or "ood_mean" not in bundle.arrays:
         raise ConfigError(f"{bundle.source} has no embedding OOD statistics to keep; re-export it from training.")
-    split = read_split(split_csv)
+    split = read_split_file(split_csv)
     train, val = ood_images(load_labels(data_csv, images), split, [load_labels(p) for p in extra])
     tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: None)
-    train_colour, _ = _features(bundle, train, threads, tick("training images", len(train)))
+    train_colour = file_colours(train, tick("training images", len(train)))  # the model is not needed for these
     val_colour, val_emb = _features(bundle, val, threads, tick("validation images", len(val)))
     colour, ood = colour_check(MahalanobisOOD.from_arrays(bundle.arrays), train_colour, val_colour, val_emb,
                                keep, colour_keep)

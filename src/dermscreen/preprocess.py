@@ -30,6 +30,14 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * s)), max(1, round(height * s))
 
 
+def shrink_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 → the same image shrunk (bilinear, aspect kept) so its longest side is at most ``max_side``."""
+    size = fit_within(rgb.shape[1], rgb.shape[0], max_side)
+    if size == (rgb.shape[1], rgb.shape[0]):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))
+
+
 def model_box(size: tuple[int, int], spec: Preprocessing) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the region of a (width, height) image that the model is fed."""
     w, h = size

@@ -6,9 +6,13 @@ validation scores leak and mean nothing.
 """
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from .errors import ManifestError
 from .manifests import LabelledSet
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -65,3 +69,25 @@ def assert_no_group_leak(data: LabelledSet, split: dict[str, list[int]]) -> None
             g = data.samples[i].group_id
             if owner.setdefault(g, name) != name:
                 raise AssertionError(f"group {g} is in both {owner[g]} and {name}")
+
+
+def read_split_file(path: str | Path) -> dict[str, str]:
+    """{image id: split name} from an ``image_id,split`` CSV (a training run's ``split.csv``; an ``image``
+    column of file names works too, their stems being the ids); ManifestError naming the file (and row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"Split file not found: {path}.")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        id_col = "image_id" if "image_id" in header else "image" if "image" in header else None
+        if id_col is None or "split" not in header:
+            raise ManifestError(f"{path} is not a split file: it must have the columns image_id,split (found: "
+                                f"{', '.join(header) or 'none'}), as a training run's split.csv has.")
+        reader.fieldnames = header
+        parts = {}
+        for rownum, row in enumerate(reader, start=2):
+            if not (row.get(id_col) or "").strip() or not (row.get("split") or "").strip():
+                raise ManifestError(f"{path}, row {rownum}: image id and split must both be given.")
+            parts[Path(row[id_col].strip()).stem] = row["split"].strip()
+    return parts

@@ -18,6 +18,7 @@ from ..bundle import Bundle
 from ..errors import ConfigError, ManifestError
 from ..inference import Predictions, predict_samples, resolve_model
 from ..manifests import LabelledSet, load_labels
+from ..splits import read_split_file
 from .markdown import to_markdown
 from .metrics import EvalData, compute_metrics, subgroup_columns
 from .plots import confusion_matrix_png, reliability_png, roc_png
@@ -52,26 +53,11 @@ class EvaluationResult:
 
 def read_split(path: str | Path, split: str) -> set[str]:
     """Image ids of ``split`` in an ``image_id,split`` CSV; ManifestError naming the file (and row) on problems."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"Split file not found: {path}.")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in reader.fieldnames or []]
-        id_col = "image_id" if "image_id" in header else "image" if "image" in header else None
-        if id_col is None or "split" not in header:
-            raise ManifestError(f"{path} must have the columns image_id,split (found: {', '.join(header) or 'none'}).")
-        reader.fieldnames = header
-        ids, names = set(), set()
-        for rownum, row in enumerate(reader, start=2):
-            if not (row.get(id_col) or "").strip() or not (row.get("split") or "").strip():
-                raise ManifestError(f"{path}, row {rownum}: image id and split must both be given.")
-            names.add(row["split"].strip())
-            if row["split"].strip() == split:
-                ids.add(Path(row[id_col].strip()).stem)
+    parts = read_split_file(path)
+    ids = {image_id for image_id, part in parts.items() if part == split}
     if not ids:
         raise ManifestError(
-            f"{path} lists no images in split {split!r} (it has: {', '.join(sorted(names)) or 'none'}).")
+            f"{path} lists no images in split {split!r} (it has: {', '.join(sorted(set(parts.values()))) or 'none'}).")
     return ids
 
 

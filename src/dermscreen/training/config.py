@@ -91,12 +91,6 @@ class TrainConfig(BaseModel):
             raise ValueError("val_fraction + test_fraction must leave at least 20% of images for training")
         return self
 
-    @model_validator(mode="after")
-    def _lesion_crop_fill(self) -> "TrainConfig":
-        low, high = self.augment.lesion_crop_fill
-        if not 0.05 <= low <= high <= 1:
-            raise ValueError("augment.lesion_crop_fill must be [low, high] with 0.05 <= low <= high <= 1")
-        return self
 
 
 def load_config(path: str | Path | None, **overrides) -> TrainConfig:

@@ -14,10 +14,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Dataset, Sampler
 
 from ..imaging import read_image_file
+from ..lesion import mask_box
 from ..manifests import LabelledSet
 from ..metadata import MetadataSpec
 from ..preprocess import Preprocessing, model_box, normalize, preprocess, resize_for_model
@@ -51,6 +52,13 @@ class AugmentConfig(BaseModel):
     # edge is mirrored. Drawn before zoom-out, which then applies to the other views only.
     lesion_crop: float = Field(0.0, ge=0, le=1)
     lesion_crop_fill: tuple[float, float] = (0.45, 0.75)
+
+    @field_validator("lesion_crop_fill")
+    @classmethod
+    def _fill_range(cls, fill: tuple[float, float]) -> tuple[float, float]:
+        if not 0.05 <= fill[0] <= fill[1] <= 1:
+            raise ValueError("must be [low, high] with 0.05 <= low <= high <= 1")
+        return fill
 
 
 def load_rgb(path) -> Image.Image:
@@ -118,8 +126,8 @@ def lesion_box_in_image(mask: np.ndarray, image_size: tuple[int, int]) -> tuple[
     crop at the image's aspect: HAM10000's sharper 224 px copy is the centre square of the 600x450 photographs
     whose masks are 4:3.
     """
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    box = mask_box(mask)
+    if box is None:
         return None
     mh, mw = mask.shape
     iw, ih = image_size
@@ -131,8 +139,8 @@ def lesion_box_in_image(mask: np.ndarray, image_size: tuple[int, int]) -> tuple[
         cw, ch = mw, mw * ih / iw
     ox, oy = (mw - cw) / 2, (mh - ch) / 2
     sx, sy = iw / cw, ih / ch
-    left, right = max(0, math.floor((xs.min() - ox) * sx)), min(iw, math.ceil((xs.max() + 1 - ox) * sx))
-    top, bottom = max(0, math.floor((ys.min() - oy) * sy)), min(ih, math.ceil((ys.max() + 1 - oy) * sy))
+    left, right = max(0, math.floor((box[0] - ox) * sx)), min(iw, math.ceil((box[2] - ox) * sx))
+    top, bottom = max(0, math.floor((box[1] - oy) * sy)), min(ih, math.ceil((box[3] - oy) * sy))
     if right - left < 2 or bottom - top < 2:
         return None
     return left, top, right, bottom

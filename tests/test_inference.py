@@ -120,3 +120,17 @@ def test_resolve_model_order(tmp_path, monkeypatch):
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "manifest.json").write_text("{}")
     assert resolve_model(None) == tmp_path / "none"
+
+
+def test_normalize_is_the_textbook_formula_channels_first():
+    # normalize reorders the uint8 pixels before the arithmetic (for speed); the values must be exactly
+    # (x / 255 - mean) / std computed the plain way, laid out (3, H, W) and contiguous for onnxruntime
+    from dermscreen.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, normalize
+
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    spec = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    plain = (rgb.astype(np.float32) / np.float32(255) - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
+        IMAGENET_STD, np.float32)
+    x = normalize(rgb, spec)
+    assert x.dtype == np.float32 and x.shape == (3, 37, 53) and x.flags.c_contiguous
+    np.testing.assert_allclose(x, plain.transpose(2, 0, 1), rtol=0, atol=1e-6)

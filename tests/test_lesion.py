@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,6 +451,25 @@ def test_refined_outline_of_a_small_lesion_boxes_it_better_with_the_shipped_segm
     # measured: 0.83 refined vs 0.80 from the first outline (mean box IoU with the reference mask's box)
     assert np.mean(ious[True]) >= 0.8 and np.mean(ious[True]) > np.mean(ious[False])
     assert refined_regions >= 20  # the closer look found the lesion (and was used) in nearly every image
+
+
+def test_shipped_segmenter_runs_with_its_batch_fixed_and_unchanged_outputs(ham_dir):
+    # OnnxSegmenter fixes the batch axis at 1 so onnxruntime folds the graph's shape arithmetic (a third of its
+    # run time); the logits must be those of the graph as exported, fed the plainly normalised image
+    import onnxruntime as ort
+
+    default = Path(L.__file__).parent / "models" / "default"
+    segmenter = L.load_segmenter(Bundle.load(default))
+    spec = segmenter.spec
+    assert segmenter.session.get_inputs()[0].shape == [1, 3, spec.image_size, spec.image_size]
+    plain = ort.InferenceSession((default / SEGMENTER_FILE).read_bytes(), providers=["CPUExecutionProvider"])
+    assert plain.get_inputs()[0].shape[0] == L.SEGMENTER_BATCH_DIM  # the override names the exported axis
+    image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]
+    rgb = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
+    small = np.asarray(Image.fromarray(rgb).resize((spec.image_size,) * 2, Image.BILINEAR, reducing_gap=2.0))
+    x = (small.astype(np.float32) / 255 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    expected = plain.run(None, {spec.input: np.ascontiguousarray(x.transpose(2, 0, 1)[None])})[0][0, 0]
+    np.testing.assert_allclose(segmenter.logits(rgb), expected, rtol=0, atol=1e-4)
 
 
 def test_a_regions_segmentation_reports_box_area_and_outline_in_the_whole_image():

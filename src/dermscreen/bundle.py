@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 ARRAYS_FILE = "arrays.npz"
 SEGMENTER_FILE = "segmenter.onnx"
+SEGMENTER_BATCH_DIM = "N"  # the name train-segmenter gives the segmenter's dynamic batch axis
 SCHEMA_VERSION = 1
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..bundle import SEGMENTER_FILE, Bundle, SegmenterSpec
+from ..bundle import SEGMENTER_BATCH_DIM, SEGMENTER_FILE, Bundle, SegmenterSpec
 from ..errors import BundleError, ConfigError
 from ..lesion import add_segmenter, bootstrap_ci, dice_iou  # noqa: F401 (dice_iou: part of this API)
 from ..manifests import LabelledSet, Sample, load_labels
@@ -194,7 +194,7 @@ def to_onnx(model: nn.Module, image_size: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(2, 3, image_size, image_size),), buf, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}},
+                          output_names=["logits"], dynamic_axes={"image": {0: SEGMENTER_BATCH_DIM}, "logits": {0: SEGMENTER_BATCH_DIM}},
                           dynamo=False, opset_version=17)
     return buf.getvalue()
 

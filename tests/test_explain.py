@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from dermscreen.calibration import softmax
-from dermscreen.explain import Heatmaps, cam, data_url, malignant_direction, normalise, overlay_rgba, png_bytes
+from dermscreen.explain import (Heatmaps, cam, data_url, malignant_direction, normalise, overlay_rgba, palette_png,
+                                png_bytes)
 
 
 def test_cam_averages_to_the_logit():
@@ -63,3 +64,20 @@ def test_display_size_is_capped():
                     max_side=400)
     assert maps.display_size == (400, 300) and maps.heat().shape == (300, 400)
     assert png_bytes(maps.overlay())[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_palette_png_is_read_back_exactly_by_pillow():
+    # our own PNG writer (zlib releases the interpreter lock; Pillow's encoder does not): indices, colours and
+    # opacities must come back unchanged, for odd sizes too
+    rng = np.random.default_rng(1)
+    palette = np.array([(0, 0, 0), (0, 229, 255), (250, 10, 60)], np.uint8)
+    alpha = np.array([0, 255, 128], np.uint8)
+    for h, w in ((1, 1), (37, 53), (384, 512)):
+        index = rng.integers(0, 3, (h, w), dtype=np.uint8)
+        img = Image.open(io.BytesIO(palette_png(index, palette, alpha)))
+        img.load()
+        assert img.mode == "P" and img.size == (w, h)
+        assert np.array_equal(np.asarray(img), index)
+        assert np.array_equal(np.asarray(img.getpalette()[:9], np.uint8).reshape(3, 3), palette)
+        rgba = np.asarray(img.convert("RGBA"))
+        assert np.array_equal(rgba[..., 3], alpha[index]) and np.array_equal(rgba[..., :3], palette[index])

@@ -9,7 +9,10 @@ map show where the evidence *for malignant rather than benign* lies.
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,9 +62,12 @@ def _turbo_lut() -> np.ndarray:
 TURBO = _turbo_lut()
 
 
+@functools.lru_cache(maxsize=16)
 def _alpha_lut(max_alpha: float) -> np.ndarray:
     """Opacity per heat level (256,) uint8: cold regions stay transparent so the skin shows through."""
-    return np.clip(np.sqrt(np.linspace(0.0, 1.0, 256)) * max_alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    lut = np.clip(np.sqrt(np.linspace(0.0, 1.0, 256)) * max_alpha * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    lut.flags.writeable = False  # cached: shared by every caller
+    return lut
 
 
 def _levels(heat: np.ndarray) -> np.ndarray:
@@ -78,14 +84,36 @@ def overlay_rgba(heat: np.ndarray, max_alpha: float = 0.6) -> np.ndarray:
     return rgba
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def palette_png(index: np.ndarray, palette: np.ndarray, alpha: np.ndarray, compress_level: int = 1) -> bytes:
+    """(H, W) uint8 palette indices + (n, 3) uint8 colours + (n,) uint8 opacities → PNG bytes (8-bit palette).
+
+    Written here rather than by Pillow because Pillow's PNG encoder holds the interpreter lock while it
+    compresses, and the server's two overlays a request are the biggest such block: zlib.compress releases
+    the lock, so another request's Python work runs meanwhile; it was also ~30 % faster (512x384 overlay,
+    2026-11-22). Every row uses PNG filter 0 (none), as Pillow does for palette images.
+    """
+    h, w = index.shape
+    rows = np.empty((h, w + 1), np.uint8)
+    rows[:, 0] = 0  # the filter-type byte that starts each row
+    rows[:, 1:] = index
+    return b"".join([
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)),  # 8-bit, palette, no interlace
+        _png_chunk(b"PLTE", np.ascontiguousarray(palette, dtype=np.uint8).tobytes()),
+        _png_chunk(b"tRNS", np.ascontiguousarray(alpha, dtype=np.uint8).tobytes()),
+        _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)),
+        _png_chunk(b"IEND", b""),
+    ])
+
+
 def overlay_png_bytes(heat: np.ndarray, max_alpha: float = 0.6) -> bytes:
     """The overlay of ``heat`` as a palette PNG: colour and opacity both follow the heat level, so one
     byte per pixel and a transparency table carry it (several times smaller and faster than RGBA)."""
-    img = Image.fromarray(_levels(heat)).convert("P")  # L → P keeps each value as its palette index
-    img.putpalette(TURBO.reshape(-1).tolist())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1, transparency=_alpha_lut(max_alpha).tobytes())
-    return buf.getvalue()
+    return palette_png(_levels(heat), TURBO, _alpha_lut(max_alpha))
 
 
 def blend(rgb: np.ndarray, overlay: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ descriptive measurements to support a clinician's reading, not a diagnosis or a 
 from __future__ import annotations
 
 import functools
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from .bundle import SEGMENTER_BATCH_DIM, Bundle, SegmenterSpec
 from .errors import BundleError, ConfigError
+from .explain import palette_png
 from .preprocess import shrink_within
 from .quality import chroma
 
@@ -715,11 +715,8 @@ def outline_mask(seg: Segmentation, size: tuple[int, int], width: int = 2) -> np
 
 def outline_png(seg: Segmentation, size: tuple[int, int], width: int = 2) -> bytes:
     """The lesion outline as a transparent palette PNG of ``size`` = (width, height): one cyan line."""
-    img = Image.fromarray(outline_mask(seg, size, width).astype(np.uint8)).convert("P")
-    img.putpalette([0, 0, 0, *OUTLINE_COLOUR])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1, transparency=bytes([0, 255]))
-    return buf.getvalue()
+    return palette_png(outline_mask(seg, size, width).view(np.uint8), np.array([(0, 0, 0), OUTLINE_COLOUR], np.uint8),
+                       np.array([0, 255], np.uint8))
 
 
 def draw_outline(rgb: np.ndarray, seg: Segmentation, width: int = 2) -> np.ndarray:

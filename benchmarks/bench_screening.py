@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/bench_screening.py --model runs/<run>/bundle [--data ../shared/data] [--single 200]
-         [--batch 1000] [--workers N] [--torch-reference]
+         [--batch 1000] [--workers N] [--torch-reference] [--no-lesion]
   python benchmarks/bench_screening.py --tiny     # the test suite's tiny model: pipeline overhead only
 
 Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the overlay PNG encoded
@@ -108,14 +108,15 @@ def bench_batch(screener, images: list[bytes], workers: int, heatmap: bool) -> t
     return len(images) / elapsed, sum(r.status != "ok" for r in results)
 
 
-def bench_processes(model, paths: list[Path], workers: int, heatmap: bool, ood: bool) -> tuple[float, float, float, int]:
+def bench_processes(model, paths: list[Path], workers: int, heatmap: bool, ood: bool,
+                    lesion: dict) -> tuple[float, float, float, int]:
     """dermscreen.batch.screen_files (what `dermscreen predict FOLDER` runs) over files on disk with
     ``workers`` processes: (images/s including the workers' start, seconds to the first result,
     images/s after the first result, refusals)."""
     from dermscreen.batch import screen_files
     from dermscreen.screening import ScreenerSettings
 
-    settings = ScreenerSettings(ood_refusal=ood, threads=1)
+    settings = ScreenerSettings(ood_refusal=ood, threads=1, **lesion)
     t0 = time.perf_counter()
     first, refused = None, 0
     for outcome in screen_files(paths, model, settings, workers=workers, heatmap=heatmap):
@@ -182,6 +183,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-ood", action="store_true", help="disable OOD refusal (so every image reaches the heatmap)")
     ap.add_argument("--torch-reference", action="store_true", help="also time the backbone in torch eager")
+    ap.add_argument("--no-lesion", action="store_true",
+                    help="lesion stage off (no outline, smart crop or ABCD), as `dermscreen predict --no-lesion`")
     args = ap.parse_args()
 
     from dermscreen.screening import Screener, ScreenerSettings
@@ -196,22 +199,24 @@ def main() -> None:
         model = make_tiny_bundle(Path(tmp.name) / "tiny")
         args.no_ood = True  # the tiny model's OOD statistics are random
     print(f"# Screener benchmark\n{machine_info()}")
-    single = Screener(model, ScreenerSettings(ood_refusal=not args.no_ood))
+    lesion = {"smart_crop": False, "abcd": False} if args.no_lesion else {}
+    single = Screener(model, ScreenerSettings(ood_refusal=not args.no_ood, **lesion))
     b = single.bundle.manifest
     print(f"model {b.name} {b.version} ({b.model.backbone}, {b.preprocessing.image_size} px), "
-          f"sha256 {single.bundle.sha256[:12]}, OOD refusal {'off' if args.no_ood else 'on'}")
+          f"sha256 {single.bundle.sha256[:12]}, OOD refusal {'off' if args.no_ood else 'on'}, "
+          f"lesion stage {'off' if args.no_lesion else 'on'}")
     images = load_images(args.data, max(args.single, args.batch))
     stages = bench_single(single, images[: args.single])
     print(f"\n## single image, in process, all cores for onnxruntime ({args.single} real images)")
     print_single(stages)
-    batch = Screener(single.bundle, ScreenerSettings(ood_refusal=not args.no_ood, threads=1))
+    batch = Screener(single.bundle, ScreenerSettings(ood_refusal=not args.no_ood, threads=1, **lesion))
     for heatmap in (True, False) if args.batch else ():  # --batch 0: single-image latency only
         rate, refused = bench_batch(batch, images[: args.batch], args.workers, heatmap)
         print(f"\nbatch: {args.batch} images, {args.workers} worker threads, heatmap {'on' if heatmap else 'off'}: "
               f"**{rate:.1f} images/s** ({refused} answered cannot_assess)")
     paths = image_paths(args.data, args.batch) if args.batch else []
     for heatmap in (True, False) if args.batch else ():
-        rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood)
+        rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood, lesion)
         print(f"\nbatch: {len(paths)} image files, {args.workers} worker processes (dermscreen.batch, as "
               f"`dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "
               f"including the workers' start ({first:.2f} s to the first result), {steady:.1f} images/s after it; "

@@ -116,3 +116,16 @@ def test_worker_processes_give_the_serial_answers_in_order(app, folder, tiny_bun
         if "error" not in a:
             assert a["risk"] == b["risk"] and a["p_malignant"] == pytest.approx(b["p_malignant"], abs=1e-6)
     assert parallel_files == serial_files and "lesion-2.html" in parallel_files
+
+
+def test_no_lesion_skips_the_outline_and_abcd(app, ham_dir):
+    # a real photograph, the shipped model: outlined and measured by default, not with --no-lesion (bulk screening)
+    image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]
+    answers = {}
+    for flag in ("--lesion", "--no-lesion"):
+        res = CliRunner().invoke(app, ["predict", str(ham_dir / "images" / f"{image_id}.jpg"), "--json", flag])
+        assert res.exit_code == 0, res.output
+        answers[flag] = json.loads(res.stdout.splitlines()[0])
+        assert answers[flag]["status"] == "ok"
+    assert answers["--lesion"]["lesion"]["found"] and answers["--lesion"]["lesion"]["abcd"] is not None
+    assert answers["--no-lesion"]["lesion"] is None and "lesion" not in answers["--no-lesion"]["timings_ms"]

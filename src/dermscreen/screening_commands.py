@@ -85,6 +85,10 @@ def predict(
     sex: Annotated[Optional[str], typer.Option(help="male | female | unknown.")] = None,
     site: Annotated[Optional[str], typer.Option(help="Anatomical site, e.g. back, face, lower extremity.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped copies (slower, slightly steadier).")] = False,
+    lesion: Annotated[bool, typer.Option("--lesion/--no-lesion", help=(
+        "Outline the lesion (smart crop of a small lesion, ABCD, outline). --no-lesion skips it, nearly twice as "
+        "fast for bulk screening of ordinary dermoscopic photos; a lesion photographed small in a wide frame "
+        "is then classified from the whole frame, which is less accurate."))] = True,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per analysis (default: all cores; "
                                                    "1 per worker when several workers run).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes for many files (default: one per core).",
@@ -102,7 +106,8 @@ def predict(
         raise typer.Exit(2)
     workers = workers or default_workers()
     parallel = workers > 1 and len(files) > workers
-    settings = ScreenerSettings(tta=tta, threads=threads if threads or not parallel else 1)
+    settings = ScreenerSettings(tta=tta, threads=threads if threads or not parallel else 1, smart_crop=lesion,
+                                abcd=lesion)
     try:
         # loaded here even when workers will load their own copy: a missing or tampered bundle and bad
         # age/sex/site fail once, with one message, before any worker starts

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .preprocess import fit_within
+from .preprocess import LARGE_IMAGE_REDUCING_GAP, fit_within
 
 
 def cam(features: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -188,5 +188,5 @@ class Heatmaps:
         """The analysed image with the overlay composited on it, at display size, uint8 RGB."""
         size = self.display_size
         base = rgb if (rgb.shape[1], rgb.shape[0]) == size else \
-            np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+            np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=LARGE_IMAGE_REDUCING_GAP))
         return blend(base, self.overlay(which))

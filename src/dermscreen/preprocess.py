@@ -8,6 +8,10 @@ from PIL import Image
 from pydantic import BaseModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# Pillow's reducing_gap for downscaling a large photo: an integer box reduction first, then the resampling
+# filter over at most 3x. It changes nothing below a 6x reduction (every training and benchmark image) and
+# makes a 12 MP phone photo's resizes several times cheaper; Pillow documents the result as close to exact.
+LARGE_IMAGE_REDUCING_GAP = 3.0
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -55,7 +59,7 @@ def resize_for_model(image: Image.Image, spec: Preprocessing) -> Image.Image:
         image = image.crop(box)
     size = spec.image_size
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), Image.BILINEAR, reducing_gap=LARGE_IMAGE_REDUCING_GAP)
     return image
 
 

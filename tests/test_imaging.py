@@ -242,3 +242,36 @@ def test_real_ham10000_jpeg(ham_dir):
     path = next(iter(sorted((ham_dir / "images").glob("*.jpg"))))
     decoded = decode_image(path.read_bytes(), filename=path.name)
     assert decoded.size == (200, 150) and decoded.format == "JPEG"
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_remembers_the_upload_size():
+    # a 12 MP phone photo: libjpeg decodes it at 1/4 (1008 px), close to a full decode shrunk to that size
+    big = np.asarray(Image.fromarray(_pattern(64, 48)).resize((4032, 3024), Image.BILINEAR))
+    data = _save(Image.fromarray(big), "JPEG", quality=92)
+    reduced = decode_image(data, max_side=1024)
+    assert reduced.size == (1008, 756) and reduced.upload_size == (4032, 3024)
+    assert reduced.scale == pytest.approx(0.25)
+    assert any("analysed at 1008x756 px (the upload is 4032x3024)" in n for n in reduced.notes)
+    full = decode_image(data)
+    assert full.size == (4032, 3024) and full.upload_size == (4032, 3024) and full.scale == 1.0
+    shrunk = np.asarray(Image.fromarray(full.rgb).resize((1008, 756), Image.BILINEAR))
+    assert np.abs(reduced.rgb.astype(int) - shrunk).mean() < 3
+    # small images are untouched
+    small = decode_image(_save(Image.fromarray(_pattern(600, 450)), "JPEG", quality=92), max_side=1024)
+    assert small.size == (600, 450) and small.scale == 1.0 and not any("analysed at" in n for n in small.notes)
+
+
+def test_a_large_rotated_jpeg_reports_its_upright_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big = np.asarray(Image.fromarray(_pattern(64, 48)).resize((4032, 3024), Image.NEAREST))
+    decoded = decode_image(_save(Image.fromarray(big), "JPEG", quality=92, exif=exif), max_side=1024)
+    assert decoded.upload_size == (3024, 4032) and decoded.size == (756, 1008)
+    top_left = decoded.rgb[:100, :100].reshape(-1, 3).mean(axis=0)  # the stored bottom-left (blue) quadrant
+    assert top_left[2] > 150 and top_left[0] < 80
+
+
+def test_other_large_formats_are_shrunk_to_the_limit():
+    big = np.asarray(Image.fromarray(_pattern(64, 48)).resize((2500, 1250), Image.NEAREST))
+    decoded = decode_image(_save(Image.fromarray(big), "PNG"), max_side=1024)
+    assert decoded.size == (1024, 512) and decoded.upload_size == (2500, 1250)

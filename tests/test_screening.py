@@ -207,3 +207,52 @@ def test_warm_up_runs_the_lesion_and_model_stages_on_a_synthetic_image(tiny_bund
     for bundle in (tiny_bundle, tiny_bundle_meta):  # a model that takes metadata gets its "unknown" vector
         timings = Screener(bundle, ScreenerSettings()).warm_up()
         assert set(timings) == {"lesion", "model"} and all(v > 0 for v in timings.values())
+
+
+def test_a_large_photo_is_analysed_reduced_and_reported_in_its_own_pixels(ham_dir):
+    # a real photograph as a 12 MP upload and as a 1000x750 one: the large one is analysed at ~1000 px, so the
+    # answers agree, and its boxes and diameter come back in its own (4x larger) pixels
+    image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]
+    photo = Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB")
+
+    def upload(size):
+        buf = io.BytesIO()
+        photo.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=92)
+        return buf.getvalue()
+
+    screener = Screener(None, ScreenerSettings(ood_refusal=False))
+    small, big = screener.analyze(upload((1000, 750))), screener.analyze(upload((4000, 3000)))
+    assert (small.image.width, small.image.height) == (1000, 750)
+    assert (big.image.width, big.image.height) == (4000, 3000)
+    assert any("analysed at 1000x750" in note for note in big.image.notes)
+    assert abs(big.p_malignant - small.p_malignant) < 0.05
+    assert big.lesion.found and small.lesion.found
+    for a, b in ((big.lesion.box, small.lesion.box), (big.heatmap.box, small.heatmap.box)):
+        assert np.abs(np.array(a) - 4 * np.array(b)).max() <= 0.02 * 4000
+    assert big.lesion.abcd.diameter.pixels == pytest.approx(4 * small.lesion.abcd.diameter.pixels, rel=0.05)
+    # the same upload analysed at full size (max_side None) lands on the same box, in the same pixels
+    full = Screener(screener.bundle, ScreenerSettings(ood_refusal=False, max_side=None)).analyze(upload((4000, 3000)))
+    assert (full.image.width, full.image.height) == (4000, 3000) and not any("analysed at" in n for n in full.image.notes)
+    assert np.abs(np.array(full.lesion.box) - np.array(big.lesion.box)).max() <= 0.03 * 4000
+
+
+def test_a_small_lesion_in_a_large_photo_is_cropped_and_its_boxes_scaled(ham_dir):
+    # the smart crop and the heatmap box are worked out on the reduced image and reported in the upload's pixels
+    image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]
+    photo = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
+    field = np.empty((750, 1000, 3), np.uint8)
+    field[:] = np.median(photo[:4].reshape(-1, 3), axis=0).astype(np.uint8)
+    field[300:450, 400:600] = photo  # the photograph, a fifth of the frame's width, in the middle
+
+    def upload(size):
+        buf = io.BytesIO()
+        Image.fromarray(field).resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=92)
+        return buf.getvalue()
+
+    screener = Screener(None, ScreenerSettings(ood_refusal=False, quality_gate=False))
+    small, big = screener.analyze(upload((1000, 750))), screener.analyze(upload((4000, 3000)))
+    assert small.lesion.crop_box is not None and big.lesion.crop_box is not None
+    for a, b in ((big.lesion.crop_box, small.lesion.crop_box), (big.heatmap.box, small.heatmap.box)):
+        assert np.abs(np.array(a) - 4 * np.array(b)).max() <= 0.02 * 4000
+        assert 0 <= a[0] < a[2] <= 4000 and 0 <= a[1] < a[3] <= 3000
+    assert big.to_json(include_heatmap=True)["heatmap"]["overlay_png"].startswith("data:image/png")

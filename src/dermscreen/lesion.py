@@ -632,8 +632,12 @@ def colour_shares(rgb: np.ndarray, mask: np.ndarray, points: tuple[np.ndarray, n
     return {name: round(float(c) / n, 4) for name, c in zip(COLOUR_NAMES, counts)}
 
 
-def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = None) -> ABCD | None:
-    """ABCD descriptors of a found lesion: Segmentation + the (H, W, 3) image it came from → ABCD (None if none)."""
+def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = None, scale: float = 1.0) -> ABCD | None:
+    """ABCD descriptors of a found lesion: Segmentation + the (H, W, 3) image it came from → ABCD (None if none).
+
+    ``scale``: pixels of ``rgb`` per pixel of the upload (below 1 when a large upload was analysed reduced); the
+    diameter is given in the upload's pixels, and ``pixel_spacing_mm`` is the upload's spacing.
+    """
     if not seg.found or not seg.mask.any():
         return None
     mask = seg.mask
@@ -650,7 +654,7 @@ def abcd(seg: Segmentation, rgb: np.ndarray, pixel_spacing_mm: float | None = No
                                      mirror_mismatch(mask, centre, axes[1], points)),
                 border=_border(perimeter(mask) ** 2 / (4.0 * math.pi * mask.sum())),
                 colours=_colours(colour_shares(small, mask, points)),
-                diameter=_diameter(feret_diameter(mask) / seg.scale, pixel_spacing_mm))
+                diameter=_diameter(feret_diameter(mask) / seg.scale / scale, pixel_spacing_mm))
 
 
 def _asymmetry(major: float, minor: float) -> Asymmetry:

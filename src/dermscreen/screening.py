@@ -10,6 +10,7 @@ state, so one instance may serve many threads at once; onnxruntime sessions are 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from .bundle import Bundle, resolve_bundle_path
 from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
 from .explain import Heatmaps, cam, data_url, malignant_direction
-from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, limit_side
 from .lesion import (
     ABCD,
     Box,
@@ -42,6 +43,12 @@ from .ood import ColourOOD, MahalanobisOOD, colour_features
 from .preprocess import fit_within, model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
 
+
+# Longest side an image is analysed at. The models, the quality gate and the smart crop were trained, tuned and
+# measured on HAM10000 photographs of 600x450 px and less; a 12 MP phone photo analysed at full size took ~350 ms
+# (decoding, colour conversion and every resize at 12 MP) and put the smart crop's rules in a pixel regime
+# never measured. 1024 px keeps a lesion that fills a tenth of the frame's side at ~100 px.
+ANALYSIS_MAX_SIDE = 1024
 
 Tier = Literal["high", "moderate", "low", "cannot_assess"]
 TIERS: dict[str, dict[str, str]] = {
@@ -74,6 +81,9 @@ class ScreenerSettings(BaseModel):
     ood_threshold: float | None = Field(None, description="override of the bundle's OOD threshold")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (None: all cores)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, checked before decoding")
+    max_side: int | None = Field(ANALYSIS_MAX_SIDE, ge=64, description=(
+        "longest side (px) an image is analysed at: a larger upload is reduced first (a JPEG while it is "
+        "decoded); boxes and diameters are still reported in the upload's pixels. None: full size"))
     smart_crop: bool = Field(True, description="classify a square crop around a lesion that fills little of the frame")
     smart_crop_below: float = Field(CROP_BELOW, gt=0.0, le=1.0,
                                     description="crop when the lesion's longest side is below this share of the "
@@ -296,7 +306,8 @@ class Screener:
                 heatmap: bool | None = True, tta: bool | None = None, filename: str | None = None) -> ScreeningResult:
         """Screen one image file's bytes → ScreeningResult; raises ImageError (bad file) or InputError."""
         t0 = time.perf_counter()
-        decoded = decode_image(data, max_pixels=self.settings.max_pixels, filename=filename)
+        decoded = decode_image(data, max_pixels=self.settings.max_pixels, filename=filename,
+                               max_side=self.settings.max_side)
         decode_ms = (time.perf_counter() - t0) * 1000
         return self._analyze_decoded(decoded, {"decode": decode_ms}, age, sex, site, heatmap, tta, t0)
 
@@ -306,7 +317,7 @@ class Screener:
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise InputError(f"Expected an (H, W, 3) RGB array, got shape {rgb.shape}.")
-        decoded = DecodedImage(rgb, "array", (rgb.shape[1], rgb.shape[0]))
+        decoded = limit_side(DecodedImage(rgb, "array", (rgb.shape[1], rgb.shape[0])), self.settings.max_side)
         return self._analyze_decoded(decoded, {}, age, sex, site, heatmap, tta, time.perf_counter())
 
     def warm_up(self) -> dict[str, float]:
@@ -387,7 +398,7 @@ class Screener:
                        "so the model saw a square crop around it.")
         else:
             message = f"Lesion outlined by {found_by}; the model saw the usual view of the image."
-        measured = abcd(seg, rgb, decoded.pixel_spacing_mm) if self.settings.abcd else None
+        measured = abcd(seg, rgb, decoded.pixel_spacing_mm, decoded.scale) if self.settings.abcd else None
         return seg, LesionInfo(method=seg.method, found=seg.found, box=box, area_fraction=round(seg.area_fraction, 4),
                                crop_box=crop, abcd=measured, message=message)
 
@@ -479,7 +490,8 @@ class Screener:
         debug = DebugInfo(temperature=m.calibration.temperature, ood_threshold=self.ood_threshold,
                           colour_threshold=self.colour_threshold, operating_points=m.operating_points, tta=tta,
                           metadata_used=meta is not None)
-        image = ImageFacts(format=decoded.format, width=decoded.size[0], height=decoded.size[1],
+        width, height = decoded.upload_size or decoded.size  # reported in the upload's pixels, as are boxes
+        image = ImageFacts(format=decoded.format, width=width, height=height,
                            pixel_spacing_mm=decoded.pixel_spacing_mm, notes=decoded.notes)
         if not quality.passed:
             return self._cannot_assess([quality.refused_reason], quality, OODFinding(checked=False), image, debug)
@@ -509,7 +521,10 @@ class Screener:
         if ood.in_distribution is False:  # not a skin lesion: an outline and ABCD of it would mislead
             return self._cannot_assess([ood.message], quality, ood, image, debug)
         result = self._assessed(probs, p_mal, quality, ood, image, debug)
-        result.lesion, result._segmentation = lesion, seg
+        result._segmentation = seg
+        # reported in the upload's pixels; ``lesion`` itself keeps the analysed image's (the heatmap box below)
+        result.lesion = None if lesion is None else lesion.model_copy(update={
+            "box": _to_upload(lesion.box, decoded), "crop_box": _to_upload(lesion.crop_box, decoded)})
         # the overlays' size (explain.Heatmaps.display_size), so the outline and the heatmaps stack exactly
         result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
         if want_heatmap:
@@ -519,7 +534,7 @@ class Screener:
             maps = self._heatmaps(features, probs, int(np.argmax(probs)), decoded.size, box)
             maps.heat("malignant"), maps.heat("top_class")  # upsample now, so the cost is timed here
             result._heatmaps = maps
-            result.heatmap = HeatmapInfo(top_class=maps.top_class, box=box, size=maps.display_size)
+            result.heatmap = HeatmapInfo(top_class=maps.top_class, box=_to_upload(box, decoded), size=maps.display_size)
             timings["heatmap"] = (time.perf_counter() - t) * 1000
         return result
 
@@ -547,6 +562,15 @@ class Screener:
         timings["total"] = (time.perf_counter() - t_start) * 1000
         result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
         return result
+
+
+def _to_upload(box: tuple[int, int, int, int] | None, decoded: DecodedImage) -> tuple[int, int, int, int] | None:
+    """A (left, top, right, bottom) box of the analysed image in the upload's pixels (unchanged at full size)."""
+    if box is None or decoded.scale == 1.0:
+        return box
+    s, (w, h) = decoded.scale, decoded.upload_size
+    return (max(0, math.floor(box[0] / s)), max(0, math.floor(box[1] / s)),
+            min(w, math.ceil(box[2] / s)), min(h, math.ceil(box[3] / s)))
 
 
 def _box_size(box: tuple[int, int, int, int]) -> tuple[int, int]:

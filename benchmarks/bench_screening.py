@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/bench_screening.py --model runs/<run>/bundle [--data ../shared/data] [--single 200]
-         [--batch 1000] [--workers N] [--torch-reference] [--no-lesion]
+         [--batch 1000] [--workers N] [--torch-reference] [--no-lesion] [--large 50]
   python benchmarks/bench_screening.py --tiny     # the test suite's tiny model: pipeline overhead only
 
 Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the overlay PNG encoded
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import os
 import platform
 import statistics
@@ -96,6 +97,19 @@ def bench_single(screener, images: list[bytes]) -> dict[str, list[float]]:
         stages.setdefault("overlay PNG + JSON", []).append((t2 - t1) * 1000)
         stages.setdefault("end to end (bytes → JSON with heatmap)", []).append((t2 - t0) * 1000)
     return stages
+
+
+def phone_sized(images: list[bytes], size: tuple[int, int]) -> list[bytes]:
+    """The images enlarged (bicubic) to ``size`` and saved as JPEG (quality 90): stand-ins for phone photos,
+    whose 12 MP the HAM10000 copies here do not have."""
+    from PIL import Image
+
+    out = []
+    for data in images:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
 def bench_batch(screener, images: list[bytes], workers: int, heatmap: bool) -> tuple[float, int]:
@@ -183,6 +197,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-ood", action="store_true", help="disable OOD refusal (so every image reaches the heatmap)")
     ap.add_argument("--torch-reference", action="store_true", help="also time the backbone in torch eager")
+    ap.add_argument("--large", type=int, default=0,
+                    help="also time this many images enlarged to a 12 MP (4032x3024) JPEG, as a phone takes them")
     ap.add_argument("--no-lesion", action="store_true",
                     help="lesion stage off (no outline, smart crop or ABCD), as `dermscreen predict --no-lesion`")
     args = ap.parse_args()
@@ -209,6 +225,10 @@ def main() -> None:
     stages = bench_single(single, images[: args.single])
     print(f"\n## single image, in process, all cores for onnxruntime ({args.single} real images)")
     print_single(stages)
+    if args.large:
+        large = bench_single(single, phone_sized(images[: args.large], (4032, 3024)))
+        print(f"\n## single 12 MP photo (4032x3024 JPEG, {args.large} real images enlarged), in process")
+        print_single(large)
     batch = Screener(single.bundle, ScreenerSettings(ood_refusal=not args.no_ood, threads=1, **lesion))
     for heatmap in (True, False) if args.batch else ():  # --batch 0: single-image latency only
         rate, refused = bench_batch(batch, images[: args.batch], args.workers, heatmap)

@@ -8,11 +8,11 @@ from PIL import Image
 from pydantic import BaseModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Pillow's reducing_gap for downscaling a large photo: an integer box reduction first, then the resampling
 # filter over at most 3x. It changes nothing below a 6x reduction (every training and benchmark image) and
 # makes a 12 MP phone photo's resizes several times cheaper; Pillow documents the result as close to exact.
 LARGE_IMAGE_REDUCING_GAP = 3.0
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Preprocessing(BaseModel):

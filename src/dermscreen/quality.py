@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
+
 from .preprocess import LARGE_IMAGE_REDUCING_GAP
 
 WORK_SIDE = 256

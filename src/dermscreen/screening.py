@@ -146,7 +146,7 @@ class ImageFacts(BaseModel):
     """What was learnt about the uploaded file."""
 
     format: str
-    width: int
+    width: int = Field(description="of the upload, upright (a large upload is analysed reduced: see notes)")
     height: int
     pixel_spacing_mm: float | None = None
     notes: list[str] = []
@@ -157,7 +157,8 @@ class HeatmapInfo(BaseModel):
 
     target: str = Field("malignant", description="the overlay_png map: evidence for the malignant group")
     top_class: str = Field(description="class code of the top_class_overlay_png map")
-    box: tuple[int, int, int, int] = Field(description="(left, top, right, bottom) image region the model saw")
+    box: tuple[int, int, int, int] = Field(description="(left, top, right, bottom) image region the model saw, "
+                                           "in the upload's pixels")
     size: tuple[int, int] = Field(description="(width, height) of the overlays; they cover the whole image")
     overlay_png: str | None = Field(None, description="data:image/png URL, colour map with alpha, malignant group")
     top_class_overlay_png: str | None = Field(None, description="data:image/png URL, same for the top class")
@@ -169,10 +170,12 @@ class LesionInfo(BaseModel):
     method: Literal["segmenter", "classical"] = Field(description="segmenter: the bundle's segmentation model; "
                                                       "classical: colour threshold + morphology (no model)")
     found: bool
-    box: tuple[int, int, int, int] | None = Field(None, description="(left, top, right, bottom) of the lesion")
+    box: tuple[int, int, int, int] | None = Field(None, description="(left, top, right, bottom) of the lesion, "
+                                                  "in the upload's pixels")
     area_fraction: float = Field(0.0, description="share of the frame covered by the lesion mask")
     crop_box: tuple[int, int, int, int] | None = Field(
-        None, description="the square the classifier saw when smart crop applied (None: the usual view)")
+        None, description="the square the classifier saw when smart crop applied, in the upload's pixels "
+                          "(None: the usual view)")
     abcd: ABCD | None = None
     message: str = Field(description="one plain sentence about the lesion's outline and the crop")
     outline_png: str | None = Field(None, description="data:image/png URL: the mask outline over the whole frame, "

@@ -9,7 +9,9 @@ lesions a classifier trained with the default recipe never saw) against the mask
 ``ham10000/masks`` (thresholded at 128); mean Dice and IoU with 95 % bootstrap CIs (2,000
 resamples of images), median, and the share of images where no lesion was found.
 Latency: what the Screener adds per image with smart crop and ABCD on (segment → box → crop box →
-ABCD → outline PNG), one thread, median and p95 over ``--latency`` images, after 10 warm-up runs.
+ABCD → outline PNG), one thread, median and p95 over ``--latency`` images, after 10 warm-up runs; with
+--segmenter also the Screener's whole lesion stage on the same images zoomed out 3x, where a small lesion
+gets a second segmentation.
 Prints a markdown section for benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -98,6 +100,30 @@ def measure_latency(samples: list, segment, repeats: int) -> dict[str, dict[str,
                 "cpu_median": statistics.median(cpu[k]), "cpu_p95": float(np.percentile(cpu[k], 95))} for k in names}
 
 
+def measure_zoomed(samples: list, bundle_dir: Path, repeats: int, factor: float = 3.0) -> dict:
+    """The Screener's whole lesion stage (outline, the second look at a small lesion, crop, ABCD) plus the
+    outline PNG, one thread, on ``repeats`` held-out images placed small (``factor`` x zoomed out) on a
+    field of their own skin, as bench_smart_crop.py makes them: median and p95 wall ms, and how often the
+    second look ran."""
+    from bench_smart_crop import zoom_out
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    screener = Screener(bundle_dir, ScreenerSettings(threads=1, quality_gate=False, ood_refusal=False))
+    fields = [zoom_out(np.asarray(Image.open(s.image_path).convert("RGB")), ground_truth(s), factor, seed=i)
+              for i, s in enumerate(samples[:repeats])]
+    for rgb in fields[:10]:
+        screener.analyze_image(rgb, heatmap=False)
+    totals, refined = [], 0
+    for rgb in fields:
+        result = screener.analyze_image(rgb, heatmap=False)
+        t = time.perf_counter()
+        result.outline_png()
+        totals.append(result.timings_ms["lesion"] + (time.perf_counter() - t) * 1000)
+        refined += result.segmentation is not None and result.segmentation.frame_size is not None
+    return {"n": len(fields), "median": statistics.median(totals), "p95": float(np.percentile(totals, 95)),
+            "refined": refined / len(fields), "size": fields[0].shape[1::-1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -129,6 +155,12 @@ def main() -> None:
     print("| stage | wall median ms | wall p95 ms | CPU median ms | CPU p95 ms |\n|---|---|---|---|---|")
     for k, v in lat.items():
         print(f"| {k} | {v['wall_median']:.2f} | {v['wall_p95']:.2f} | {v['cpu_median']:.2f} | {v['cpu_p95']:.2f} |")
+    if args.segmenter:
+        z = measure_zoomed(samples, args.segmenter, args.latency)
+        print(f"\nThe Screener's lesion stage + outline PNG on {z['n']} of these images zoomed out 3x "
+              f"({z['size'][0]}x{z['size'][1]}, the lesion small in a field of its own skin), one thread: "
+              f"median {z['median']:.2f} ms, p95 {z['p95']:.2f} ms (wall); the second look at the lesion ran "
+              f"on {100 * z['refined']:.0f} %.")
 
 
 if __name__ == "__main__":

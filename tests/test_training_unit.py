@@ -462,3 +462,14 @@ def test_augment_uses_the_lesion_crop_only_when_a_box_is_known(tmp_path):
     Image.fromarray(mask).save(tmp_path / "masks" / "a_segmentation.png")
     samples = [Sample("a", tmp_path / "images" / "a.png", "nv"), Sample("b", tmp_path / "images" / "b.png", "nv")]
     assert lesion_boxes(samples, None) == {"a": (71, 10, 79, 20)}
+
+
+def test_split_seed_keeps_the_split_while_the_training_seed_changes(ham_dir):
+    # two runs that differ only by their random training draws must share the split (and so the test lesions)
+    from dermscreen.manifests import load_labels
+    from dermscreen.training.fit import make_split
+
+    data = load_labels(ham_dir / "HAM10000_metadata.csv")
+    base = make_split(data, TrainConfig(seed=0))
+    assert make_split(data, TrainConfig(seed=1, split_seed=0)) == base
+    assert make_split(data, TrainConfig(seed=1)) != base  # without it, a new seed is a new split

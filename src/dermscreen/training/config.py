@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
 
     seed: int = 0
+    split_seed: int | None = Field(None, ge=0, description=(
+        "seed of the train/val/test split and the max_images subsample (None: seed); fixing it while "
+        "changing seed retrains on the same split, so two runs differ only by their random training draws"))
     num_workers: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -112,6 +112,7 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "recipe": config.model_dump(mode="json"),
         "backbone_weights": info.weights,
         "seed": config.seed,
+        "split_seed": config.seed if config.split_seed is None else config.split_seed,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "history": state.history,

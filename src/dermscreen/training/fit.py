@@ -69,7 +69,7 @@ def load_data(config: TrainConfig) -> tuple[LabelledSet, Taxonomy]:
     taxonomy = load_taxonomy(config.taxonomy)
     data = load_labels(config.data, config.images, taxonomy)
     if config.max_images and config.max_images < len(data):
-        data = subsample(data, config.max_images, config.seed)
+        data = subsample(data, config.max_images, data_seed(config))
     return data, taxonomy
 
 
@@ -94,9 +94,14 @@ def subsample(data: LabelledSet, n: int, seed: int, min_per_class: int = 4) -> L
     return data.subset(sorted(keep))
 
 
+def data_seed(config: TrainConfig) -> int:
+    """The seed that picks the images and their split: ``split_seed``, or ``seed`` when it is not set."""
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def make_split(data: LabelledSet, config: TrainConfig) -> dict[str, list[int]]:
     """Lesion-grouped train/val/test indices; raises ConfigError when a split would be unusable."""
-    split = grouped_split(data, config.val_fraction, config.test_fraction, config.seed)
+    split = grouped_split(data, config.val_fraction, config.test_fraction, data_seed(config))
     assert_no_group_leak(data, split)
     if len(split["val"]) < 2 or len(split["train"]) < 2:
         raise ConfigError(f"Only {len(data)} images: too few for a train/validation split. Use more data.")

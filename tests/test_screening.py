@@ -216,9 +216,7 @@ def test_a_large_photo_is_analysed_reduced_and_reported_in_its_own_pixels(ham_di
     photo = Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB")
 
     def upload(size):
-        buf = io.BytesIO()
-        photo.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=92)
-        return buf.getvalue()
+        return _jpeg(np.asarray(photo.resize(size, Image.BICUBIC)))
 
     screener = Screener(None, ScreenerSettings(ood_refusal=False))
     small, big = screener.analyze(upload((1000, 750))), screener.analyze(upload((4000, 3000)))
@@ -245,9 +243,7 @@ def test_a_small_lesion_in_a_large_photo_is_cropped_and_its_boxes_scaled(ham_dir
     field[300:450, 400:600] = photo  # the photograph, a fifth of the frame's width, in the middle
 
     def upload(size):
-        buf = io.BytesIO()
-        Image.fromarray(field).resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=92)
-        return buf.getvalue()
+        return _jpeg(np.asarray(Image.fromarray(field).resize(size, Image.BICUBIC)))
 
     screener = Screener(None, ScreenerSettings(ood_refusal=False, quality_gate=False))
     small, big = screener.analyze(upload((1000, 750))), screener.analyze(upload((4000, 3000)))

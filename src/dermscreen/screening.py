@@ -526,7 +526,7 @@ class Screener:
         result = self._assessed(probs, p_mal, quality, ood, image, debug)
         result._segmentation = seg
         # reported in the upload's pixels; ``lesion`` itself keeps the analysed image's (the heatmap box below)
-        result.lesion = None if lesion is None else lesion.model_copy(update={
+        result.lesion = lesion if lesion is None or decoded.scale == 1.0 else lesion.model_copy(update={
             "box": _to_upload(lesion.box, decoded), "crop_box": _to_upload(lesion.crop_box, decoded)})
         # the overlays' size (explain.Heatmaps.display_size), so the outline and the heatmaps stack exactly
         result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)

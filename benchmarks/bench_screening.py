@@ -9,7 +9,7 @@ Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the ove
 (as the API does when asked), intra-op threads = all cores; prints median and p95 per stage.
 Batch: one Screener with 1 intra-op thread per call, a thread pool of --workers (default: all
 cores) over --batch real images; then the same files through dermscreen.batch with --workers
-processes (what `dermscreen predict FOLDER` does); prints images/s. --torch-reference times the same backbone in
+processes, the calling one included (what `dermscreen predict FOLDER` does); prints images/s. --torch-reference times the same backbone in
 torch eager (timm, random weights: speed does not depend on the weights) on the same input, for
 the ONNX/torch ratio; it needs the train extra.
 """
@@ -237,8 +237,8 @@ def main() -> None:
     paths = image_paths(args.data, args.batch) if args.batch else []
     for heatmap in (True, False) if args.batch else ():
         rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood, lesion)
-        print(f"\nbatch: {len(paths)} image files, {args.workers} worker processes (dermscreen.batch, as "
-              f"`dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "
+        print(f"\nbatch: {len(paths)} image files, {args.workers} processes (dermscreen.batch: "
+              f"the caller and {args.workers - 1} spawned, as `dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "
               f"including the workers' start ({first:.2f} s to the first result), {steady:.1f} images/s after it; "
               f"{refused} cannot_assess")
     if args.torch_reference:

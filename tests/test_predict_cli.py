@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +118,25 @@ def test_worker_processes_give_the_serial_answers_in_order(app, folder, tiny_bun
         if "error" not in a:
             assert a["risk"] == b["risk"] and a["p_malignant"] == pytest.approx(b["p_malignant"], abs=1e-6)
     assert parallel_files == serial_files and "lesion-2.html" in parallel_files
+
+
+def _record_process(path, stem, result, rgb):
+    """A batch writer that writes nothing: it names the process that analysed the file."""
+    return [Path(f"{stem}.pid{os.getpid()}")]
+
+
+def test_the_calling_process_works_beside_its_workers_and_order_is_kept(tiny_bundle, ham_dir):
+    # the caller analyses files while its spawned worker starts (and whenever the next answer is not back):
+    # both processes take files, and the answers still come in input order, one per file
+    from dermscreen.batch import screen_files
+    from dermscreen.screening import ScreenerSettings
+
+    real = sorted((ham_dir / "images").glob("*.jpg"))[:40]
+    outcomes = list(screen_files(real, tiny_bundle, ScreenerSettings(threads=1), workers=2, writer=_record_process))
+    assert [o.index for o in outcomes] == list(range(40)) and [o.path for o in outcomes] == real
+    assert all(o.error is None and o.result["status"] in ("ok", "cannot_assess") for o in outcomes)
+    processes = {o.written[0].suffix for o in outcomes}
+    assert len(processes) == 2 and f".pid{os.getpid()}" in processes
 
 
 def test_no_lesion_skips_the_outline_and_abcd(app, ham_dir):

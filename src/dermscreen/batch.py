@@ -4,6 +4,9 @@ Threads in one process do not scale here: onnxruntime releases the interpreter l
 Python and small-numpy work around it (decoding, quality gate, lesion outline, JSON) does not, so
 two threads on two cores gave ~1.1x. Worker processes are started with ``spawn`` (never ``fork``:
 a forked onnxruntime thread pool can deadlock) and each loads and verifies the bundle once.
+The calling process is one of the workers: a spawned worker needs ~0.8 s on 2 cores to start, import
+and verify the bundle before its first answer, and the caller analyses files meanwhile instead of
+waiting (and whenever the next answer in order is not back yet).
 
 Results come back in input order as JSON-ready dicts (``ScreeningResult.to_json()``), so nothing but
 the answer crosses the process boundary; the per-image files a caller asked for (HTML, FHIR,
@@ -66,9 +69,9 @@ def analyze_file(screener, index: int, path: Path, stem: str, writer: Optional[W
         return FileOutcome(index, path, error=str(exc), error_type=type(exc).__name__, fatal=True)
 
 
-def _work(job: tuple[int, Path, str]) -> FileOutcome:
-    index, path, stem = job
-    return analyze_file(_screener, index, path, stem, _writer, _options)
+def _work_chunk(jobs: list[tuple[int, Path, str]]) -> list[FileOutcome]:
+    """A chunk of files, in a worker process (one round trip per chunk: the answers are small)."""
+    return [analyze_file(_screener, index, path, stem, _writer, _options) for index, path, stem in jobs]
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -98,8 +101,9 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
     """Analyse ``paths`` → FileOutcome per file, in input order.
 
     ``options`` are Screener.analyze keywords (heatmap, tta, age, sex, site). With ``workers`` > 1
-    and more files than workers, ``workers`` processes share the files (``settings.threads`` each,
-    best 1); otherwise they run here, with ``screener`` if given.
+    and more files than workers, this process (with ``screener`` if given, else one it loads) and
+    ``workers`` - 1 spawned processes share the files (``settings.threads`` each, best 1); otherwise
+    they all run here.
     """
     workers = default_workers() if workers is None else max(1, workers)
     stems = unique_stems(paths)
@@ -112,11 +116,39 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
         for i, path, stem in jobs:
             yield analyze_file(screener, i, path, stem, writer, options)
         return
+    chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+    queued = 4 * (workers - 1)  # chunks handed to the pool ahead: enough that no spawned worker idles
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                             initargs=(model, settings, writer, options)) as pool:
-        try:
-            yield from pool.map(_work, jobs, chunksize=CHUNK)
-        except GeneratorExit:  # the caller stopped early (a fatal error, Ctrl-C): drop the queued work
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    pool = ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_init,
+                               initargs=(model, settings, writer, options))
+    pending: dict = {}  # chunk number → Future, for chunks given to the pool
+    done_here: dict[int, list[FileOutcome]] = {}  # chunks this process analysed, until it is their turn
+    given = 0  # chunks handed out so far (to the pool or to this process), in order
+
+    def top_up() -> None:
+        nonlocal given
+        while given < len(chunks) and len(pending) < queued:
+            pending[given] = pool.submit(_work_chunk, chunks[given])
+            given += 1
+
+    try:
+        top_up()  # first, so the workers start while this process loads its screener
+        if screener is None:
+            from .screening import Screener
+
+            screener = Screener(model, settings)
+        for turn in range(len(chunks)):
+            # analyse the next unclaimed chunk here while the answer due next is still being worked on
+            while turn not in done_here and not pending[turn].done() and given < len(chunks):
+                done_here[given] = [analyze_file(screener, i, path, stem, writer, options)
+                                    for i, path, stem in chunks[given]]
+                given += 1
+                top_up()
+            outcomes = done_here.pop(turn) if turn in done_here else pending.pop(turn).result()
+            top_up()
+            yield from outcomes
+    except GeneratorExit:  # the caller stopped early (a fatal error, Ctrl-C): drop the queued work
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)

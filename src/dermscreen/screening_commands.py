@@ -91,8 +91,8 @@ def predict(
         "is then classified from the whole frame, which is less accurate."))] = True,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per analysis (default: all cores; "
                                                    "1 per worker when several workers run).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes for many files (default: one per core).",
-                                                   min=1)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes analysing many files, this one included (default: one per core).", min=1)] = None,
 ) -> None:
     """Screen dermoscopic images: a risk tier, malignancy score and top diagnoses per image."""
     from .screening import Screener, ScreenerSettings

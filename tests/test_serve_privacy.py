@@ -154,3 +154,30 @@ def test_live_server_logs_no_query_strings_addresses_or_results(open_bundle):
     assert "POST /api/v1/analyze 200" in log and "GET /healthz 200" in log
     for secret in ("age=", "?", "scalp", "male", "127.0.0.1:", r.json()["risk"]["label"]):
         assert secret not in log.replace(base, ""), f"{secret!r} leaked into the server log:\n{log}"
+
+
+def test_fastapi_opentelemetry_stays_off_even_when_the_environment_asks_for_it(tiny_bundle, monkeypatch):
+    # FastAPI's native OpenTelemetry traces requests (exception messages included) as soon as a global provider
+    # is configured, and adds OTLP exporters when FASTAPI_OTEL_AUTO_CONFIGURE=true: this server asks for neither
+    trace = pytest.importorskip("opentelemetry.trace")
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    asked: list = []
+
+    class RecordingProvider(trace.TracerProvider):
+        def get_tracer(self, *args, **kwargs):
+            asked.append(args)
+            return trace.NoOpTracer()
+
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: RecordingProvider())
+    app = create_app(ServeSettings(model=str(tiny_bundle), warm_up=False))
+    with TestClient(app) as client:  # runs the lifespan, where auto-configuration would add its exporters
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/api/v1/analyze", content=b"not an image").status_code in (415, 422)
+    assert asked == []

@@ -271,7 +271,8 @@ def _no_telemetry() -> dict[str, Any]:
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}
     # off even if a global provider or FASTAPI_OTEL_AUTO_CONFIGURE is set: nothing leaves this server
-    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                          "auto_configure": False}}
 
 
 def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:

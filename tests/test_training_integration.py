@@ -190,6 +190,43 @@ def test_three_class_taxonomy_on_relabelled_real_images_with_metadata_and_resume
                           bundle.arrays["classifier_weight"])
 
 
+def test_ensemble_recipe_trains_each_seed_and_exports_their_average(ham_dir, tmp_path):
+    # ensemble_seeds: one ordinary run folder per member on one split, then one bundle whose logits are the
+    # members' average (plus the prior correction) and whose embedding is their embeddings side by side
+    from dermscreen.training.fit import train_from_files
+
+    config = _write_config(tmp_path / "c.yaml", data=str(ham_dir / "HAM10000_metadata.csv"), max_images=60,
+                           freeze_stages=2, ensemble_seeds=[0, 1])
+    run = tmp_path / "run"
+    result = train_from_files(config, run, progress=False)
+    members = [run / "member-seed0", run / "member-seed1"]
+    assert all((m / "checkpoints" / "best.pt").is_file() for m in members)
+    assert (members[0] / "split.csv").read_bytes() == (members[1] / "split.csv").read_bytes() \
+        == (run / "split.csv").read_bytes()
+    bundle = Bundle.load(result.bundle_dir)
+    m = bundle.manifest
+    assert m.model.members == 2 and m.model.embedding_dim == 2 * 1280
+    assert [r["seed"] for r in m.training["ensemble"]["members"]] == [0, 1]
+    assert m.training["ensemble"]["shared_stages"] == 2 and m.training["epochs_run"] == 2
+
+    test_ids = _read_split(run)["test"]
+    paths = [ham_dir / "images" / f"{i}.jpg" for i in sorted(test_ids)[:3]]
+    x = np.stack([preprocess(Image.open(p).convert("RGB"), bundle.manifest.preprocessing) for p in paths])
+    out = bundle.run(x)
+    torch_out = [_torch_model_from_run(f, 7)(torch.from_numpy(x)) for f in members]
+    with torch.no_grad():
+        mean_logits = sum(o[0] for o in torch_out).numpy() / 2
+        embedding = torch.cat([o[1] for o in torch_out], dim=1).numpy()
+    shift = np.asarray(m.training["prior_correction"]["bias_shift"], np.float32)
+    assert np.allclose(out["logits"], mean_logits + shift, atol=1e-4)
+    assert np.allclose(out["embedding"], embedding, atol=1e-4)
+
+    # resuming finds both members finished: no new epoch, the same ensemble again
+    again = train_from_files(config, run, resume=True, progress=False)
+    assert [int(r["epoch"]) for r in csv.DictReader(open(members[1] / "history.csv"))] == [1]
+    assert np.allclose(Bundle.load(again.bundle_dir).run(x)["logits"], out["logits"], atol=1e-5)
+
+
 def _synthetic_eleven_class(folder: Path, per_class: int = 5) -> Path:
     """Images whose colour and blob size depend on the class, in a plain CSV over the 11-class taxonomy."""
     codes = load_taxonomy(CONFIGS / "taxonomies" / "eleven_class.yaml").codes

@@ -473,3 +473,49 @@ def test_split_seed_keeps_the_split_while_the_training_seed_changes(ham_dir):
     base = make_split(data, TrainConfig(seed=0))
     assert make_split(data, TrainConfig(seed=1, split_seed=0)) == base
     assert make_split(data, TrainConfig(seed=1)) != base  # without it, a new seed is a new split
+
+
+def test_resume_compares_the_split_used_and_allows_a_new_name(tmp_path):
+    # an ensemble resumes ordinary run folders as its members: their saved split_seed may be None (= seed) and
+    # their name differs; a different split or learning rate must still be refused
+    from dermscreen.training.config import dump_config
+    from dermscreen.training.ensemble import member_config
+    from dermscreen.training.runlog import RunFolder
+
+    run = RunFolder(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    dump_config(TrainConfig(name="old", seed=0), run.config_yaml)
+    member = member_config(TrainConfig(name="new", seed=0, ensemble_seeds=[0, 1]), 0)
+    assert member.split_seed == 0 and member.name == "new-seed0" and member.ensemble_seeds == []
+    assert run.resumed_config(member) is member
+    with pytest.raises(ConfigError, match="split_seed"):
+        run.resumed_config(member.model_copy(update={"split_seed": 1}))
+    with pytest.raises(ConfigError, match="lr"):
+        run.resumed_config(member.model_copy(update={"lr": 0.1}))
+
+
+def test_ensemble_config_needs_two_distinct_seeds_and_no_metadata():
+    with pytest.raises(ConfigError, match="two different seeds"):
+        load_config(None, ensemble_seeds=[3, 3])
+    with pytest.raises(ConfigError, match="metadata_fusion"):
+        load_config(None, ensemble_seeds=[0, 1], metadata_fusion=True)
+    assert load_config(None, ensemble_seeds=[0, 1]).ensemble_seeds == [0, 1]
+
+
+def test_ensemble_of_members_that_share_nothing_still_averages_their_logits():
+    import torch
+
+    from dermscreen.training.model import EnsembleClassifier, build_model
+
+    config = TrainConfig(freeze_stages=0, image_size=64)
+    torch.manual_seed(0)
+    members = [build_model(config, 7, weights="none")[0].eval() for _ in range(2)]  # different random weights
+    ensemble = EnsembleClassifier(members, shared_stages=2)
+    assert ensemble.shared_stages == 0  # their stems differ, so nothing is shared
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, embedding, features = ensemble(x)
+        outs = [m(x) for m in members]
+    assert torch.allclose(logits, (outs[0][0] + outs[1][0]) / 2, atol=1e-5)
+    assert embedding.shape == (2, 2 * members[0].classifier.in_features) and features.shape[1] == embedding.shape[1]

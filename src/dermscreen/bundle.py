@@ -49,6 +49,8 @@ class ModelSpec(BaseModel):
     # outputs: "logits" (N,C), "embedding" (N,D) pooled features, "features" (N,D,h,w) last feature map
     outputs: list[str] = ["logits", "embedding", "features"]
     embedding_dim: int
+    # an ensemble of this many ``backbone`` networks exported as one graph (their features concatenated)
+    members: int = 1
     feature_stride: int = 32
     metadata: MetadataSpec | None = None
 

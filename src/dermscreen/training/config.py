@@ -79,6 +79,9 @@ class TrainConfig(BaseModel):
     split_seed: int | None = Field(None, ge=0, description=(
         "seed of the train/val/test split and the max_images subsample (None: seed); fixing it while "
         "changing seed retrains on the same split, so two runs differ only by their random training draws"))
+    ensemble_seeds: list[int] = Field(default_factory=list, description=(
+        "train one member per seed, one after another on the same split (split_seed, else seed), each with its "
+        "own early stop, and export their average as one model (dermscreen.training.ensemble); empty: one model"))
     num_workers: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -92,6 +95,11 @@ class TrainConfig(BaseModel):
     def _fractions(self) -> "TrainConfig":
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% of images for training")
+        if self.ensemble_seeds:
+            if len(self.ensemble_seeds) < 2 or len(set(self.ensemble_seeds)) != len(self.ensemble_seeds):
+                raise ValueError("ensemble_seeds needs at least two different seeds (or none, for one model)")
+            if self.metadata_fusion:
+                raise ValueError("ensemble_seeds does not support metadata_fusion yet: train one model instead")
         return self
 
 

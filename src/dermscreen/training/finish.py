@@ -18,12 +18,15 @@ from .priors import choose_tau, shift, training_prior
 log = logging.getLogger("dermscreen.training")
 
 
-def finish_run(model, run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start):
-    """Prior-correct and calibrate the best checkpoint on validation, fit OOD, export the bundle; a TrainResult."""
+def finish_run(model, run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start,
+               ensemble: dict | None = None):
+    """Prior-correct and calibrate the best checkpoint on validation, fit OOD, export the bundle; a TrainResult.
+
+    ``ensemble``: the members' record when ``model`` is an EnsembleClassifier (its weights are already set)."""
     from .fit import TrainResult, predict
 
     try:
-        if run.best_pt.exists():
+        if ensemble is None and run.best_pt.exists():
             run.load_best(model, ctx.device)
         val_eval = LesionDataset(data.subset(split["val"]), spec, None, meta_spec)
         train_eval = LesionDataset(train_data, spec, None, meta_spec)
@@ -47,7 +50,7 @@ def finish_run(model, run, config, data, split, train_data, spec, meta_spec, inf
         bundle_dir = None
         if config.export:
             manifest = _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx,
-                                 start, calibration, points, ood_spec, metrics, prior_record)
+                                 start, calibration, points, ood_spec, metrics, prior_record, ensemble)
             images, meta = _check_batch(val_eval, config.export_check_images)
             arrays = {**ood.to_arrays(), **colour.to_arrays()}
             bundle_dir = export_bundle(model, run.bundle_dir, manifest, arrays, images, meta, config.onnx_exporter)
@@ -96,7 +99,7 @@ def _source_resolution(data) -> str | None:
 
 
 def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start,
-              calibration, points, ood_spec, metrics, prior_record) -> Manifest:
+              calibration, points, ood_spec, metrics, prior_record, ensemble=None) -> Manifest:
     import timm
 
     summary = data.summary()
@@ -124,11 +127,14 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
     }
+    if ensemble is not None:
+        training["ensemble"] = ensemble
     card = build_card(summary, data.format, taxonomy.name, config.image_size, _source_resolution(data),
                       extra_training_sentence(config, len(split["train"]), train_data))
     return Manifest(
         name=config.name, taxonomy=taxonomy, preprocessing=spec,
         model=ModelSpec(backbone=info.name, embedding_dim=info.num_features,
+                        members=len(ensemble["members"]) if ensemble else 1,
                         inputs=["image", "metadata"] if meta_spec else ["image"], metadata=meta_spec),
         calibration=calibration, operating_points=points, ood=ood_spec, metrics=metrics,
         training=training, card=card,

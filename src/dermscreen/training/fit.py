@@ -291,12 +291,17 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     start = time.perf_counter()
     ctx = D.setup(config.device)
     try:
+        if config.ensemble_seeds:
+            from .ensemble import train_ensemble
+
+            return train_ensemble(config, Path(out), resume, progress, ctx, start)
         return _run(config, Path(out), resume, progress, ctx, start)
     finally:
         D.teardown(ctx)
 
 
-def _run(config, out, resume, show_progress, ctx, start) -> TrainResult:
+def _run(config, out, resume, show_progress, ctx, start, finish: bool = True) -> TrainResult:
+    """Train one model into run folder ``out``; with ``finish`` also calibrate it, fit OOD and export it."""
     run = RunFolder(out, ctx.is_main)
     if resume:
         config = run.resumed_config(config)
@@ -328,7 +333,8 @@ def _run(config, out, resume, show_progress, ctx, start) -> TrainResult:
         state = run.load_last(model, optimizer, scheduler, ctx.device)
     fitted = _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, config, ctx, run, state,
                   taxonomy, show_progress)
-    if not ctx.is_main:
+    if not ctx.is_main or not finish:
+        run.close()
         return TrainResult(run.root, None, {}, fitted.epoch, fitted.best_epoch, time.perf_counter() - start)
     from .finish import finish_run
 
@@ -354,6 +360,10 @@ def _fit(model, loader, sampler, train_set, val_set, optimizer, scheduler, confi
     if ctx.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     loss_fn = _loss(config, train_set.labels, taxonomy.num_classes, ctx.device)
+    if state.epoch and state.epoch - state.best_epoch >= config.patience:
+        log.info("already stopped early after epoch %d (best epoch %d): no further epochs", state.epoch,
+                 state.best_epoch)
+        return state
     with TrainProgress(config.epochs, len(loader), enabled=show_progress and ctx.is_main,
                        start_epoch=state.epoch) as progress:
         for epoch in range(state.epoch, config.epochs):

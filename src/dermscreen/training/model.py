@@ -76,3 +76,66 @@ def set_frozen_bn_eval(model: LesionClassifier) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
             m.eval()
+
+
+class _Features(nn.Module):
+    """A backbone's forward_features as a module (an ensemble member that shares nothing)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+
+class EnsembleClassifier(nn.Module):
+    """Trained LesionClassifiers as one model: forward(image) → (logits, embedding, features), like each member.
+
+    The members' feature maps are concatenated (D = the sum of theirs) and their classifiers placed side by
+    side, each divided by the number of members, so the logits are exactly the members' average and a class
+    activation map is still ``W · features``: a bundle of an ensemble is an ordinary bundle. Members fine-tuned
+    from the same pretrained weights with the same ``freeze_stages`` hold identical frozen stems and first
+    stages; that part runs once (with 2 frozen stages of EfficientNet-Lite0 at 160 px, two members cost 1.7x
+    one on a CPU, not 2x). For export and evaluation only (never trained)."""
+
+    def __init__(self, members: list[LesionClassifier], shared_stages: int = 0):
+        super().__init__()
+        if len(members) < 2 or any(m.metadata_head is not None for m in members):
+            raise ValueError("an ensemble needs at least two image-only members")
+        first = members[0].backbone
+        if shared_stages > 0 and not all(_same_trunk(first, m.backbone, shared_stages) for m in members[1:]):
+            shared_stages = 0  # fine-tuned (or differently initialised) early layers: nothing to share
+        if shared_stages > 0:
+            self.trunk: nn.Module = nn.Sequential(first.conv_stem, first.bn1, *first.blocks[:shared_stages])
+            self.tops = nn.ModuleList(
+                nn.Sequential(*m.backbone.blocks[shared_stages:], m.backbone.conv_head, m.backbone.bn2)
+                for m in members)
+        else:
+            self.trunk = nn.Identity()
+            self.tops = nn.ModuleList(_Features(m.backbone) for m in members)
+        self.shared_stages = shared_stages
+        weight = torch.cat([m.classifier.weight.detach() for m in members], dim=1) / len(members)
+        bias = torch.stack([m.classifier.bias.detach() for m in members]).mean(dim=0)
+        self.classifier = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.copy_(bias)
+        self.metadata_head = None
+        self.eval()
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None):
+        x = self.trunk(image)
+        features = torch.cat([top(x) for top in self.tops], dim=1)
+        embedding = features.mean(dim=(2, 3))
+        return self.classifier(embedding), embedding, features
+
+
+def _same_trunk(a: nn.Module, b: nn.Module, stages: int) -> bool:
+    """Whether backbones ``a`` and ``b`` hold the same stem and first ``stages`` block stages (weights and stats)."""
+    parts = ("conv_stem", "bn1", "blocks")
+    if not all(hasattr(a, p) and hasattr(b, p) for p in parts):
+        return False
+    pairs = [(a.conv_stem, b.conv_stem), (a.bn1, b.bn1)] + list(zip(a.blocks[:stages], b.blocks[:stages]))
+    return all(torch.equal(x, y) for ma, mb in pairs
+               for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))

@@ -22,6 +22,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
     """Calibrate run ``run_dir``'s best checkpoint on its validation split and write a bundle; returns its folder."""
     start = time.perf_counter()
     run = RunFolder(run_dir)
+    if run.config_yaml.is_file():
+        config = load_config(run.config_yaml, data=data, images=images, device=device, export=True)
+        if config.ensemble_seeds:  # an ensemble run: its members hold the checkpoints
+            from .ensemble import finish_ensemble
+
+            ctx = D.DistContext(0, 1, 0, D.resolve_device(config.device))
+            return finish_ensemble(config, run.root, ctx, start, bundle_dir=out).bundle_dir
     if not run.best_pt.is_file() or not run.config_yaml.is_file() or not run.split_csv.is_file():
         raise ConfigError(f"{run.root} is not a training run folder with config.yaml, split.csv and "
                           "checkpoints/best.pt.")

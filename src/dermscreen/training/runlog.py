@@ -14,8 +14,9 @@ from .config import TrainConfig
 log = logging.getLogger("dermscreen.training")
 
 # settings that may change when a run is resumed; anything else would make it a different run
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images", "amp",
-                      "onnx_exporter"}
+# settings a resumed run may change; "name" only labels the exported bundle (an ensemble names its members)
+RESUMABLE_CHANGES = {"name", "epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images",
+                     "amp", "onnx_exporter"}
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_balanced_accuracy_corrected",
                    "prior_tau", "lr", "images_per_s", "seconds"]
 
@@ -72,6 +73,8 @@ class RunFolder:
 
         saved = load_config(self.config_yaml).model_dump(mode="json")
         new = config.model_dump(mode="json")
+        for c in (saved, new):  # split_seed None means "the seed": compare the split actually used
+            c["split_seed"] = c["seed"] if c.get("split_seed") is None else c["split_seed"]
         changed = sorted(k for k in new if new[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(f"Cannot resume {self.root}: the config differs from the run's in {', '.join(changed)}. "

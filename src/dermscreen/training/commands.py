@@ -59,7 +59,10 @@ def train(
         return
     if result.bundle_dir is not None:
         m = result.metrics
-        typer.echo(f"Trained {result.epochs_run} epoch(s) (best: {result.best_epoch}) in {result.wall_time_s:.0f} s. "
+        what = (f"{len(cfg.ensemble_seeds)} members, {result.epochs_run} epoch(s) in all (each member's best epoch "
+                "in its folder's train.log)" if cfg.ensemble_seeds else
+                f"{result.epochs_run} epoch(s) (best: {result.best_epoch})")
+        typer.echo(f"Trained {what}; this command ran {result.wall_time_s:.0f} s. "
                    f"Validation balanced accuracy {m.get('balanced_accuracy', float('nan')):.3f}, "
                    f"malignant AUC {m.get('malignant_auc', float('nan')):.3f}.")
         typer.echo(f"Bundle: {result.bundle_dir}   held-out test split: {result.run_dir / 'split.csv'}")

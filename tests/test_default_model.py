@@ -49,13 +49,23 @@ def test_shipped_bundle_loads_and_verifies(bundle):
     assert m.training["wall_time_s"] > 0
     history = m.training["history"]
     recipe = m.training["recipe"]
-    assert len(history) == m.training["epochs_run"] <= recipe["epochs"]
-    if m.training["epochs_run"] < recipe["epochs"]:  # stopped early: by the recipe's patience rule, or by hand
-        waited = m.training["epochs_run"] - m.training["best_epoch"]
-        if "stopped_by_hand" in m.training:  # said so in the manifest, and at the point the committed recipe stops
-            assert waited >= yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["patience"]
-        else:
-            assert waited >= recipe["patience"]
+    members = m.training.get("ensemble", {}).get("members")
+    if members:  # an ensemble: each member stopped by the recipe's rule; the history is theirs together
+        assert m.model.members == len(members) == len(recipe["ensemble_seeds"]) and m.model.embedding_dim == 2560
+        assert [r["seed"] for r in members] == recipe["ensemble_seeds"]
+        for r in members:
+            rows = [h for h in history if h["member_seed"] == r["seed"]]
+            assert len(rows) == r["epochs_run"] and r["best_epoch"] >= 1
+            assert r["epochs_run"] == recipe["epochs"] or r["epochs_run"] - r["best_epoch"] >= recipe["patience"]
+        assert len(history) == m.training["epochs_run"] == sum(r["epochs_run"] for r in members)
+    else:
+        assert len(history) == m.training["epochs_run"] <= recipe["epochs"]
+        if m.training["epochs_run"] < recipe["epochs"]:  # stopped early: by the recipe's patience rule, or by hand
+            waited = m.training["epochs_run"] - m.training["best_epoch"]
+            if "stopped_by_hand" in m.training:  # said so in the manifest, at the point the committed recipe stops
+                assert waited >= yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["patience"]
+            else:
+                assert waited >= recipe["patience"]
     assert m.training["epoch_seconds_total"] == pytest.approx(sum(r["seconds"] for r in history), abs=0.1)
     assert "non-commercial" in m.card.licence.lower()
     if m.training.get("extra_train"):  # the card's words must count every training image, extra ones included

@@ -297,8 +297,8 @@ class Screener:
         self.colour_threshold = m.ood.colour_threshold if self.colour_ood is not None else None
         self.quality_thresholds = QualityThresholds(**{**m.quality, **self.settings.quality})
         self.metadata_spec: MetadataSpec | None = m.model.metadata
-        self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256,
-                                      backbone=m.model.backbone)
+        backbone = m.model.backbone if m.model.members == 1 else f"{m.model.members} x {m.model.backbone} (ensemble)"
+        self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256, backbone=backbone)
         self.bundle.session(self.settings.threads)  # build it now: first requests stay fast and race-free
         self.segmenter: OnnxSegmenter | None = None
         if self.settings.segmenter == "auto" and (self.settings.smart_crop or self.settings.abcd):

@@ -218,7 +218,7 @@ def main() -> None:
     lesion = {"smart_crop": False, "abcd": False} if args.no_lesion else {}
     single = Screener(model, ScreenerSettings(ood_refusal=not args.no_ood, **lesion))
     b = single.bundle.manifest
-    print(f"model {b.name} {b.version} ({b.model.backbone}, {b.preprocessing.image_size} px), "
+    print(f"model {b.name} {b.version} ({single.identity.backbone}, {b.preprocessing.image_size} px), "
           f"sha256 {single.bundle.sha256[:12]}, OOD refusal {'off' if args.no_ood else 'on'}, "
           f"lesion stage {'off' if args.no_lesion else 'on'}")
     images = load_images(args.data, max(args.single, args.batch))

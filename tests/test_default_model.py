@@ -44,6 +44,7 @@ def test_shipped_bundle_loads_and_verifies(bundle):
     assert {op.name for op in m.operating_points} >= {"sensitivity_first", "balanced"}
     # the bundle records its recipe, the data it saw and the training wall time
     assert m.training["recipe"]["backbone"] == "tf_efficientnet_lite0"
+    assert m.training["backbone_weights"].startswith("ImageNet")
     assert len(m.training["data"]["manifest_sha256"]) == 64
     assert m.training["data"]["images"] > 1000
     assert m.training["wall_time_s"] > 0

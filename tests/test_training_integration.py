@@ -208,6 +208,7 @@ def test_ensemble_recipe_trains_each_seed_and_exports_their_average(ham_dir, tmp
     assert m.model.members == 2 and m.model.embedding_dim == 2 * 1280
     assert [r["seed"] for r in m.training["ensemble"]["members"]] == [0, 1]
     assert m.training["ensemble"]["shared_stages"] == 2 and m.training["epochs_run"] == 2
+    assert m.training["backbone_weights"].startswith("ImageNet")  # what the members were fine-tuned from
 
     test_ids = _read_split(run)["test"]
     paths = [ham_dir / "images" / f"{i}.jpg" for i in sorted(test_ids)[:3]]

@@ -90,7 +90,12 @@ def finish_ensemble(config: TrainConfig, out: Path, ctx, start: float, bundle_di
     log.info("ensemble of %d members (seeds %s, best epochs %s), shared frozen trunk: %d stages",
              len(members), config.ensemble_seeds, [s.best_epoch for s in states], model.shared_stages)
     first = infos[0]
-    info = BackboneInfo(first.name, first.num_features * len(members), first.mean, first.std, first.weights)
+    # the members were built without pretrained weights (their checkpoints replace every weight): the source
+    # they were fine-tuned from is in their own logs
+    from .reexport import _saved_weights_source
+
+    info = BackboneInfo(first.name, first.num_features * len(members), first.mean, first.std,
+                        _saved_weights_source(RunFolder(folders[0])))
     spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
     # the manifest's epochs and history are the members' together; each member's own record is kept beside them
     state = TrainState(epoch=sum(s.epoch for s in states), best_epoch=0,

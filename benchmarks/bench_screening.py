@@ -9,9 +9,10 @@ Single image: bytes → ScreeningResult with heatmap (CAMs computed) and the ove
 (as the API does when asked), intra-op threads = all cores; prints median and p95 per stage.
 Batch: one Screener with 1 intra-op thread per call, a thread pool of --workers (default: all
 cores) over --batch real images; then the same files through dermscreen.batch with --workers
-processes, the calling one included (what `dermscreen predict FOLDER` does); prints images/s. --torch-reference times the same backbone in
-torch eager (timm, random weights: speed does not depend on the weights) on the same input, for
-the ONNX/torch ratio; it needs the train extra.
+processes, the calling one included (what `dermscreen predict FOLDER` does); prints images/s.
+--torch-reference times the same classifier (every member of an ensemble) in torch eager (timm, random
+weights: speed does not depend on the weights) on the same input, for the ONNX/torch ratio; it needs the
+train extra.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def bench_processes(model, paths: list[Path], workers: int, heatmap: bool, ood: 
 
 
 def bench_torch(bundle, runs: int = 100) -> tuple[float, float] | None:
-    """(ONNX median ms, torch eager median ms) of the backbone forward on one preprocessed image."""
+    """(ONNX median ms, torch eager median ms) of the classifier's forward (all members) on one preprocessed image."""
     try:
         import torch
         from dermscreen.training.backbones import create_backbone
@@ -154,17 +155,30 @@ def bench_torch(bundle, runs: int = 100) -> tuple[float, float] | None:
     x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     from dermscreen.errors import DermscreenError
 
+    m = bundle.manifest
     try:
-        model, _ = create_backbone(bundle.manifest.model.backbone, weights="none")
+        backbone, info = create_backbone(m.model.backbone, weights="none")
     except DermscreenError as exc:
         print(f"torch reference skipped: {exc}")
         return None
-    head = torch.nn.Linear(model.num_features, bundle.manifest.taxonomy.num_classes)
+    from dermscreen.training.model import EnsembleClassifier, LesionClassifier
+
+    classes = m.taxonomy.num_classes
+    if m.model.members > 1:
+        # the same graph as the bundle's: copies of one backbone (speed does not depend on the weights), so
+        # their frozen trunk is shared exactly as in the exported ensemble
+        import copy
+
+        members = [LesionClassifier(copy.deepcopy(backbone), info.num_features, classes)
+                   for _ in range(m.model.members)]
+        model = EnsembleClassifier(members, int(m.training.get("ensemble", {}).get("shared_stages", 0)))
+    else:
+        model = LesionClassifier(backbone, info.num_features, classes)
     model.eval()
 
     def eager():
         with torch.inference_mode():
-            head(model.forward_head(model.forward_features(torch.from_numpy(x)), pre_logits=True))
+            model(torch.from_numpy(x))
 
     def timed(fn) -> float:
         for _ in range(10):
@@ -237,15 +251,15 @@ def main() -> None:
     paths = image_paths(args.data, args.batch) if args.batch else []
     for heatmap in (True, False) if args.batch else ():
         rate, first, steady, refused = bench_processes(model, paths, args.workers, heatmap, not args.no_ood, lesion)
-        print(f"\nbatch: {len(paths)} image files, {args.workers} processes (dermscreen.batch: "
-              f"the caller and {args.workers - 1} spawned, as `dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: **{rate:.1f} images/s** "
-              f"including the workers' start ({first:.2f} s to the first result), {steady:.1f} images/s after it; "
-              f"{refused} cannot_assess")
+        print(f"\nbatch: {len(paths)} image files, {args.workers} processes (dermscreen.batch: the caller and "
+              f"{args.workers - 1} spawned, as `dermscreen predict FOLDER`), heatmap {'on' if heatmap else 'off'}: "
+              f"**{rate:.1f} images/s** including the workers' start ({first:.2f} s to the first result), "
+              f"{steady:.1f} images/s after it; {refused} cannot_assess")
     if args.torch_reference:
         ref = bench_torch(single.bundle)
         if ref:
-            print(f"\nbackbone forward, 1 image: onnxruntime {ref[0]:.2f} ms, torch eager {ref[1]:.2f} ms "
-                  f"(torch/onnx = {ref[1] / ref[0]:.2f}x)")
+            print(f"\nclassifier forward ({single.identity.backbone}), 1 image: onnxruntime {ref[0]:.2f} ms, "
+                  f"torch eager {ref[1]:.2f} ms (torch/onnx = {ref[1] / ref[0]:.2f}x)")
     if tmp:
         tmp.cleanup()
 

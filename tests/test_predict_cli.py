@@ -137,6 +137,7 @@ def test_the_calling_process_works_beside_its_workers_and_order_is_kept(tiny_bun
     assert all(o.error is None and o.result["status"] in ("ok", "cannot_assess") for o in outcomes)
     processes = {o.written[0].suffix for o in outcomes}
     assert len(processes) == 2 and f".pid{os.getpid()}" in processes
+    assert outcomes[0].written[0].suffix == f".pid{os.getpid()}"  # the first answer never waits for a worker
 
 
 def test_no_lesion_skips_the_outline_and_abcd(app, ham_dir):

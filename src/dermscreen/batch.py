@@ -123,7 +123,11 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
                                initargs=(model, settings, writer, options))
     pending: dict = {}  # chunk number → Future, for chunks given to the pool
     done_here: dict[int, list[FileOutcome]] = {}  # chunks this process analysed, until it is their turn
-    given = 0  # chunks handed out so far (to the pool or to this process), in order
+    # chunk 0 is this process's own, so the first answer does not wait for a worker to start (~1 s)
+    given = 1  # chunks handed out so far (to the pool or to this process), in order
+
+    def here(k: int) -> list[FileOutcome]:
+        return [analyze_file(screener, i, path, stem, writer, options) for i, path, stem in chunks[k]]
 
     def top_up() -> None:
         nonlocal given
@@ -137,11 +141,11 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
             from .screening import Screener
 
             screener = Screener(model, settings)
+        done_here[0] = here(0)
         for turn in range(len(chunks)):
             # analyse the next unclaimed chunk here while the answer due next is still being worked on
             while turn not in done_here and not pending[turn].done() and given < len(chunks):
-                done_here[given] = [analyze_file(screener, i, path, stem, writer, options)
-                                    for i, path, stem in chunks[given]]
+                done_here[given] = here(given)
                 given += 1
                 top_up()
             outcomes = done_here.pop(turn) if turn in done_here else pending.pop(turn).result()

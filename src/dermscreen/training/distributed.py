@@ -58,9 +58,16 @@ def setup(device_preference: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Leave the process group (a no-op when running alone)."""
+    """Leave the process group together (a no-op when running alone).
+
+    The other ranks finish long before the main one (it alone calibrates and exports); a rank that destroyed its
+    gloo group and exited while the main one still held connections to it was seen to abort ("terminate called
+    without an active exception", once in CI), so every rank waits for the others first."""
     if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_mean(value: float, ctx: DistContext) -> float:

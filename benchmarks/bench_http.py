@@ -1,8 +1,9 @@
 """HTTP benchmark of ``dermscreen serve`` on loopback: cold start, memory, latency and throughput, soak.
 
 Starts the server as a subprocess on 127.0.0.1 (a free port), times how long until /healthz answers
-(``--starts`` fresh servers, default 5: median and slowest), then posts real images (multipart, as the web page does) with a small asyncio + httpx client at each
-concurrency, and reports p50/p95 latency, requests/s, errors and the server's resident memory.
+(``--starts`` fresh servers, default 5: median and slowest), then posts real images (multipart, as the web
+page does) with a small asyncio + httpx client at each concurrency, and reports p50/p95 latency, requests/s,
+errors and the server's resident memory.
 ``--soak SECONDS`` then keeps concurrency 8 busy for that long and prints start/end RSS.
 All traffic goes to 127.0.0.1; every loop is bounded by a request count or a deadline.
 
@@ -222,7 +223,8 @@ def wrk_runs(args) -> None:
     url = f"http://127.0.0.1:{port}/api/v1/analyze"
     script = Path(__file__).with_name("wrk_analyze.lua")
     try:
-        print(f"cold start {describe_starts(starts)}; RSS idle {server_rss_mb(proc):.1f} MB; wrk {args.wrk:g} s per level")
+        print(f"cold start {describe_starts(starts)}; RSS idle {server_rss_mb(proc):.1f} MB; "
+              f"wrk {args.wrk:g} s per level")
         subprocess.run(["wrk", "-t1", "-c2", "-d3s", "-s", str(script), url, "--", *map(str, paths)],
                        check=True, capture_output=True)  # warm-up
         for c in args.concurrency:

@@ -104,6 +104,11 @@ class TrainConfig(BaseModel):
 
 
 
+def data_seed(config: TrainConfig) -> int:
+    """The seed that picks the images and their split: ``split_seed``, or ``seed`` when it is not set."""
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     """Read a YAML recipe (or defaults when ``path`` is None), apply non-None ``overrides``, validate."""
     data: dict = {}

@@ -20,16 +20,15 @@ import torch
 from ..errors import ConfigError
 from ..preprocess import Preprocessing
 from .backbones import BackboneInfo
-from .config import TrainConfig, dump_config
+from .config import TrainConfig, data_seed, dump_config
 
 log = logging.getLogger("dermscreen.training")
 
 
 def member_config(config: TrainConfig, seed: int) -> TrainConfig:
     """The single-model recipe of the member trained with ``seed``: the same split for every member."""
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    return config.model_copy(update={"name": f"{config.name}-seed{seed}", "seed": seed, "split_seed": split_seed,
-                                     "ensemble_seeds": []})
+    return config.model_copy(update={"name": f"{config.name}-seed{seed}", "seed": seed,
+                                     "split_seed": data_seed(config), "ensemble_seeds": []})
 
 
 def member_folder(out: Path, seed: int) -> Path:
@@ -92,10 +91,8 @@ def finish_ensemble(config: TrainConfig, out: Path, ctx, start: float, bundle_di
     first = infos[0]
     # the members were built without pretrained weights (their checkpoints replace every weight): the source
     # they were fine-tuned from is in their own logs
-    from .reexport import _saved_weights_source
-
     info = BackboneInfo(first.name, first.num_features * len(members), first.mean, first.std,
-                        _saved_weights_source(RunFolder(folders[0])))
+                        RunFolder(folders[0]).weights_source())
     spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
     # the manifest's epochs and history are the members' together; each member's own record is kept beside them
     state = TrainState(epoch=sum(s.epoch for s in states), best_epoch=0,

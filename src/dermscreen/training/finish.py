@@ -11,6 +11,7 @@ import torch
 from ..bundle import Manifest, ModelSpec
 from ..ood_fit import colour_check, file_colours
 from .calibrate import calibrate, fit_ood, validation_metrics
+from .config import data_seed
 from .data import LesionDataset, load_rgb
 from .export import build_card, export_bundle
 from .priors import choose_tau, shift, training_prior
@@ -115,7 +116,7 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "recipe": config.model_dump(mode="json"),
         "backbone_weights": info.weights,
         "seed": config.seed,
-        "split_seed": config.seed if config.split_seed is None else config.split_seed,
+        "split_seed": data_seed(config),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "history": state.history,

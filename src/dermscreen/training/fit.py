@@ -28,7 +28,7 @@ from ..preprocess import Preprocessing
 from ..splits import SPLIT_NAMES, assert_no_group_leak, grouped_split
 from ..taxonomy import Taxonomy, load_taxonomy
 from . import distributed as D
-from .config import TrainConfig, dump_config, load_config
+from .config import TrainConfig, data_seed, dump_config, load_config
 from .data import BalancedSampler, LesionDataset, class_weights, lesion_boxes
 from .model import LesionClassifier, build_model, set_frozen_bn_eval
 from .priors import balanced_accuracy, choose_tau, training_prior
@@ -92,11 +92,6 @@ def subsample(data: LabelledSet, n: int, seed: int, min_per_class: int = 4) -> L
             keep.extend(idx)
             taken[c] += len(idx)
     return data.subset(sorted(keep))
-
-
-def data_seed(config: TrainConfig) -> int:
-    """The seed that picks the images and their split: ``split_seed``, or ``seed`` when it is not set."""
-    return config.seed if config.split_seed is None else config.split_seed
 
 
 def make_split(data: LabelledSet, config: TrainConfig) -> dict[str, list[int]]:

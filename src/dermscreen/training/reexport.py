@@ -22,24 +22,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
     """Calibrate run ``run_dir``'s best checkpoint on its validation split and write a bundle; returns its folder."""
     start = time.perf_counter()
     run = RunFolder(run_dir)
-    if run.config_yaml.is_file():
-        config = load_config(run.config_yaml, data=data, images=images, device=device, export=True)
-        if config.ensemble_seeds:  # an ensemble run: its members hold the checkpoints
-            from .ensemble import finish_ensemble
-
-            ctx = D.DistContext(0, 1, 0, D.resolve_device(config.device))
-            return finish_ensemble(config, run.root, ctx, start, bundle_dir=out).bundle_dir
-    if not run.best_pt.is_file() or not run.config_yaml.is_file() or not run.split_csv.is_file():
+    config = load_config(run.config_yaml, data=data, images=images, device=device, export=True) \
+        if run.config_yaml.is_file() else None
+    is_ensemble = config is not None and config.ensemble_seeds  # its members hold the checkpoints
+    if not is_ensemble and (config is None or not run.best_pt.is_file() or not run.split_csv.is_file()):
         raise ConfigError(f"{run.root} is not a training run folder with config.yaml, split.csv and "
                           "checkpoints/best.pt.")
-    config = load_config(run.config_yaml, data=data, images=images, device=device, export=True)
     ctx = D.DistContext(0, 1, 0, D.resolve_device(config.device))
+    if is_ensemble:
+        from .ensemble import finish_ensemble
+
+        return finish_ensemble(config, run.root, ctx, start, bundle_dir=out).bundle_dir
     dataset, taxonomy = load_data(config)
     split = read_split(dataset, run.split_csv)
     meta_spec = MetadataSpec() if config.metadata_fusion else None
     # the checkpoint replaces every weight, so skip loading the pretrained ones
     model, info = build_model(config, taxonomy.num_classes, meta_spec.dim if meta_spec else 0, weights="none")
-    info = type(info)(info.name, info.num_features, info.mean, info.std, _saved_weights_source(run))
+    info = type(info)(info.name, info.num_features, info.mean, info.std, run.weights_source())
     model.to(ctx.device)
     spec = Preprocessing(image_size=config.image_size, resize=config.resize, mean=info.mean, std=info.std)
     state = TrainState()
@@ -53,11 +52,3 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
                         start)
     return result.bundle_dir
 
-
-def _saved_weights_source(run: RunFolder) -> str:
-    # the pretrained source is recorded in the log's backbone line; fall back to a neutral phrase
-    if run.log_file.is_file():
-        for line in run.log_file.read_text(encoding="utf-8").splitlines():
-            if " weights: " in line and "backbone " in line:
-                return line.split(" weights: ", 1)[1].split(", device", 1)[0]
-    return "fine-tuned (see the run's config)"

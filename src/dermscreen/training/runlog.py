@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .config import TrainConfig
+from .config import TrainConfig, data_seed
 
 log = logging.getLogger("dermscreen.training")
 
@@ -58,6 +58,14 @@ class RunFolder:
         log.propagate = False
         log.info("command: %s", " ".join(sys.argv))
 
+    def weights_source(self) -> str:
+        """Where this run's pretrained backbone weights came from, as its log recorded it (for the model card)."""
+        if self.log_file.is_file():
+            for line in self.log_file.read_text(encoding="utf-8").splitlines():
+                if " weights: " in line and "backbone " in line:
+                    return line.split(" weights: ", 1)[1].split(", device", 1)[0]
+        return "fine-tuned (see the run's config)"
+
     def close(self) -> None:
         """Stop writing to the log file."""
         for h in self._handlers:
@@ -71,10 +79,10 @@ class RunFolder:
             raise ConfigError(f"Nothing to resume in {self.root}: no checkpoints/last.pt. Start a new run without --resume.")
         from .config import load_config
 
-        saved = load_config(self.config_yaml).model_dump(mode="json")
-        new = config.model_dump(mode="json")
-        for c in (saved, new):  # split_seed None means "the seed": compare the split actually used
-            c["split_seed"] = c["seed"] if c.get("split_seed") is None else c["split_seed"]
+        saved_config = load_config(self.config_yaml)
+        saved = {**saved_config.model_dump(mode="json"), "split_seed": data_seed(saved_config)}
+        # split_seed None means "the seed": compare the split actually used
+        new = {**config.model_dump(mode="json"), "split_seed": data_seed(config)}
         changed = sorted(k for k in new if new[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(f"Cannot resume {self.root}: the config differs from the run's in {', '.join(changed)}. "

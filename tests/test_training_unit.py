@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -31,6 +32,18 @@ def test_shipped_configs_validate(tmp_path):
     default, tiny = load_config(root / "default.yaml"), load_config(root / "tiny.yaml")
     assert default.backbone == "tf_efficientnet_lite0" and default.weights == "imagenet"
     assert tiny.image_size <= 128 and tiny.max_images and tiny.max_images <= 400
+    # every variant recipe, and every variant of the recipe studies, must still be a valid config (a renamed or
+    # removed setting would otherwise break them silently; benchmarks/sweep_recipes.py applies them this way)
+    for path in root.glob("*.yaml"):
+        load_config(path)
+    studies = list((root / "sweeps").glob("*.yaml"))
+    assert studies
+    for study in studies:
+        for name, spec in yaml.safe_load(study.read_text()).items():
+            recipe = {**yaml.safe_load((root / "default.yaml").read_text()), **spec["overrides"]}
+            recipe["ensemble_seeds"] = spec["seeds"] if len(spec["seeds"]) > 1 else []
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+            load_config(tmp_path / f"{name}.yaml")
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):

@@ -9,9 +9,10 @@ Each variant is ``--config`` (default configs/default.yaml) with its ``overrides
 then joined, prior-corrected and calibrated on validation exactly as the shipped model is
 (dermscreen.training.finish). Printed per variant and written to OUT/sweep.jsonl: validation balanced accuracy,
 malignant and melanoma AUC, ECE, the specificity at the sensitivity-first operating point, each member's balanced
-accuracy and best epoch, and the training seconds. The test split is never read. Variants run in parallel processes (``--parallel``), so on a GPU
-the seconds are those of a shared device. ``--keep-best`` copies the best variant's checkpoints to OUT (by the
-score below, fixed before the first study) so `dermscreen export` can finish it on another machine.
+accuracy and best epoch, and the training seconds. The test split is never read. Variants run in
+parallel processes (``--parallel``), so on a GPU the seconds are those of a shared device. ``--keep-best`` copies
+the best variant's checkpoints to OUT (by the score below, fixed before the first study) so `dermscreen export`
+can finish it on another machine.
 """
 from __future__ import annotations
 

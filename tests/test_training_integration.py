@@ -228,6 +228,44 @@ def test_ensemble_recipe_trains_each_seed_and_exports_their_average(ham_dir, tmp
     assert np.allclose(Bundle.load(again.bundle_dir).run(x)["logits"], out["logits"], atol=1e-5)
 
 
+
+def test_recipe_sweep_scores_a_variant_as_the_exported_pipeline_does(ham_dir, tmp_path):
+    # benchmarks/sweep_recipes.py produced the model card's recipe study: its validation numbers must be the ones
+    # the pipeline itself (join, prior correction, calibration: finish_ensemble) gives the same checkpoints, and
+    # what it keeps must be a run folder that `dermscreen export` finishes
+    import tarfile
+
+    from dermscreen.training.reexport import export_run
+
+    base = _write_config(tmp_path / "base.yaml", max_images=120, freeze_stages=2)
+    study = tmp_path / "study.yaml"
+    # a fixed prior correction: each member and the ensemble shift their bias, so scoring the members must not
+    # leave their shifts in the ensemble (the flaw the first study had)
+    study.write_text("pair: {overrides: {lr: 0.003, prior_correction: 1.0}, seeds: [0, 1]}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_recipes.py"), "--sweep", str(study),
+                           "--config", str(base), "--data", str(ham_dir / "HAM10000_metadata.csv"),
+                           "--out", str(out), "--runs", str(tmp_path / "runs"), "--device", "cpu", "--workers", "0",
+                           "--keep-best"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((out / "sweep.jsonl").read_text().splitlines()[0])
+    assert record["name"] == "pair" and [m["seed"] for m in record["members"]] == [0, 1]
+    swept = record["ensemble"]
+
+    kept = tmp_path / "kept"
+    with tarfile.open(out / "pair-run.tar") as tar:
+        tar.extractall(kept, filter="data")
+    for seed in (0, 1):
+        shutil.copyfile(out / f"pair-member-seed{seed}-best.pt",
+                        kept / "pair" / f"member-seed{seed}" / "checkpoints" / "best.pt")
+    manifest = Bundle.load(export_run(kept / "pair")).manifest
+    assert manifest.model.members == 2
+    assert manifest.training["prior_correction"]["tau"] == swept["tau"]
+    assert manifest.calibration.temperature == pytest.approx(swept["temperature"], rel=1e-4)
+    for key in ("balanced_accuracy", "nll", "malignant_auc"):
+        assert manifest.metrics[key] == pytest.approx(swept[key], abs=1e-5), key
+
+
 def _synthetic_eleven_class(folder: Path, per_class: int = 5) -> Path:
     """Images whose colour and blob size depend on the class, in a plain CSV over the 11-class taxonomy."""
     codes = load_taxonomy(CONFIGS / "taxonomies" / "eleven_class.yaml").codes

@@ -41,6 +41,7 @@ def run_variant(name: str, spec: dict, args) -> dict:
     import numpy as np
     import torch
 
+    from dermscreen.metadata import MetadataSpec
     from dermscreen.preprocess import Preprocessing
     from dermscreen.training import distributed as D
     from dermscreen.training.calibrate import calibrate, validation_metrics
@@ -79,11 +80,12 @@ def run_variant(name: str, spec: dict, args) -> dict:
     data, taxonomy = load_data(cfg)
     split = read_split(data, out / "split.csv")
     train_data = training_data(data, split, cfg, taxonomy)
+    meta_spec = MetadataSpec() if cfg.metadata_fusion else None  # (a single model: ensembles are image-only)
 
     def evaluate(model, info) -> dict:
         # what finish_run does before export: prior correction (tau on validation), temperature, operating points
         spec_ = Preprocessing(image_size=cfg.image_size, resize=cfg.resize, mean=info.mean, std=info.std)
-        val = LesionDataset(data.subset(split["val"]), spec_, None, None)
+        val = LesionDataset(data.subset(split["val"]), spec_, None, meta_spec)
         model = copy.deepcopy(model).to(ctx.device)  # the prior correction below edits the classifier bias
         logits, _ = predict(model, val, range(len(val)), ctx.device, cfg.batch_size * 2, args.workers)
         labels = np.asarray(val.labels)
@@ -99,7 +101,8 @@ def run_variant(name: str, spec: dict, args) -> dict:
 
     models, infos = [], []
     for seed in seeds:
-        model, info = build_model(member_config(cfg, seed), taxonomy.num_classes, 0, weights="none")
+        model, info = build_model(member_config(cfg, seed), taxonomy.num_classes, meta_spec.dim if meta_spec else 0,
+                                  weights="none")
         model.load_state_dict(torch.load(member_folder(out, seed) / "checkpoints" / "best.pt", map_location="cpu",
                                          weights_only=True)["model"])
         models.append(model)

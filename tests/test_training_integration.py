@@ -228,7 +228,6 @@ def test_ensemble_recipe_trains_each_seed_and_exports_their_average(ham_dir, tmp
     assert np.allclose(Bundle.load(again.bundle_dir).run(x)["logits"], out["logits"], atol=1e-5)
 
 
-
 def test_recipe_sweep_scores_a_variant_as_the_exported_pipeline_does(ham_dir, tmp_path):
     # benchmarks/sweep_recipes.py produced the model card's recipe study: its validation numbers must be the ones
     # the pipeline itself (join, prior correction, calibration: finish_ensemble) gives the same checkpoints, and

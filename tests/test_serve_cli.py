@@ -19,7 +19,7 @@ def test_serve_is_registered_with_its_flags():
     from dermscreen.cli import app
 
     out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
-    for flag in ("--host", "--port", "--model", "--workers", "--max-upload-mb"):
+    for flag in ("--host", "--port", "--model", "--workers", "--max-upload-mb", "--helper-process"):
         assert flag in out
     assert "127.0.0.1" in out
 

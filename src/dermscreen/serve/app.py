@@ -1,6 +1,8 @@
 """The web app and REST API: ``create_app(settings)`` returns a FastAPI application.
 
-One Screener per process does all the work; this module only moves bytes in and JSON out.
+One Screener does all the work, in worker threads of this process and, on a machine with cores to spare,
+in a helper process forked after the model is loaded (serve/helper.py: one process's interpreter lock keeps
+~1.5 of 2 cores busy); this module only moves bytes in and JSON out.
 Privacy rules that shape the code: request bodies are read into memory by our own capped reader
 (never Starlette's disk-spooling form parser), nothing is stored between requests, no cookies,
 no external assets, and the access log has no query strings, addresses or results.
@@ -8,6 +10,7 @@ no external assets, and the access log has no query strings, addresses or result
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -28,6 +31,7 @@ from ..errors import BundleError, DermscreenError, ImageError
 from ..metadata import HAM10000_SITES
 from ..screening import Screener, ScreenerSettings, ScreeningResult
 from .middleware import AccessLogMiddleware, PrivacyHeadersMiddleware
+from .helper import AnalysisHelper
 from .settings import ServeSettings
 from .uploads import MemoryBudget, Upload, UploadError, multipart_boundary, parse_multipart, read_capped
 
@@ -203,17 +207,29 @@ def _install_error_handlers(app: FastAPI) -> None:
                                    "and report the problem if it persists.")
 
 
+def analyse_to_json(screener: Screener, data: bytes, options: dict[str, Any]) -> bytes:
+    """One image's answer as JSON bytes: what a request gets, wherever it is computed (thread or helper)."""
+    result = screener.analyze(data, age=options["age"], sex=options["sex"], site=options["site"],
+                              heatmap=options["heatmap"], tta=options["tta"], filename=options["filename"])
+    # the outline is a few hundred bytes: always sent, so the page can draw it without the heatmap
+    return json.dumps(result.to_json(include_heatmap=options["heatmap"], include_outline=True),
+                      separators=(",", ":")).encode()
+
+
 async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions,
-                   limiter: anyio.CapacityLimiter) -> Response:
-    """Run the Screener in a worker thread (at most ``limiter`` at once) and answer its JSON."""
+                   limiter: anyio.CapacityLimiter, helper: AnalysisHelper | None) -> Response:
+    """Run the analysis in the helper process when it is free, else in a worker thread of this process (at
+    most ``limiter`` analyses at once, both kinds together), and answer its JSON."""
+    args = {"age": options.age, "sex": options.sex, "site": options.site, "heatmap": options.heatmap,
+            "tta": options.tta, "filename": upload.filename}
 
     def run() -> bytes:
         # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
-        result = screener.analyze(upload.data, age=options.age, sex=options.sex, site=options.site,
-                                  heatmap=options.heatmap, tta=options.tta, filename=upload.filename)
-        # the outline is a few hundred bytes: always sent, so the page can draw it without the heatmap
-        return json.dumps(result.to_json(include_heatmap=options.heatmap, include_outline=True),
-                          separators=(",", ":")).encode()
+        if helper is not None:
+            answer = helper.try_analyse(upload.data, args)
+            if answer is not None:
+                return answer
+        return analyse_to_json(screener, upload.data, args)
 
     return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
 
@@ -234,7 +250,8 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
         upload = await read_upload(request, settings.max_upload_bytes, budget)
         try:
-            return await _analyze(screener, upload, parse_options(query, upload.fields), limiter)
+            return await _analyze(screener, upload, parse_options(query, upload.fields), limiter,
+                                  app.state.helper)
         finally:
             budget.give(upload.body_size)
 
@@ -284,9 +301,18 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     async def lifespan(_app):
         # once the app has started (not while the server still loads): in the background, so the server
         # answers, /healthz included, while it runs
+        # the helper is forked first, while this process has no threads of its own running
+        if settings.helper_process:
+            app.state.helper = AnalysisHelper(functools.partial(analyse_to_json, screener),
+                                              screener.warm_up if settings.warm_up else None)
         if settings.warm_up:
             threading.Thread(target=_warm_up, args=(screener,), name="dermscreen-warm-up", daemon=True).start()
-        yield
+        try:
+            yield
+        finally:
+            if app.state.helper is not None:
+                app.state.helper.close()
+                app.state.helper = None
 
     app = FastAPI(
         lifespan=lifespan,
@@ -299,6 +325,7 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.screener = screener
+    app.state.helper = None  # the helper process, while the app runs (see lifespan)
     _install_error_handlers(app)
     app.state.upload_budget = MemoryBudget(settings.max_buffered_bytes)
     _install_routes(app, settings, screener, anyio.CapacityLimiter(settings.concurrency), app.state.upload_budget)

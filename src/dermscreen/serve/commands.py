@@ -44,6 +44,10 @@ def serve(
     concurrency: Annotated[Optional[int], typer.Option(
         help="Analyses run at once per worker (default: CPU cores / workers).")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation by default.")] = False,
+    helper_process: Annotated[Optional[bool], typer.Option(
+        "--helper-process/--no-helper-process",
+        help="Also analyse in a second process forked after the model is loaded (shares its memory); "
+             "default: on with one worker and more than one CPU core.")] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:
     """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""
@@ -60,6 +64,8 @@ def serve(
         overrides["model"] = str(model)
     if concurrency is not None:
         overrides["concurrency"] = concurrency
+    if helper_process is not None:
+        overrides["helper_process"] = helper_process
     try:
         settings = ServeSettings(**overrides)
         app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly

@@ -34,6 +34,9 @@ class ServeSettings(BaseSettings):
     tta: bool = Field(False, description="Test-time augmentation (flips) unless a request says otherwise.")
     warm_up: bool = Field(True, description="Right after start, run one synthetic analysis in the background, so "
                           "the first real request does not pay for first-use costs (~0.5 s).")
+    helper_process: bool | None = Field(None, description="Run analyses in a second process too, forked after "
+                                        "the model is loaded (it shares the model's memory); empty = on when "
+                                        "there is one worker and more than one CPU core.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
 
     @model_validator(mode="after")
@@ -41,6 +44,20 @@ class ServeSettings(BaseSettings):
         # N workers each running cores analyses at once would put N x cores analyses on the cores
         if self.concurrency is None:
             self.concurrency = max(1, (os.cpu_count() or 1) // self.workers)
+        return self
+
+    @model_validator(mode="after")
+    def _helper_where_it_helps(self) -> "ServeSettings":
+        # One process keeps ~1.5 of 2 cores busy (its interpreter lock); a helper is worth its start and memory
+        # only with cores to spare and when no --workers processes share them already. It is forked with the
+        # onnxruntime sessions in it, which is safe only while they have no thread pool (one thread each): a
+        # fork copies no threads, and a session would wait forever for its pool's.
+        safe = self.threads_per_analysis == 1
+        if self.helper_process is None:
+            self.helper_process = safe and self.workers == 1 and (os.cpu_count() or 1) > 1
+        elif self.helper_process and not safe:
+            raise ValueError("the helper process needs one onnxruntime thread per analysis (threads 1, or as many "
+                             "concurrent analyses as CPU cores); turn it off to use more threads per analysis")
         return self
 
     @model_validator(mode="after")

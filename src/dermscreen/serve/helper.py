@@ -1,0 +1,132 @@
+"""A second analysis process for the server, forked after the model is loaded.
+
+Why: one Python process cannot keep two cores busy with analyses. onnxruntime releases the interpreter
+lock, but the numpy and Pillow work around it (decoding, quality gate, lesion outline and ABCD, heatmap,
+JSON) holds it ~half of the time, so two analyses in two threads of one process, plus the event loop, use
+~1.5 of 2 cores. A helper process has its own interpreter lock.
+
+Why forked, and after loading: the child inherits the loaded, verified bundle and the onnxruntime
+sessions copy-on-write, so the weights and the Python modules are shared pages, not a second copy (a
+second ``--workers`` process loads everything again: ~2x the memory). The sessions must run with one intra-op
+thread (ServeSettings enforces it): a fork copies no threads, and a session with a thread pool would wait for
+its pool forever in the child. It is forked before the server starts any thread of its own (the warm-up).
+
+Privacy: the image travels to the child over a pipe (memory, never a file) and only the answer comes back;
+the child keeps nothing between requests, exactly like the server's own threads.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+from ..errors import BundleError, DermscreenError, ImageError
+
+log = logging.getLogger("dermscreen.serve")
+
+# analyse(data, options) -> the answer's JSON bytes; raises DermscreenError (or any exception) like Screener.analyze
+Analyse = Callable[[bytes, dict[str, Any]], bytes]
+
+
+class HelperError(DermscreenError):
+    """An analysis that failed in the helper, carrying the status and sentence it failed with there."""
+
+    def __init__(self, message: str, http_status: int):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class HelperImageError(HelperError, ImageError):
+    """The image was refused or unreadable (the helper raised an ImageError)."""
+
+
+class HelperBundleError(HelperError, BundleError):
+    """The model failed in the helper."""
+
+
+def _child(analyse: Analyse, conn, warm_up: Callable[[], Any] | None) -> None:
+    """The helper's loop: an image in, its answer (or the error's kind, status and sentence) out, until EOF."""
+    # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipe closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if warm_up is not None:
+        try:
+            warm_up()
+        except Exception:  # only the first request's speed depends on it
+            pass
+    while True:
+        try:
+            data, options = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            break
+        try:
+            answer = ("ok", analyse(data, options))
+        except ImageError as exc:
+            answer = ("image", str(exc), getattr(exc, "http_status", 422))
+        except BundleError as exc:
+            answer = ("bundle", str(exc), 500)
+        except DermscreenError as exc:
+            answer = ("dermscreen", str(exc), getattr(exc, "http_status", 422))
+        except Exception as exc:  # the type only: a message could echo request content
+            answer = ("unexpected", type(exc).__name__, 500)
+        del data
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, OSError):
+            break
+    os._exit(0)  # no atexit handlers or finalisers of the server's state inherited by the fork
+
+
+class AnalysisHelper:
+    """One forked child process that runs ``analyse`` for the server, one request at a time."""
+
+    def __init__(self, analyse: Analyse, warm_up: Callable[[], Any] | None = None):
+        context = multiprocessing.get_context("fork")
+        self._conn, child_conn = context.Pipe()
+        self._lock = threading.Lock()
+        self._gone = False
+        self.answered = 0  # analyses the child completed (errors included): how tests see it did the work
+        self.process = context.Process(target=_child, args=(analyse, child_conn, warm_up),
+                                       name="dermscreen-analysis", daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def try_analyse(self, data: bytes, options: dict[str, Any]) -> bytes | None:
+        """The child's answer for one image, or None when the child is busy or gone (then the caller runs
+        the analysis itself). Blocking: call it from a worker thread."""
+        if self._gone or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            try:
+                self._conn.send((data, options))
+                answer = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._gone = True
+                log.error("the analysis helper process exited (%s); analyses continue in the server process",
+                          type(exc).__name__)
+                return None
+            self.answered += 1
+        finally:
+            self._lock.release()
+        kind = answer[0]
+        if kind == "ok":
+            return answer[1]
+        if kind == "image":
+            raise HelperImageError(answer[1], answer[2])
+        if kind == "bundle":
+            raise HelperBundleError(answer[1], answer[2])
+        if kind == "dermscreen":
+            raise HelperError(answer[1], answer[2])
+        raise RuntimeError(f"{answer[1]} in the analysis helper")
+
+    def close(self) -> None:
+        """End the child: closing the pipe ends its loop; it is killed if it does not end at once."""
+        try:
+            self._conn.close()
+        finally:
+            self.process.join(timeout=2)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout=2)

@@ -1,0 +1,132 @@
+"""The server's helper process: same answers and errors as the server's own threads, survives its death."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dermscreen.serve.app import create_app
+from dermscreen.serve.helper import AnalysisHelper
+from dermscreen.serve.settings import ServeSettings
+from servehelpers import encode, lesion_rgb, permissive_bundle
+
+
+@pytest.fixture(scope="module")
+def open_bundle(tiny_bundle, tmp_path_factory):
+    return permissive_bundle(tiny_bundle, tmp_path_factory.mktemp("open") / "bundle")
+
+
+def _post(client, data: bytes, name: str = "lesion.jpg", ctype: str = "image/jpeg"):
+    return client.post("/api/v1/analyze", files={"image": (name, data, ctype)}, data={"heatmap": "true"})
+
+
+def _without_timings(body: dict) -> dict:
+    body = dict(body)
+    body.pop("timings_ms", None), body.pop("analysed_at", None)  # when and how fast differ by nature
+    return body
+
+
+def test_the_helper_answers_real_images_exactly_as_the_server_itself(ham_dir):
+    images = [p.read_bytes() for p in sorted((ham_dir / "images").glob("*.jpg"))[:6]]
+    answers = {}
+    for helper in (True, False):
+        app = create_app(ServeSettings(helper_process=helper, warm_up=False))  # the shipped default model
+        with TestClient(app) as client:
+            answers[helper] = [_post(client, data) for data in images]
+            if helper:  # one request at a time: the helper is always free, so it answered every one
+                assert app.state.helper.answered == len(images)
+                assert app.state.helper.process.pid != os.getpid()
+            else:
+                assert app.state.helper is None
+    for with_helper, without in zip(answers[True], answers[False]):
+        assert with_helper.status_code == without.status_code == 200
+        a, b = with_helper.json(), without.json()
+        assert a["heatmap"]["overlay_png"].startswith("data:image/png;base64,")
+        assert _without_timings(a) == _without_timings(b)
+
+
+def test_errors_in_the_helper_are_the_same_json_errors(open_bundle):
+    text = b"just some text\n" * 20
+    truncated = encode(lesion_rgb(), "JPEG")[:300]
+    answers = {}
+    for helper in (True, False):
+        app = create_app(ServeSettings(model=str(open_bundle), helper_process=helper, warm_up=False))
+        with TestClient(app) as client:
+            answers[helper] = [(r.status_code, r.json()) for r in (
+                _post(client, text, "notes.txt", "text/plain"),
+                _post(client, truncated),
+                client.post("/api/v1/analyze?site=moon", content=encode(lesion_rgb())),
+            )]
+            if helper:
+                assert app.state.helper.answered == 3
+    assert answers[True] == answers[False]
+    assert [status for status, _ in answers[True]] == [415, 422, 422]
+
+
+def test_the_server_keeps_serving_when_the_helper_dies(open_bundle, caplog):
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
+    jpeg = encode(lesion_rgb(), "JPEG")
+    with TestClient(app) as client:
+        first = _post(client, jpeg)
+        helper = app.state.helper
+        os.kill(helper.process.pid, signal.SIGKILL)
+        helper.process.join(10)
+        with caplog.at_level(logging.ERROR, logger="dermscreen.serve"):
+            after = [_post(client, jpeg) for _ in range(3)]
+        assert helper.answered == 1
+    assert first.status_code == 200 and all(r.status_code == 200 for r in after)
+    assert _without_timings(after[0].json()) == _without_timings(first.json())
+    assert any("helper process exited" in r.getMessage() for r in caplog.records)
+
+
+def test_the_helper_ends_with_the_server(open_bundle):
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        process = app.state.helper.process
+        assert process.is_alive()
+    assert not process.is_alive() and app.state.helper is None
+
+
+def test_a_busy_helper_leaves_the_request_to_the_server():
+    def echo(data, options):
+        return b"helper:" + data
+
+    helper = AnalysisHelper(echo)
+    try:
+        assert helper.try_analyse(b"x", {}) == b"helper:x"
+        with helper._lock:  # another request holds the helper
+            assert helper.try_analyse(b"y", {}) is None
+        assert helper.try_analyse(b"z", {}) == b"helper:z" and helper.answered == 2
+    finally:
+        helper.close()
+    assert not helper.process.is_alive()
+
+
+def test_helper_default_is_on_with_one_worker_and_spare_cores(monkeypatch, open_bundle):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert ServeSettings(model=str(open_bundle)).helper_process is True
+    assert ServeSettings(model=str(open_bundle), workers=2).helper_process is False
+    assert ServeSettings(model=str(open_bundle), helper_process=False).helper_process is False
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert ServeSettings(model=str(open_bundle)).helper_process is False
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two analyses at once: two onnxruntime threads each
+    assert ServeSettings(model=str(open_bundle), concurrency=2).helper_process is False
+    with pytest.raises(ValueError, match="one onnxruntime thread per analysis"):
+        ServeSettings(model=str(open_bundle), threads=2, helper_process=True)
+    monkeypatch.setenv("DERMSCREEN_HELPER_PROCESS", "false")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ServeSettings(model=str(open_bundle)).helper_process is False
+
+
+def test_helper_answers_are_json_bytes_of_the_screener_result(open_bundle):
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
+    with TestClient(app) as client:
+        r = client.post("/api/v1/analyze?heatmap=false&age=50&sex=female&site=back", content=encode(lesion_rgb()))
+        assert app.state.helper.answered == 1
+    body = json.loads(r.content)
+    assert r.status_code == 200 and body["status"] == "ok" and "overlay_png" not in json.dumps(body.get("heatmap"))

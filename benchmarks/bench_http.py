@@ -3,8 +3,10 @@
 Starts the server as a subprocess on 127.0.0.1 (a free port), times how long until /healthz answers
 (``--starts`` fresh servers, default 5: median and slowest), then posts real images (multipart, as the web
 page does) with a small asyncio + httpx client at each concurrency, and reports p50/p95 latency, requests/s,
-errors and the server's resident memory.
-``--soak SECONDS`` then keeps concurrency 8 busy for that long and prints start/end RSS.
+errors and the server's memory: PSS summed over its processes (the server and its analysis helper, forked
+after the model is loaded, share most pages; PSS counts a shared page once, split between them, where adding
+their RSS would count it twice) and each process's RSS.
+``--soak SECONDS`` then keeps concurrency 8 busy for that long and prints start/end memory.
 All traffic goes to 127.0.0.1; every loop is bounded by a request count or a deadline.
 
     python benchmarks/bench_http.py --model path/to/bundle --images ../shared/data/ham10000/images
@@ -58,14 +60,23 @@ def start_server(model: str | None, port: int, workers: int, extra_env: dict[str
     raise SystemExit("server did not answer /healthz within 60 s")
 
 
-def cold_starts(model: str | None, workers: int, n: int) -> list[float]:
+def server_env(args) -> dict[str, str]:
+    """The server's environment overrides: quiet logs, plus any --env NAME=VALUE."""
+    env = {"DERMSCREEN_LOG_LEVEL": "warning"}
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env
+
+
+def cold_starts(model: str | None, workers: int, n: int, env: dict[str, str]) -> list[float]:
     """Seconds until /healthz answered for ``n`` fresh servers started one after another (each stopped after).
 
     One start is a noisy sample on a small VM (its speed drifts within a minute, and the first start after a
     while reads the packages from disk); the benchmark reports the median and the slowest of several."""
     times = []
     for _ in range(n):
-        proc, seconds = start_server(model, free_port(), workers, {"DERMSCREEN_LOG_LEVEL": "warning"})
+        proc, seconds = start_server(model, free_port(), workers, env)
         proc.terminate()
         proc.wait(timeout=15)
         times.append(seconds)
@@ -77,11 +88,17 @@ def describe_starts(times: list[float]) -> str:
             f"({' / '.join(f'{t:.2f}' for t in times)})")
 
 
-def server_rss_mb(proc: subprocess.Popen) -> float:
-    """Resident memory of the server and its worker processes, in MiB."""
+def server_memory(proc: subprocess.Popen) -> dict:
+    """The server's memory in MiB: ``pss``, summed over the server and its child processes (a page shared by
+    k processes counts 1/k in each, so the total is what the machine holds for the server), and ``rss`` of
+    each process (server first)."""
     parent = psutil.Process(proc.pid)
-    procs = [parent, *parent.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+    full = [p.memory_full_info() for p in (parent, *parent.children(recursive=True)) if p.is_running()]
+    return {"pss": round(sum(f.pss for f in full) / 2**20, 1), "rss": [round(f.rss / 2**20, 1) for f in full]}
+
+
+def describe_memory(m: dict) -> str:
+    return f"{m['pss']} MB PSS over {len(m['rss'])} process(es) (RSS {' + '.join(map(str, m['rss']))} MB)"
 
 
 def load_images(folder: Path, count: int) -> list[tuple[str, bytes]]:
@@ -135,8 +152,9 @@ def summarize(latencies: list[float], errors: dict[str, int], wall: float, concu
 
 def soak(proc: subprocess.Popen, url: str, images: list[tuple[str, bytes]], seconds: float, concurrency: int,
          heatmap: bool) -> dict:
-    """Keep ``concurrency`` clients busy for ``seconds``; RSS at start, end and its maximum (sampled per slice)."""
-    rss = [server_rss_mb(proc)]
+    """Keep ``concurrency`` clients busy for ``seconds``; memory (PSS total) at start, end and its maximum,
+    sampled per slice."""
+    mem = [server_memory(proc)]
     totals = {"ok": 0, "errors": 0}
     latencies_p50 = []
     end = time.perf_counter() + seconds
@@ -146,10 +164,11 @@ def soak(proc: subprocess.Popen, url: str, images: list[tuple[str, bytes]], seco
         totals["ok"] += result["ok"]
         totals["errors"] += result["errors"]
         latencies_p50.append(result["p50_ms"])
-        rss.append(server_rss_mb(proc))
-    return {"seconds": seconds, "concurrency": concurrency, **totals, "rss_start_mb": round(rss[0], 1),
-            "rss_end_mb": round(rss[-1], 1), "rss_max_mb": round(max(rss), 1),
-            "rss_samples_mb": [round(r, 1) for r in rss], "p50_ms_per_slice": latencies_p50}
+        mem.append(server_memory(proc))
+    pss = [m["pss"] for m in mem]
+    return {"seconds": seconds, "concurrency": concurrency, **totals, "pss_start_mb": pss[0], "pss_end_mb": pss[-1],
+            "pss_max_mb": max(pss), "pss_samples_mb": pss, "rss_start_mb": mem[0]["rss"], "rss_end_mb": mem[-1]["rss"],
+            "p50_ms_per_slice": latencies_p50}
 
 
 def main() -> None:
@@ -161,6 +180,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level (after warm-up)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="server setting for this run, e.g. DERMSCREEN_HELPER_PROCESS=false (repeatable)")
     ap.add_argument("--no-heatmap", action="store_true", help="ask for no heatmap (the page asks for one)")
     ap.add_argument("--soak", type=float, default=0, help="seconds of soak at --soak-concurrency after the runs (e.g. 300)")
     ap.add_argument("--soak-concurrency", type=int, default=8)
@@ -186,20 +207,20 @@ def client_runs(args) -> None:
     """Load the server with the async httpx client at each concurrency (and the soak) and print the report."""
 
     images = load_images(args.images, args.num_images)
-    starts = cold_starts(args.model, args.workers, args.starts - 1)
+    starts = cold_starts(args.model, args.workers, args.starts - 1, server_env(args))
     port = free_port()
-    proc, cold_start = start_server(args.model, port, args.workers, {"DERMSCREEN_LOG_LEVEL": "warning"})
+    proc, cold_start = start_server(args.model, port, args.workers, server_env(args))
     starts.append(cold_start)
     url = f"http://127.0.0.1:{port}/api/v1/analyze"
     heatmap = not args.no_heatmap
     try:
         report = {"label": args.label, "cold_start_s": [round(t, 2) for t in starts],
-                  "rss_idle_mb": round(server_rss_mb(proc), 1),
+                  "memory_idle": server_memory(proc), "env": args.env,
                   "model": httpx.get(f"http://127.0.0.1:{port}/healthz").json()["model"], "heatmap": heatmap, "runs": []}
         asyncio.run(run_load(url, images, 2, 20, None, heatmap))  # warm-up: first-call allocations, caches
         for c in args.concurrency:
             report["runs"].append(asyncio.run(run_load(url, images, c, args.requests, None, heatmap)))
-        report["rss_after_load_mb"] = round(server_rss_mb(proc), 1)
+        report["memory_after_load"] = server_memory(proc)
         if args.soak > 0:
             report["soak"] = soak(proc, url, images, args.soak, args.soak_concurrency, heatmap)
     finally:
@@ -216,14 +237,14 @@ def wrk_runs(args) -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     paths = sorted(args.images.glob("*.jpg"))[: args.num_images]
-    starts = cold_starts(args.model, args.workers, args.starts - 1)
+    starts = cold_starts(args.model, args.workers, args.starts - 1, server_env(args))
     port = free_port()
-    proc, cold_start = start_server(args.model, port, args.workers, {"DERMSCREEN_LOG_LEVEL": "warning"})
+    proc, cold_start = start_server(args.model, port, args.workers, server_env(args))
     starts.append(cold_start)
     url = f"http://127.0.0.1:{port}/api/v1/analyze"
     script = Path(__file__).with_name("wrk_analyze.lua")
     try:
-        print(f"cold start {describe_starts(starts)}; RSS idle {server_rss_mb(proc):.1f} MB; "
+        print(f"cold start {describe_starts(starts)}; memory idle {describe_memory(server_memory(proc))}; "
               f"wrk {args.wrk:g} s per level")
         subprocess.run(["wrk", "-t1", "-c2", "-d3s", "-s", str(script), url, "--", *map(str, paths)],
                        check=True, capture_output=True)  # warm-up
@@ -232,7 +253,7 @@ def wrk_runs(args) -> None:
                                   "--timeout", "30s", "-s", str(script), url, "--", *map(str, paths)],
                                  check=True, capture_output=True, text=True).stdout
             print(f"\n### concurrency {c}\n```\n{out.strip()}\n```")
-        print(f"\nRSS after load {server_rss_mb(proc):.1f} MB")
+        print(f"\nmemory after load {describe_memory(server_memory(proc))}")
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -241,15 +262,19 @@ def wrk_runs(args) -> None:
 def markdown(report: dict) -> str:
     """The report as a Markdown table, for benchmarks/RESULTS.md."""
     lines = [f"Model {report['model']['name']} {report['model']['version']}; {report['label']}",
-             f"cold start {describe_starts(report['cold_start_s'])}; RSS idle {report['rss_idle_mb']} MB, "
-             f"after load {report['rss_after_load_mb']} MB; heatmap {'on' if report['heatmap'] else 'off'}", "",
+             f"cold start {describe_starts(report['cold_start_s'])}; "
+             f"memory idle {describe_memory(report['memory_idle'])}, "
+             f"after load {describe_memory(report['memory_after_load'])}; "
+             f"heatmap {'on' if report['heatmap'] else 'off'}"
+             + (f"; server env {' '.join(report['env'])}" if report["env"] else ""), "",
              "| concurrency | requests | errors | p50 ms | p95 ms | req/s |", "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['concurrency']} | {r['ok']} | {r['errors']} | {r['p50_ms']} | {r['p95_ms']} | {r['rps']} |")
     if "soak" in report:
         s = report["soak"]
         lines += ["", f"soak {s['seconds']:.0f} s at concurrency {s['concurrency']}: {s['ok']} requests, {s['errors']} errors, "
-                      f"RSS start {s['rss_start_mb']} MB, end {s['rss_end_mb']} MB, max {s['rss_max_mb']} MB"]
+                      f"PSS start {s['pss_start_mb']} MB, end {s['pss_end_mb']} MB, max {s['pss_max_mb']} MB "
+                      f"(RSS per process start {s['rss_start_mb']}, end {s['rss_end_mb']})"]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ All traffic goes to 127.0.0.1; every loop is bounded by a request count or a dea
 
     python benchmarks/bench_http.py --model path/to/bundle --images ../shared/data/ham10000/images
     python benchmarks/bench_http.py --model path/to/bundle --soak 300
+    python benchmarks/bench_http.py --wrk 10 --concurrency 16 --compare DERMSCREEN_HELPER_PROCESS=false
 """
 from __future__ import annotations
 
@@ -190,12 +191,19 @@ def main() -> None:
     ap.add_argument("--wrk", type=float, default=0, metavar="SECONDS",
                     help="instead: load each concurrency for SECONDS with wrk (C, Debian package 'wrk'; far less CPU "
                          "than this Python client takes from the server on a small machine) and print its report")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --wrk: an A/B instead: a second server with these settings (repeatable) runs beside "
+                         "the first (--env), and wrk loads the two in turns for --rounds rounds at each "
+                         "concurrency, so the VM's drift hits both alike")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds of the --compare A/B")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_screening import cpu_probe_ms, machine_info
 
     print(machine_info())  # the VM's speed drifts: the probe before and after says in which phase this ran
     try:
+        if args.wrk and args.compare:
+            return compare_runs(args)
         if args.wrk:
             return wrk_runs(args)
         return client_runs(args)
@@ -228,6 +236,58 @@ def client_runs(args) -> None:
         proc.wait(timeout=15)
     print(json.dumps(report, indent=2))
     print(markdown(report))
+
+
+def wrk_rps(url: str, paths: list[Path], concurrency: int, seconds: float) -> tuple[float, int]:
+    """(requests/s, non-2xx answers + socket errors) of one wrk run posting ``paths`` to ``url``."""
+    import re
+
+    script = Path(__file__).with_name("wrk_analyze.lua")
+    out = subprocess.run(["wrk", f"-t{max(1, min(2, concurrency // 8))}", f"-c{concurrency}", f"-d{round(seconds)}s",
+                          "--timeout", "30s", "-s", str(script), url, "--", *map(str, paths)],
+                         check=True, capture_output=True, text=True).stdout
+    bad = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    bad += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), bad
+
+
+def compare_runs(args) -> None:
+    """A/B: two servers side by side (A: --env, B: --env plus --compare), loaded by wrk in turns."""
+    import shutil
+
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    from bench_screening import cpu_probe_ms
+
+    paths = sorted(args.images.glob("*.jpg"))[: args.num_images]
+    envs = {"A": server_env(args), "B": {**server_env(args), **dict(item.partition("=")[::2] for item in args.compare)}}
+    servers = {}
+    try:
+        for name, env in envs.items():
+            port = free_port()
+            servers[name] = (f"http://127.0.0.1:{port}/api/v1/analyze", start_server(args.model, port, args.workers,
+                                                                                      env)[0])
+            wrk_rps(servers[name][0], paths, 2, 3)  # warm-up
+        print(f"A: {' '.join(args.env) or 'defaults'}; B: A + {' '.join(args.compare)}; wrk {args.wrk:g} s per run")
+        for c in args.concurrency:
+            rps: dict[str, list[float]] = {"A": [], "B": []}
+            for r in range(args.rounds):
+                line = []
+                for name in ("A", "B") if r % 2 == 0 else ("B", "A"):  # who goes first alternates
+                    value, bad = wrk_rps(servers[name][0], paths, c, args.wrk)
+                    rps[name].append(value)
+                    line.append(f"{name} {value:.1f} req/s ({bad} errors)")
+                print(f"c={c} round {r} {time.strftime('%H:%M:%S')}: {', '.join(line)}; probe {cpu_probe_ms():.0f} ms",
+                      flush=True)
+            ratios = [b / a for a, b in zip(rps["A"], rps["B"])]
+            print(f"c={c}: median A {statistics.median(rps['A']):.1f}, B {statistics.median(rps['B']):.1f} req/s; "
+                  f"B/A per round {' '.join(f'{x:.2f}' for x in ratios)}")
+        for name, (_, proc) in servers.items():
+            print(f"memory {name}: {describe_memory(server_memory(proc))}")
+    finally:
+        for _, proc in servers.values():
+            proc.terminate()
+            proc.wait(timeout=15)
 
 
 def wrk_runs(args) -> None:

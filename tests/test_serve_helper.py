@@ -36,11 +36,13 @@ def test_the_helper_answers_real_images_exactly_as_the_server_itself(ham_dir):
     for helper in (True, False):
         app = create_app(ServeSettings(helper_process=helper, warm_up=False))  # the shipped default model
         with TestClient(app) as client:
-            answers[helper] = [_post(client, data) for data in images]
-            if helper:  # one request at a time: the helper is always free, so it answered every one
+            if helper:
+                with app.state.own_slot:  # as if this process were busy with another image: the helper answers
+                    answers[helper] = [_post(client, data) for data in images]
                 assert app.state.helper.answered == len(images)
                 assert app.state.helper.process.pid != os.getpid()
             else:
+                answers[helper] = [_post(client, data) for data in images]
                 assert app.state.helper is None
     for with_helper, without in zip(answers[True], answers[False]):
         assert with_helper.status_code == without.status_code == 200
@@ -55,7 +57,7 @@ def test_errors_in_the_helper_are_the_same_json_errors(open_bundle):
     answers = {}
     for helper in (True, False):
         app = create_app(ServeSettings(model=str(open_bundle), helper_process=helper, warm_up=False))
-        with TestClient(app) as client:
+        with TestClient(app) as client, app.state.own_slot:  # busy here: the helper gets every request
             answers[helper] = [(r.status_code, r.json()) for r in (
                 _post(client, text, "notes.txt", "text/plain"),
                 _post(client, truncated),
@@ -70,13 +72,13 @@ def test_errors_in_the_helper_are_the_same_json_errors(open_bundle):
 def test_the_server_keeps_serving_when_the_helper_dies(open_bundle, caplog):
     app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
     jpeg = encode(lesion_rgb(), "JPEG")
-    with TestClient(app) as client:
+    with TestClient(app) as client, app.state.own_slot:  # busy here: every request is offered to the helper
         first = _post(client, jpeg)
         helper = app.state.helper
         os.kill(helper.process.pid, signal.SIGKILL)
         helper.process.join(10)
         with caplog.at_level(logging.ERROR, logger="dermscreen.serve"):
-            after = [_post(client, jpeg) for _ in range(3)]
+            after = [_post(client, jpeg) for _ in range(3)]  # answered by this process instead
         assert helper.answered == 1
     assert first.status_code == 200 and all(r.status_code == 200 for r in after)
     assert _without_timings(after[0].json()) == _without_timings(first.json())
@@ -123,10 +125,13 @@ def test_helper_default_is_on_with_one_worker_and_spare_cores(monkeypatch, open_
     assert ServeSettings(model=str(open_bundle)).helper_process is False
 
 
-def test_helper_answers_are_json_bytes_of_the_screener_result(open_bundle):
+def test_one_request_at_a_time_stays_here_and_the_helper_passes_metadata(open_bundle):
     app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
     with TestClient(app) as client:
-        r = client.post("/api/v1/analyze?heatmap=false&age=50&sex=female&site=back", content=encode(lesion_rgb()))
+        alone = client.post("/api/v1/analyze?heatmap=false", content=encode(lesion_rgb()))
+        assert alone.status_code == 200 and app.state.helper.answered == 0  # one at a time: this process's own
+        with app.state.own_slot:
+            r = client.post("/api/v1/analyze?heatmap=false&age=50&sex=female&site=back", content=encode(lesion_rgb()))
         assert app.state.helper.answered == 1
     body = json.loads(r.content)
     assert r.status_code == 200 and body["status"] == "ok" and "overlay_png" not in json.dumps(body.get("heatmap"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import tempfile
 import threading
@@ -71,15 +72,22 @@ def test_disk_guard_catches_spooling(disk_guard):
     assert len(attempts) == 2
 
 
-def test_a_15_mb_upload_is_analysed_without_touching_the_disk(open_bundle, disk_guard):
-    app = create_app(ServeSettings(model=str(open_bundle)))  # built before the guard matters: loading reads files
+@pytest.mark.parametrize("in_helper", [False, True], ids=["in-the-server", "in-the-helper-process"])
+def test_a_15_mb_upload_is_analysed_without_touching_the_disk(open_bundle, disk_guard, in_helper):
+    # built before the guard matters (loading reads files); the helper is forked under the guard, so it has
+    # it too: a file it tried to create would fail its analysis
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=in_helper))
     attempts, empty = disk_guard
     image = encode(lesion_rgb(2640, 2000), "PNG", compress_level=0)
     assert 15 * 2**20 <= len(image) < 20 * 2**20
-    with TestClient(app) as client:
+    with TestClient(app) as client, contextlib.ExitStack() as busy:
+        if in_helper:
+            busy.enter_context(app.state.own_slot)  # this process busy: the uploads travel to the helper
         multipart = client.post("/api/v1/analyze", files={"image": ("big.png", image, "image/png")},
                                 data={"age": "61"})
         raw = client.post("/api/v1/analyze?heatmap=false", content=image, headers={"content-type": "image/png"})
+        if in_helper:
+            assert app.state.helper.answered == 2
     assert multipart.status_code == 200, multipart.text
     assert raw.status_code == 200, raw.text
     body = multipart.json()

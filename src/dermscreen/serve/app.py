@@ -216,20 +216,27 @@ def analyse_to_json(screener: Screener, data: bytes, options: dict[str, Any]) ->
                       separators=(",", ":")).encode()
 
 
-async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions,
-                   limiter: anyio.CapacityLimiter, helper: AnalysisHelper | None) -> Response:
-    """Run the analysis in the helper process when it is free, else in a worker thread of this process (at
-    most ``limiter`` analyses at once, both kinds together), and answer its JSON."""
+async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions, limiter: anyio.CapacityLimiter,
+                   helper: AnalysisHelper | None, own_slot: threading.Lock) -> Response:
+    """Run the analysis in a worker thread of this process, or in the helper process when this process is
+    already analysing another image (at most ``limiter`` analyses at once, both kinds together); answer its JSON."""
     args = {"age": options.age, "sex": options.sex, "site": options.site, "heatmap": options.heatmap,
             "tta": options.tta, "filename": upload.filename}
 
     def run() -> bytes:
-        # PNG and JSON encoding happen here too, in the worker thread, not on the event loop
-        if helper is not None:
+        # PNG and JSON encoding happen here too, in the worker thread, not on the event loop.
+        # This process first: one request at a time then never pays the trip to the helper and back (two
+        # process wake-ups, which cost the most when the VM's host is busy).
+        own = helper is None or own_slot.acquire(blocking=False)
+        if not own:
             answer = helper.try_analyse(upload.data, args)
             if answer is not None:
                 return answer
-        return analyse_to_json(screener, upload.data, args)
+        try:  # this process's turn, or the helper is busy or gone
+            return analyse_to_json(screener, upload.data, args)
+        finally:
+            if own and helper is not None:
+                own_slot.release()
 
     return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")
 
@@ -251,7 +258,7 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
         upload = await read_upload(request, settings.max_upload_bytes, budget)
         try:
             return await _analyze(screener, upload, parse_options(query, upload.fields), limiter,
-                                  app.state.helper)
+                                  app.state.helper, app.state.own_slot)
         finally:
             budget.give(upload.body_size)
 
@@ -326,6 +333,7 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     app.state.settings = settings
     app.state.screener = screener
     app.state.helper = None  # the helper process, while the app runs (see lifespan)
+    app.state.own_slot = threading.Lock()  # held while this process analyses; the next request goes to the helper
     _install_error_handlers(app)
     app.state.upload_budget = MemoryBudget(settings.max_buffered_bytes)
     _install_routes(app, settings, screener, anyio.CapacityLimiter(settings.concurrency), app.state.upload_budget)

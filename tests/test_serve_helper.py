@@ -110,6 +110,9 @@ def test_a_busy_helper_leaves_the_request_to_the_server():
 
 
 def test_helper_default_is_on_with_one_worker_and_spare_cores(monkeypatch, open_bundle):
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert ServeSettings(model=str(open_bundle)).helper_process is True
     assert ServeSettings(model=str(open_bundle), workers=2).helper_process is False
@@ -120,6 +123,9 @@ def test_helper_default_is_on_with_one_worker_and_spare_cores(monkeypatch, open_
     assert ServeSettings(model=str(open_bundle), concurrency=2).helper_process is False
     with pytest.raises(ValueError, match="one onnxruntime thread per analysis"):
         ServeSettings(model=str(open_bundle), threads=2, helper_process=True)
+    monkeypatch.setattr(sys, "platform", "darwin")  # no fork-after-load outside Linux by default
+    assert ServeSettings(model=str(open_bundle), concurrency=4).helper_process is False
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setenv("DERMSCREEN_HELPER_PROCESS", "false")
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert ServeSettings(model=str(open_bundle)).helper_process is False

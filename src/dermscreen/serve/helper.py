@@ -11,6 +11,10 @@ second ``--workers`` process loads everything again: ~2x the memory). The sessio
 thread (ServeSettings enforces it): a fork copies no threads, and a session with a thread pool would wait for
 its pool forever in the child. It is forked before the server starts any thread of its own (the warm-up).
 
+The server analyses a request itself when it is free; the helper takes one only while the server is busy
+(app._analyze), so one request at a time never pays the trip between the processes. Linux only by default:
+Windows cannot fork, and macOS system libraries are not safe to use in a forked child.
+
 Privacy: the image travels to the child over a pipe (memory, never a file) and only the answer comes back;
 the child keeps nothing between requests, exactly like the server's own threads.
 """
@@ -26,6 +30,8 @@ from typing import Any, Callable
 from ..errors import BundleError, DermscreenError, ImageError
 
 log = logging.getLogger("dermscreen.serve")
+
+WARM_UP_AFTER_S = 2.0  # a start takes ~1-2 s on 2 cores
 
 # analyse(data, options) -> the answer's JSON bytes; raises DermscreenError (or any exception) like Screener.analyze
 Analyse = Callable[[bytes, dict[str, Any]], bytes]
@@ -51,7 +57,9 @@ def _child(analyse: Analyse, conn, warm_up: Callable[[], Any] | None) -> None:
     """The helper's loop: an image in, its answer (or the error's kind, status and sentence) out, until EOF."""
     # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipe closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if warm_up is not None:
+    # Warm up once the server has had time to finish starting (it answers /healthz sooner with both cores), and
+    # only if no request came meanwhile (a request warms the same caches itself).
+    if warm_up is not None and not conn.poll(WARM_UP_AFTER_S):
         try:
             warm_up()
         except Exception:  # only the first request's speed depends on it

@@ -6,6 +6,7 @@ Environment variables are the hand-over between the CLI and uvicorn's worker pro
 from __future__ import annotations
 
 import os
+import sys
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,8 +54,9 @@ class ServeSettings(BaseSettings):
         # onnxruntime sessions in it, which is safe only while they have no thread pool (one thread each): a
         # fork copies no threads, and a session would wait forever for its pool's.
         safe = self.threads_per_analysis == 1
-        if self.helper_process is None:
-            self.helper_process = safe and self.workers == 1 and (os.cpu_count() or 1) > 1
+        if self.helper_process is None:  # (Linux: see serve/helper.py for why not elsewhere)
+            self.helper_process = (safe and self.workers == 1 and (os.cpu_count() or 1) > 1
+                                   and sys.platform.startswith("linux"))
         elif self.helper_process and not safe:
             raise ValueError("the helper process needs one onnxruntime thread per analysis (threads 1, or as many "
                              "concurrent analyses as CPU cores); turn it off to use more threads per analysis")

@@ -306,12 +306,12 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        # once the app has started (not while the server still loads): in the background, so the server
-        # answers, /healthz included, while it runs
         # the helper is forked first, while this process has no threads of its own running
         if settings.helper_process:
             app.state.helper = AnalysisHelper(functools.partial(analyse_to_json, screener),
                                               screener.warm_up if settings.warm_up else None)
+        # once the app has started (not while the server still loads): in the background, so the server
+        # answers, /healthz included, while it runs
         if settings.warm_up:
             threading.Thread(target=_warm_up, args=(screener,), name="dermscreen-warm-up", daemon=True).start()
         try:

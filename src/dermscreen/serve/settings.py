@@ -36,8 +36,8 @@ class ServeSettings(BaseSettings):
     warm_up: bool = Field(True, description="Right after start, run one synthetic analysis in the background, so "
                           "the first real request does not pay for first-use costs (~0.5 s).")
     helper_process: bool | None = Field(None, description="Run analyses in a second process too, forked after "
-                                        "the model is loaded (it shares the model's memory); empty = on when "
-                                        "there is one worker and more than one CPU core.")
+                                        "the model is loaded (it shares the model's memory); empty = on, on Linux "
+                                        "with one worker, more than one CPU core and one thread per analysis.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
@@ -98,15 +99,44 @@ def test_a_busy_helper_leaves_the_request_to_the_server():
     def echo(data, options):
         return b"helper:" + data
 
-    helper = AnalysisHelper(echo)
+    helper = AnalysisHelper(echo, channels=2)
     try:
         assert helper.try_analyse(b"x", {}) == b"helper:x"
-        with helper._lock:  # another request holds the helper
+        with helper._channels[0][1], helper._channels[1][1]:  # both channels taken by other requests
             assert helper.try_analyse(b"y", {}) is None
-        assert helper.try_analyse(b"z", {}) == b"helper:z" and helper.answered == 2
+        with helper._channels[0][1]:  # one taken: the other carries the request
+            assert helper.try_analyse(b"z", {}) == b"helper:z"
+        assert helper.answered == 2
     finally:
         helper.close()
     assert not helper.process.is_alive()
+
+
+def test_requests_waiting_at_the_helper_each_get_their_own_answer():
+    import time
+
+    def slow_echo(data, options):
+        time.sleep(0.05)
+        return data + options["tag"].encode()
+
+    helper = AnalysisHelper(slow_echo, channels=2)
+    answers: dict[int, list] = {0: [], 1: []}
+
+    def client(k: int) -> None:
+        for i in range(10):
+            answers[k].append((i, helper.try_analyse(f"{k}-{i}:".encode(), {"tag": f"{k}"})))
+
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        helper.close()
+    for k, got in answers.items():  # two at once fit the two channels: every request was answered, by its own
+        assert [a for _, a in got] == [f"{k}-{i}:{k}".encode() for i, _ in got] and len(got) == 10
+    assert helper.answered == 20
 
 
 def test_helper_default_is_on_with_one_worker_and_spare_cores(monkeypatch, open_bundle):

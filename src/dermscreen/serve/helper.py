@@ -32,6 +32,11 @@ from ..errors import BundleError, DermscreenError, ImageError
 log = logging.getLogger("dermscreen.serve")
 
 WARM_UP_AFTER_S = 2.0  # a start takes ~1-2 s on 2 cores
+# Requests the helper holds at once: one it analyses, one waiting in its pipe. Without the waiting one the child
+# idled between answering and being handed the next (the server, busy with its own analysis and the event loop,
+# is slow to hand it over): the helper used ~0.75 of a core at concurrency 16, and 2 channels gave 63.1 vs 52.9
+# requests/s there (benchmarks/RESULTS.md, session 8).
+HELPER_CHANNELS = 2
 
 # analyse(data, options) -> the answer's JSON bytes; raises DermscreenError (or any exception) like Screener.analyze
 Analyse = Callable[[bytes, dict[str, Any]], bytes]
@@ -53,22 +58,33 @@ class HelperBundleError(HelperError, BundleError):
     """The model failed in the helper."""
 
 
-def _child(analyse: Analyse, conn, warm_up: Callable[[], Any] | None) -> None:
-    """The helper's loop: an image in, its answer (or the error's kind, status and sentence) out, until EOF."""
-    # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipe closes
+def _child(analyse: Analyse, conns: list, warm_up: Callable[[], Any] | None) -> None:
+    """The helper's loop: an image in on any channel, its answer (or the error's kind, status and sentence) out
+    on the same one, until every channel is closed."""
+    from multiprocessing.connection import wait
+
+    # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipes close
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Warm up once the server has had time to finish starting (it answers /healthz sooner with both cores), and
     # only if no request came meanwhile (a request warms the same caches itself).
-    if warm_up is not None and not conn.poll(WARM_UP_AFTER_S):
+    if warm_up is not None and not wait(conns, WARM_UP_AFTER_S):
         try:
             warm_up()
         except Exception:  # only the first request's speed depends on it
             pass
-    while True:
+    conns = list(conns)
+    turn = 0
+    while conns:
+        ready = wait(conns)
+        # one request per pass, the channels taking turns, so a queued request is never passed over twice
+        conn = next((c for c in conns[turn:] + conns[:turn] if c in ready), ready[0])
+        turn = (conns.index(conn) + 1) % len(conns)
         try:
             data, options = conn.recv()
-        except (EOFError, OSError):  # the server is gone
-            break
+        except (EOFError, OSError):  # the server closed this channel
+            conns.remove(conn)
+            turn = 0
+            continue
         try:
             answer = ("ok", analyse(data, options))
         except ImageError as exc:
@@ -83,41 +99,50 @@ def _child(analyse: Analyse, conn, warm_up: Callable[[], Any] | None) -> None:
         try:
             conn.send(answer)
         except (BrokenPipeError, OSError):
-            break
+            conns.remove(conn)
+            turn = 0
     os._exit(0)  # no atexit handlers or finalisers of the server's state inherited by the fork
 
 
 class AnalysisHelper:
-    """One forked child process that runs ``analyse`` for the server, one request at a time."""
+    """One forked child process that runs ``analyse`` for the server, one request at a time, with at most
+    ``channels`` requests outstanding (a pipe and a lock each; see HELPER_CHANNELS)."""
 
-    def __init__(self, analyse: Analyse, warm_up: Callable[[], Any] | None = None):
+    def __init__(self, analyse: Analyse, warm_up: Callable[[], Any] | None = None, channels: int = HELPER_CHANNELS):
         context = multiprocessing.get_context("fork")
-        self._conn, child_conn = context.Pipe()
-        self._lock = threading.Lock()
+        pipes = [context.Pipe() for _ in range(channels)]
+        self._channels = [(ours, threading.Lock()) for ours, _ in pipes]
         self._gone = False
         self.answered = 0  # analyses the child completed (errors included): how tests see it did the work
-        self.process = context.Process(target=_child, args=(analyse, child_conn, warm_up),
+        self._count = threading.Lock()
+        self.process = context.Process(target=_child, args=(analyse, [theirs for _, theirs in pipes], warm_up),
                                        name="dermscreen-analysis", daemon=True)
         self.process.start()
-        child_conn.close()
+        for _, theirs in pipes:
+            theirs.close()
 
     def try_analyse(self, data: bytes, options: dict[str, Any]) -> bytes | None:
-        """The child's answer for one image, or None when the child is busy or gone (then the caller runs
-        the analysis itself). Blocking: call it from a worker thread."""
-        if self._gone or not self._lock.acquire(blocking=False):
+        """The child's answer for one image, or None when all its channels are taken or it is gone (then the
+        caller runs the analysis itself). Blocking: call it from a worker thread."""
+        if self._gone:
             return None
+        channel = next(((conn, lock) for conn, lock in self._channels if lock.acquire(blocking=False)), None)
+        if channel is None:
+            return None
+        conn, lock = channel
         try:
             try:
-                self._conn.send((data, options))
-                answer = self._conn.recv()
+                conn.send((data, options))
+                answer = conn.recv()
             except (EOFError, OSError) as exc:
                 self._gone = True
                 log.error("the analysis helper process exited (%s); analyses continue in the server process",
                           type(exc).__name__)
                 return None
-            self.answered += 1
         finally:
-            self._lock.release()
+            lock.release()
+        with self._count:
+            self.answered += 1
         kind = answer[0]
         if kind == "ok":
             return answer[1]
@@ -130,9 +155,10 @@ class AnalysisHelper:
         raise RuntimeError(f"{answer[1]} in the analysis helper")
 
     def close(self) -> None:
-        """End the child: closing the pipe ends its loop; it is killed if it does not end at once."""
+        """End the child: closing its pipes ends its loop; it is killed if it does not end at once."""
         try:
-            self._conn.close()
+            for conn, _ in self._channels:
+                conn.close()
         finally:
             self.process.join(timeout=2)
             if self.process.is_alive():

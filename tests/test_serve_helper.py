@@ -7,13 +7,14 @@ import os
 import signal
 import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from dermscreen.serve.app import create_app
 from dermscreen.serve.helper import AnalysisHelper
 from dermscreen.serve.settings import ServeSettings
-from servehelpers import encode, lesion_rgb, permissive_bundle
+from servehelpers import encode, lesion_rgb, permissive_bundle, start_server
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,26 @@ def test_the_helper_ends_with_the_server(open_bundle):
         assert client.get("/healthz").status_code == 200
         process = app.state.helper.process
         assert process.is_alive()
-    assert not process.is_alive() and app.state.helper is None
+    # it saw its pipes close and ended by itself (exit code 0), not killed after the grace period (-9)
+    assert process.exitcode == 0 and app.state.helper is None
+
+
+def test_the_helper_does_not_outlive_a_killed_server(open_bundle):
+    import time
+
+    import psutil
+
+    proc, base = start_server(open_bundle, "--helper-process")
+    try:
+        children = psutil.Process(proc.pid).children()
+        assert [c.name() for c in children] and httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        proc.kill()  # no shutdown: the helper must notice its pipes closed by the kernel
+        proc.communicate(timeout=15)  # returns only once nothing holds the server's output pipe open any more
+    deadline = time.monotonic() + 10
+    while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
 
 
 def test_a_busy_helper_leaves_the_request_to_the_server():

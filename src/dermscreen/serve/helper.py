@@ -58,11 +58,15 @@ class HelperBundleError(HelperError, BundleError):
     """The model failed in the helper."""
 
 
-def _child(analyse: Analyse, conns: list, warm_up: Callable[[], Any] | None) -> None:
+def _child(analyse: Analyse, conns: list, servers_ends: list, warm_up: Callable[[], Any] | None) -> None:
     """The helper's loop: an image in on any channel, its answer (or the error's kind, status and sentence) out
     on the same one, until every channel is closed."""
     from multiprocessing.connection import wait
 
+    # The fork copied the server's ends of the pipes too; while this process holds them, it would never see the
+    # server close its own (or die), and would outlive it.
+    for end in servers_ends:
+        end.close()
     # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipes close
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Warm up once the server has had time to finish starting (it answers /healthz sooner with both cores), and
@@ -115,8 +119,9 @@ class AnalysisHelper:
         self._gone = False
         self.answered = 0  # analyses the child completed (errors included): how tests see it did the work
         self._count = threading.Lock()
-        self.process = context.Process(target=_child, args=(analyse, [theirs for _, theirs in pipes], warm_up),
-                                       name="dermscreen-analysis", daemon=True)
+        self.process = context.Process(target=_child, name="dermscreen-analysis", daemon=True,
+                                       args=(analyse, [theirs for _, theirs in pipes], [ours for ours, _ in pipes],
+                                             warm_up))
         self.process.start()
         for _, theirs in pipes:
             theirs.close()

@@ -97,6 +97,13 @@ def test_the_helper_ends_with_the_server(open_bundle):
     assert process.exitcode == 0 and app.state.helper is None
 
 
+def _caught_signals(pid: int) -> set[str]:
+    """Names of the signals process ``pid`` has handlers for (SigCgt in /proc/PID/status)."""
+    mask = int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")), 16)
+    known = {s.value: s.name for s in signal.Signals}
+    return {known[n] for n in range(1, 65) if mask >> (n - 1) & 1 and n in known}
+
+
 def test_the_helper_does_not_outlive_a_killed_server(open_bundle):
     import time
 
@@ -105,7 +112,8 @@ def test_the_helper_does_not_outlive_a_killed_server(open_bundle):
     proc, base = start_server(open_bundle, "--helper-process")
     try:
         children = psutil.Process(proc.pid).children()
-        assert [c.name() for c in children] and httpx.get(f"{base}/healthz").status_code == 200
+        assert len(children) == 1 and httpx.get(f"{base}/healthz").status_code == 200
+        assert "SIGTERM" not in _caught_signals(children[0].pid)  # a plain `kill` ends the helper too
     finally:
         proc.kill()  # no shutdown: the helper must notice its pipes closed by the kernel
         proc.communicate(timeout=15)  # returns only once nothing holds the server's output pipe open any more

@@ -67,8 +67,11 @@ def _child(analyse: Analyse, conns: list, servers_ends: list, warm_up: Callable[
     # server close its own (or die), and would outlive it.
     for end in servers_ends:
         end.close()
-    # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipes close
+    # Ctrl-C reaches the whole process group: the server shuts down, and this process ends when its pipes close.
+    # The server's own SIGTERM handler (uvicorn's, which only asks its event loop to stop) came with the fork:
+    # here a SIGTERM must end the process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Warm up once the server has had time to finish starting (it answers /healthz sooner with both cores), and
     # only if no request came meanwhile (a request warms the same caches itself).
     if warm_up is not None and not wait(conns, WARM_UP_AFTER_S):

@@ -72,6 +72,7 @@ def _child(analyse: Analyse, conns: list, servers_ends: list, warm_up: Callable[
     # here a SIGTERM must end the process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # the server's event loop socket: a signal here must not wake the server's loop
     # Warm up once the server has had time to finish starting (it answers /healthz sooner with both cores), and
     # only if no request came meanwhile (a request warms the same caches itself).
     if warm_up is not None and not wait(conns, WARM_UP_AFTER_S):

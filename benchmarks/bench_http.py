@@ -197,6 +197,8 @@ def main() -> None:
                          "concurrency, so the VM's drift hits both alike")
     ap.add_argument("--rounds", type=int, default=8, help="rounds of the --compare A/B")
     args = ap.parse_args()
+    if args.compare and not args.wrk:
+        ap.error("--compare needs --wrk SECONDS (the A/B is loaded by wrk)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_screening import cpu_probe_ms, machine_info
 

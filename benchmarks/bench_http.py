@@ -240,14 +240,28 @@ def client_runs(args) -> None:
     print(markdown(report))
 
 
+def wrk_paths(args) -> list[Path]:
+    """The images wrk posts, after checking that wrk is installed."""
+    import shutil
+
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    return sorted(args.images.glob("*.jpg"))[: args.num_images]
+
+
+def run_wrk(url: str, paths: list[Path], concurrency: int, seconds: float, *extra: str) -> str:
+    """wrk's report of ``seconds`` posting ``paths`` to ``url`` (one wrk thread per 8 connections, at most 2)."""
+    script = Path(__file__).with_name("wrk_analyze.lua")
+    return subprocess.run(["wrk", f"-t{max(1, min(2, concurrency // 8))}", f"-c{concurrency}",
+                           f"-d{max(1, round(seconds))}s", *extra, "--timeout", "30s", "-s", str(script), url, "--",
+                           *map(str, paths)], check=True, capture_output=True, text=True).stdout
+
+
 def wrk_rps(url: str, paths: list[Path], concurrency: int, seconds: float) -> tuple[float, int]:
     """(requests/s, non-2xx answers + socket errors) of one wrk run posting ``paths`` to ``url``."""
     import re
 
-    script = Path(__file__).with_name("wrk_analyze.lua")
-    out = subprocess.run(["wrk", f"-t{max(1, min(2, concurrency // 8))}", f"-c{concurrency}", f"-d{round(seconds)}s",
-                          "--timeout", "30s", "-s", str(script), url, "--", *map(str, paths)],
-                         check=True, capture_output=True, text=True).stdout
+    out = run_wrk(url, paths, concurrency, seconds)
     bad = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     bad += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), bad
@@ -255,13 +269,9 @@ def wrk_rps(url: str, paths: list[Path], concurrency: int, seconds: float) -> tu
 
 def compare_runs(args) -> None:
     """A/B: two servers side by side (A: --env, B: --env plus --compare), loaded by wrk in turns."""
-    import shutil
-
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
     from bench_screening import cpu_probe_ms
 
-    paths = sorted(args.images.glob("*.jpg"))[: args.num_images]
+    paths = wrk_paths(args)
     envs = {"A": server_env(args), "B": {**server_env(args), **dict(item.partition("=")[::2] for item in args.compare)}}
     servers = {}
     try:
@@ -294,26 +304,18 @@ def compare_runs(args) -> None:
 
 def wrk_runs(args) -> None:
     """Load the server with wrk at each concurrency (one wrk thread per 8 connections) and print its reports."""
-    import shutil
-
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-    paths = sorted(args.images.glob("*.jpg"))[: args.num_images]
+    paths = wrk_paths(args)
     starts = cold_starts(args.model, args.workers, args.starts - 1, server_env(args))
     port = free_port()
     proc, cold_start = start_server(args.model, port, args.workers, server_env(args))
     starts.append(cold_start)
     url = f"http://127.0.0.1:{port}/api/v1/analyze"
-    script = Path(__file__).with_name("wrk_analyze.lua")
     try:
         print(f"cold start {describe_starts(starts)}; memory idle {describe_memory(server_memory(proc))}; "
               f"wrk {args.wrk:g} s per level")
-        subprocess.run(["wrk", "-t1", "-c2", "-d3s", "-s", str(script), url, "--", *map(str, paths)],
-                       check=True, capture_output=True)  # warm-up
+        run_wrk(url, paths, 2, 3)  # warm-up
         for c in args.concurrency:
-            out = subprocess.run(["wrk", f"-t{max(1, min(2, c // 8))}", f"-c{c}", f"-d{args.wrk:g}s", "--latency",
-                                  "--timeout", "30s", "-s", str(script), url, "--", *map(str, paths)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = run_wrk(url, paths, c, args.wrk, "--latency")
             print(f"\n### concurrency {c}\n```\n{out.strip()}\n```")
         print(f"\nmemory after load {describe_memory(server_memory(proc))}")
     finally:

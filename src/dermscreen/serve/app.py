@@ -227,15 +227,15 @@ async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions, 
         # PNG and JSON encoding happen here too, in the worker thread, not on the event loop.
         # This process first: one request at a time then never pays the trip to the helper and back (two
         # process wake-ups, which cost the most when the VM's host is busy).
-        own = helper is None or own_slot.acquire(blocking=False)
-        if not own:
-            answer = helper.try_analyse(upload.data, args)
-            if answer is not None:
-                return answer
-        try:  # this process's turn, or the helper is busy or gone
-            return analyse_to_json(screener, upload.data, args)
+        own = own_slot.acquire(blocking=False)
+        try:
+            if not own and helper is not None:
+                answer = helper.try_analyse(upload.data, args)
+                if answer is not None:
+                    return answer
+            return analyse_to_json(screener, upload.data, args)  # this process's turn, or the helper is busy or gone
         finally:
-            if own and helper is not None:
+            if own:
                 own_slot.release()
 
     return Response(await anyio.to_thread.run_sync(run, limiter=limiter), media_type="application/json")

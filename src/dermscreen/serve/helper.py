@@ -81,35 +81,34 @@ def _child(analyse: Analyse, conns: list, servers_ends: list, warm_up: Callable[
         except Exception:  # only the first request's speed depends on it
             pass
     conns = list(conns)
-    turn = 0
     while conns:
-        ready = wait(conns)
-        # one request per pass, the channels taking turns, so a queued request is never passed over twice
-        conn = next((c for c in conns[turn:] + conns[:turn] if c in ready), ready[0])
-        turn = (conns.index(conn) + 1) % len(conns)
-        try:
-            data, options = conn.recv()
-        except (EOFError, OSError):  # the server closed this channel
-            conns.remove(conn)
-            turn = 0
-            continue
-        try:
-            answer = ("ok", analyse(data, options))
-        except ImageError as exc:
-            answer = ("image", str(exc), getattr(exc, "http_status", 422))
-        except BundleError as exc:
-            answer = ("bundle", str(exc), 500)
-        except DermscreenError as exc:
-            answer = ("dermscreen", str(exc), getattr(exc, "http_status", 422))
-        except Exception as exc:  # the type only: a message could echo request content
-            answer = ("unexpected", type(exc).__name__, 500)
-        del data
-        try:
-            conn.send(answer)
-        except (BrokenPipeError, OSError):
-            conns.remove(conn)
-            turn = 0
+        for conn in wait(conns):  # every ready channel once per pass: none waits behind another twice
+            _answer(analyse, conn, conns)
     os._exit(0)  # no atexit handlers or finalisers of the server's state inherited by the fork
+
+
+def _answer(analyse: Analyse, conn, conns: list) -> None:
+    """One request from ``conn`` answered on it; a channel the server closed is dropped from ``conns``."""
+    try:
+        data, options = conn.recv()
+    except (EOFError, OSError):  # the server closed this channel
+        conns.remove(conn)
+        return
+    try:
+        answer = ("ok", analyse(data, options))
+    except ImageError as exc:
+        answer = ("image", str(exc), getattr(exc, "http_status", 422))
+    except BundleError as exc:
+        answer = ("bundle", str(exc), 500)
+    except DermscreenError as exc:
+        answer = ("dermscreen", str(exc), getattr(exc, "http_status", 422))
+    except Exception as exc:  # the type only: a message could echo request content
+        answer = ("unexpected", type(exc).__name__, 500)
+    del data
+    try:
+        conn.send(answer)
+    except (BrokenPipeError, OSError):
+        conns.remove(conn)
 
 
 class AnalysisHelper:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dermscreen.calibration import softmax
@@ -81,3 +82,19 @@ def test_palette_png_is_read_back_exactly_by_pillow():
         assert np.array_equal(np.asarray(img.getpalette()[:9], np.uint8).reshape(3, 3), palette)
         rgba = np.asarray(img.convert("RGBA"))
         assert np.array_equal(rgba[..., 3], alpha[index]) and np.array_equal(rgba[..., :3], palette[index])
+
+
+def test_one_bit_palette_png_is_read_back_exactly_by_pillow():
+    # the lesion outline is written with one bit per pixel: rows of any width, padding bits ignored
+    rng = np.random.default_rng(2)
+    palette = np.array([(0, 0, 0), (0, 229, 255)], np.uint8)
+    alpha = np.array([0, 255], np.uint8)
+    for h, w in ((1, 1), (3, 7), (37, 53), (150, 200), (450, 601)):
+        index = (rng.random((h, w)) < 0.3).astype(np.uint8)
+        img = Image.open(io.BytesIO(palette_png(index, palette, alpha, bit_depth=1)))
+        img.load()
+        assert img.size == (w, h)
+        rgba = np.asarray(img.convert("RGBA"))
+        assert np.array_equal(rgba[..., 3], alpha[index]) and np.array_equal(rgba[..., :3], palette[index])
+    with pytest.raises(ValueError):
+        palette_png(np.full((2, 2), 2, np.uint8), palette, alpha, bit_depth=1)

@@ -210,6 +210,74 @@ def test_outline_png_is_a_transparent_ring():
     assert (drawn == L.OUTLINE_COLOUR).all(axis=2).sum() > 100
 
 
+def _outline_whole_frame(seg: L.Segmentation, size: tuple[int, int], width: int = 2) -> np.ndarray:
+    """The outline as first written: the mask placed in the whole frame, then the whole frame eroded."""
+    if seg.frame_size is None:
+        mask = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    else:
+        sx, sy = size[0] / seg.frame_size[0], size[1] / seg.frame_size[1]
+        x0, y0 = round(seg.origin[0] * sx), round(seg.origin[1] * sy)
+        x1 = min(size[0], max(x0 + 1, round((seg.origin[0] + seg.image_size[0]) * sx)))
+        y1 = min(size[1], max(y0 + 1, round((seg.origin[1] + seg.image_size[1]) * sy)))
+        mask = np.zeros((size[1], size[0]), bool)
+        mask[y0:y1, x0:x1] = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255)
+                                        .resize((x1 - x0, y1 - y0), Image.NEAREST)) > 0
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def test_outline_eroded_in_the_lesions_box_equals_the_whole_frame_eroded():
+    # outline_mask erodes only the lesion's bounding box (speed); lesions touching every edge, corners, regions
+    # placed at the frame's edge, speckles and an empty mask must give exactly the whole-frame outline
+    rng = np.random.default_rng(3)
+    cases = []
+    for k in range(60):
+        h, w = int(rng.integers(8, 90)), int(rng.integers(8, 90))
+        mask = rng.random((h, w)) < (0.02 if k % 5 == 0 else 0.0)
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        mask[y0:y0 + int(rng.integers(1, h)), x0:x0 + int(rng.integers(1, w))] = True  # often cut by an edge
+        if k == 7:
+            mask[:] = False
+        frame = (int(rng.integers(w, 4 * w)), int(rng.integers(h, 4 * h)))
+        origin = (int(rng.integers(0, frame[0] - w + 1)), int(rng.integers(0, frame[1] - h + 1)))
+        if k % 3 == 0:
+            origin = (frame[0] - w, 0)  # a region in the frame's top-right corner
+        cases.append(L.Segmentation(mask, (w, h), "segmenter", True))
+        cases.append(L.Segmentation(mask, (w, h), "segmenter", True, origin=origin, frame_size=frame))
+    for i, seg in enumerate(cases):
+        for size in ((120, 90), (37, 53), seg.frame):
+            for width in (1, 2, 3):
+                assert np.array_equal(L.outline_mask(seg, size, width), _outline_whole_frame(seg, size, width)), \
+                    (i, size, width)
+
+
+def test_principal_axes_match_numpys_covariance_and_eigenvectors():
+    rng = np.random.default_rng(4)
+    for k in range(300):
+        n = int(rng.integers(2, 400))
+        ys = rng.integers(0, 120, n)
+        xs = (ys * rng.normal() + rng.integers(0, 120, n)).astype(np.intp)
+        if k % 10 == 0:  # on one line, and axis-aligned
+            ys, xs = np.arange(n), (np.full(n, 5) if k % 20 == 0 else np.arange(n))
+        centre, values, axes = L.principal_axes(np.zeros((1, 1), bool), (ys, xs))
+        pts = np.stack([ys, xs], axis=1).astype(np.float64)
+        w, v = np.linalg.eigh(np.cov(pts.T))
+        order = np.argsort(w)[::-1]
+        np.testing.assert_allclose(centre, pts.mean(axis=0), atol=1e-9)
+        np.testing.assert_allclose(values, w[order], rtol=1e-9, atol=1e-9)
+        if w[order][0] - w[order][1] > 1e-6:  # distinct eigenvalues: the same axes up to their sign
+            for axis, expected in zip(axes, v[:, order].T):
+                assert min(np.abs(axis - expected).max(), np.abs(axis + expected).max()) < 1e-9
+        np.testing.assert_allclose(axes @ axes.T, np.eye(2), atol=1e-12)
+
+
 # ---- the Screener -----------------------------------------------------------------------------------------
 def _jpeg(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()

@@ -508,30 +508,44 @@ def lesion_points(mask: np.ndarray, limit: int = MAX_POINTS) -> tuple[np.ndarray
 
 def principal_axes(mask: np.ndarray, points: tuple[np.ndarray, np.ndarray] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centroid (2,) as (y, x), eigenvalues (2,) descending, and axes (2, 2) rows = unit (y, x) vectors."""
+    """Centroid (2,) as (y, x), eigenvalues (2,) descending, and axes (2, 2) rows = unit (y, x) vectors.
+
+    An axis's sign is arbitrary (as with np.linalg.eigh): a mirror line does not depend on it."""
     ys, xs = points if points is not None else np.nonzero(mask)
-    pts = np.stack([ys, xs], axis=1).astype(np.float64)
-    centre = pts.mean(axis=0)
-    d = pts - centre
-    cov = d.T @ d / (len(pts) - 1) if len(pts) > 1 else np.eye(2)  # np.cov, without its overhead
-    values, vectors = np.linalg.eigh(cov)
-    order = np.argsort(values)[::-1]
-    return centre, values[order], vectors[:, order].T
+    n = len(ys)
+    if n < 2:
+        return (np.array([ys.mean(), xs.mean()]) if n else np.zeros(2)), np.ones(2), np.eye(2)
+    # the covariance from the two coordinate vectors, then the 2x2 eigenproblem in closed form: the same
+    # numbers as np.cov and np.linalg.eigh without their overhead, which was most of this function's time
+    y, x = ys.astype(np.float64), xs.astype(np.float64)
+    centre = np.array([y.mean(), x.mean()])
+    y -= centre[0]
+    x -= centre[1]
+    a, b, c = float(y @ y) / (n - 1), float(y @ x) / (n - 1), float(x @ x) / (n - 1)  # [[a, b], [b, c]]
+    mid, radius = (a + c) / 2.0, math.hypot((a - c) / 2.0, b)
+    big, small = mid + radius, mid - radius
+    if b != 0.0:
+        v = np.array([b, big - a])  # (cov - big I) v = 0 for this v
+        v /= np.linalg.norm(v)
+    else:  # already diagonal
+        v = np.array([1.0, 0.0]) if a >= c else np.array([0.0, 1.0])
+    return centre, np.array([big, small]), np.array([v, [-v[1], v[0]]])
 
 
 def mirror_mismatch(mask: np.ndarray, centre: np.ndarray, axis: np.ndarray,
                     points: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Share of lesion pixels whose mirror image across the line through ``centre`` along ``axis`` is not lesion."""
     ys, xs = points if points is not None else np.nonzero(mask)
-    d = np.stack([ys, xs], axis=1) - centre
-    along = d @ axis
-    mirrored = centre + 2.0 * along[:, None] * axis[None, :] - d  # reflect d across the axis direction
-    my, mx = np.rint(mirrored[:, 0]).astype(int), np.rint(mirrored[:, 1]).astype(int)
+    if not len(ys):
+        return 0.0
+    dy, dx = ys - centre[0], xs - centre[1]
+    twice_along = 2.0 * (dy * axis[0] + dx * axis[1])  # 2 x the offset's projection on the axis
+    # reflect the offset across the axis direction: 2 (d . a) a - d, back in pixel coordinates
+    my = np.rint(centre[0] + twice_along * axis[0] - dy).astype(np.intp)
+    mx = np.rint(centre[1] + twice_along * axis[1] - dx).astype(np.intp)
     h, w = mask.shape
     inside = (my >= 0) & (my < h) & (mx >= 0) & (mx < w)
-    hit = np.zeros(len(ys), dtype=bool)
-    hit[inside] = mask[my[inside], mx[inside]]
-    return float(1.0 - hit.mean()) if len(ys) else 0.0
+    return float(1.0 - np.count_nonzero(mask[my[inside], mx[inside]]) / len(ys))
 
 
 def perimeter(mask: np.ndarray) -> float:
@@ -697,16 +711,27 @@ OUTLINE_COLOUR = (0, 229, 255)  # cyan: stands out on skin and on the heatmap's 
 def outline_mask(seg: Segmentation, size: tuple[int, int], width: int = 2) -> np.ndarray:
     """(height, width) bool: the lesion's outline, ``width`` px thick, over a frame of ``size`` = (width, height)."""
     if seg.frame_size is None:
-        mask = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        placed, ox, oy = _resized_mask(seg.mask, size), 0, 0
     else:  # a region's mask: scaled to the region's place in the frame
         sx, sy = size[0] / seg.frame_size[0], size[1] / seg.frame_size[1]
-        x0, y0 = round(seg.origin[0] * sx), round(seg.origin[1] * sy)
-        x1 = min(size[0], max(x0 + 1, round((seg.origin[0] + seg.image_size[0]) * sx)))
-        y1 = min(size[1], max(y0 + 1, round((seg.origin[1] + seg.image_size[1]) * sy)))
-        mask = np.zeros((size[1], size[0]), bool)
-        mask[y0:y1, x0:x1] = np.asarray(Image.fromarray(seg.mask.astype(np.uint8) * 255)
-                                        .resize((x1 - x0, y1 - y0), Image.NEAREST)) > 0
-    inner = mask.copy()
+        ox, oy = round(seg.origin[0] * sx), round(seg.origin[1] * sy)
+        x1 = min(size[0], max(ox + 1, round((seg.origin[0] + seg.image_size[0]) * sx)))
+        y1 = min(size[1], max(oy + 1, round((seg.origin[1] + seg.image_size[1]) * sy)))
+        placed = _resized_mask(seg.mask, (x1 - ox, y1 - oy))
+    outline = np.zeros((size[1], size[0]), bool)
+    rows, cols = np.flatnonzero(placed.any(axis=1)), np.flatnonzero(placed.any(axis=0))
+    if len(rows) == 0:
+        return outline
+    # Erode only the lesion's bounding box plus a 1 px margin: a small lesion in a wide frame covers a few % of
+    # its pixels. The margin is background (or the frame's edge, which erosion treats as lesion either way), so
+    # every pixel inside sees the same neighbours as in the whole frame and the outline is the same (tested).
+    y0, y1 = max(0, oy + rows[0] - 1), min(size[1], oy + rows[-1] + 2)
+    x0, x1 = max(0, ox + cols[0] - 1), min(size[0], ox + cols[-1] + 2)
+    window = np.zeros((y1 - y0, x1 - x0), bool)
+    py0, px0 = max(y0, oy), max(x0, ox)  # where the placed mask overlaps the window, in frame pixels
+    py1, px1 = min(y1, oy + placed.shape[0]), min(x1, ox + placed.shape[1])
+    window[py0 - y0:py1 - y0, px0 - x0:px1 - x0] = placed[py0 - oy:py1 - oy, px0 - ox:px1 - ox]
+    inner = window.copy()
     for _ in range(width):  # erode by one pixel per step with 4-neighbour shifts; the frame edge stays lesion
         shrunk = inner.copy()
         shrunk[1:, :] &= inner[:-1, :]
@@ -714,13 +739,21 @@ def outline_mask(seg: Segmentation, size: tuple[int, int], width: int = 2) -> np
         shrunk[:, 1:] &= inner[:, :-1]
         shrunk[:, :-1] &= inner[:, 1:]
         inner = shrunk
-    return mask & ~inner
+    outline[y0:y1, x0:x1] = window & ~inner
+    return outline
+
+
+def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized (nearest) to ``size`` = (width, height)."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask.view(np.uint8)).resize(size, Image.NEAREST)) > 0
 
 
 def outline_png(seg: Segmentation, size: tuple[int, int], width: int = 2) -> bytes:
     """The lesion outline as a transparent palette PNG of ``size`` = (width, height): one cyan line."""
     return palette_png(outline_mask(seg, size, width).view(np.uint8), np.array([(0, 0, 0), OUTLINE_COLOUR], np.uint8),
-                       np.array([0, 255], np.uint8))
+                       np.array([0, 255], np.uint8), bit_depth=1)
 
 
 def draw_outline(rgb: np.ndarray, seg: Segmentation, width: int = 2) -> np.ndarray:

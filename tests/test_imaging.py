@@ -202,6 +202,9 @@ def test_pixel_limit_refuses_before_decoding():
     with pytest.raises(ImageTooLargeError, match="refused|MP") as info:
         decode_image(_png_header_only(100_000, 100_000))
     assert info.value.http_status == 413
+    # Pillow's own guard fired here; the sentence gives the size and our limit, not Pillow's wording
+    assert "10,000 megapixels" in str(info.value) and "50-megapixel limit" in str(info.value)
+    assert "DOS" not in str(info.value) and "178956970" not in str(info.value)
     with pytest.raises(ImageTooLargeError, match="80.0 MP"):  # under Pillow's own limit: our check
         decode_image(_png_header_only(10_000, 8_000))
     with pytest.raises(ImageTooLargeError):
@@ -275,3 +278,30 @@ def test_other_large_formats_are_shrunk_to_the_limit():
     big = np.asarray(Image.fromarray(_pattern(64, 48)).resize((2500, 1250), Image.NEAREST))
     decoded = decode_image(_save(Image.fromarray(big), "PNG"), max_side=1024)
     assert decoded.size == (1024, 512) and decoded.upload_size == (2500, 1250)
+
+
+def test_a_long_narrow_photo_keeps_its_shorter_side():
+    # a 3000x150 upload reduced to 1024 px on its longer side would be a 51 px strip the quality gate refuses
+    strip = np.asarray(Image.fromarray(_pattern(64, 48)).resize((3000, 150), Image.NEAREST))
+    decoded = decode_image(_save(Image.fromarray(strip), "JPEG", quality=92), max_side=1024)
+    assert decoded.size == (3000, 150) and decoded.scale == 1.0
+    wide = np.asarray(Image.fromarray(_pattern(64, 48)).resize((8000, 600), Image.NEAREST))
+    decoded = decode_image(_save(Image.fromarray(wide), "PNG"), max_side=1024)
+    assert decoded.size == (3413, 256) and decoded.upload_size == (8000, 600)  # shrunk, but not below 256 px
+
+
+def test_an_invalid_exif_orientation_is_ignored_without_a_note():
+    exif = Image.Exif()
+    exif[0x0112] = 9
+    decoded = decode_image(_save(Image.fromarray(_pattern(48, 32)), "JPEG", quality=95, exif=exif))
+    assert decoded.size == (48, 32) and "EXIF orientation applied" not in decoded.notes
+
+
+def test_an_all_nan_float_tiff_decodes_without_warnings():
+    import warnings
+
+    data = _save(Image.fromarray(np.full((40, 60), np.nan, np.float32), mode="F"), "TIFF")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_image(data)
+    assert decoded.size == (60, 40)

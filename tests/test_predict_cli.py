@@ -85,6 +85,51 @@ def test_bad_option_stops_with_usage_error(app, folder, tiny_bundle):
     assert res.exit_code == 2 and "Unknown site" in res.output
 
 
+def test_report_folders_that_cannot_be_made_are_explained_before_the_model_loads(app, folder, tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for option, target, words in (("--html", a_file, "is a file, not a folder"),
+                                  ("--fhir", a_file / "sub", "cannot create this folder")):
+        # a model path that does not exist: the folder error must come first, so it is found before any work
+        res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tmp_path / "nope"), option,
+                                       str(target)])
+        said = " ".join(res.output.split())  # rich wraps long lines
+        assert res.exit_code == 2 and words in said and option in said, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_threads_below_one_is_a_usage_error(app, folder, tiny_bundle):
+    res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tiny_bundle), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output and "Traceback" not in res.output
+
+
+def test_metadata_a_model_ignores_is_said_so_and_unknown_is_accepted(app, folder, tiny_bundle):
+    res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tiny_bundle), "--age", "40",
+                                   "--sex", "u", "--site", "unknown", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "does not use age, sex or site" in res.stderr
+    result = json.loads(res.stdout.splitlines()[0])
+    assert result["debug"]["metadata_used"] is False
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    assert not {"age", "sex", "site", "patient"} & set(keys(result))  # not recorded, as the note says
+
+
+def test_a_bad_files_line_names_it_once(app, folder, tiny_bundle):
+    res = CliRunner().invoke(app, ["predict", str(folder / "b" / "broken.jpg"), "--model", str(tiny_bundle)])
+    assert res.exit_code == 1
+    line = next(line for line in res.stderr.splitlines() if "broken.jpg" in line)
+    assert line.count("broken.jpg") == 1, line
+
+
 def test_missing_model_is_explained(app, folder, tmp_path):
     res = CliRunner().invoke(app, ["predict", str(folder / "a"), "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not found" in res.output
@@ -95,6 +140,20 @@ def test_info(app, tiny_bundle):
     assert res.exit_code == 0 and "tiny-test-model" in res.stdout and "sensitivity_first" in res.stdout
     card = json.loads(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle), "--json"]).stdout)
     assert card["classes"][0]["code"] == "akiec" and card["ood"]["threshold"] > 0 and "licence" in card
+
+
+def test_info_says_which_split_its_metrics_come_from(tiny_bundle):
+    from rich.console import Console
+
+    from dermscreen.screening import Screener
+
+    card = Screener(tiny_bundle).model_card()
+    card["metrics"] = {"split": "val", "images": 855, "balanced_accuracy": 0.7133, "malignant_auc": 0.9084}
+    console = Console(record=True, width=200)
+    screening_commands._print_card(card, console)
+    said = console.export_text()
+    assert "validation metrics (855 images): balanced_accuracy 0.713, malignant_auc 0.908" in said
+    assert "855.000" not in said and "the model card" in said
 
 
 def test_worker_processes_give_the_serial_answers_in_order(app, folder, tiny_bundle, ham_dir, tmp_path):

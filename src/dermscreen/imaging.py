@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import CorruptImageError, ImageError, ImageTooLargeError, ImageTooSmallError, UnsupportedImageError
-from .preprocess import shrink_within
+from .preprocess import shrink_to
 
 __all__ = [
     "DecodedImage", "decode_image", "ImageError", "UnsupportedImageError", "CorruptImageError",
@@ -152,7 +153,8 @@ def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
-        top = 1.0 if float(np.nanmax(arr)) <= 1.0 else 255.0
+        finite = arr[np.isfinite(arr)]  # an all-NaN image is blank, and the quality gate says so
+        top = 1.0 if not finite.size or float(finite.max()) <= 1.0 else 255.0
         return np.clip(np.nan_to_num(arr) * (255.0 / top), 0, 255).astype(np.uint8)
     peak = int(arr.max()) if arr.size else 0
     # A 16-bit container often holds 10-14 significant bits (DICOM, scientific TIFF): scale by the
@@ -195,9 +197,12 @@ def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: 
         Image.init()
         img = Image.open(io.BytesIO(data), formats=[f for f in _PIL_FORMATS if f in Image.OPEN])
     except Image.DecompressionBombError as exc:
+        # Pillow's own guard fired (far beyond max_pixels); its message speaks of its limit, not ours
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(declared.group(1)) / 1e6:,.0f} megapixels)" if declared else ""
         raise ImageTooLargeError(
-            f"This image declares an enormous size and was refused without decoding it ({exc}): "
-            "send a normal-sized photo."
+            f"This image declares an enormous size{size}, far over the {max_pixels / 1e6:g}-megapixel limit, and "
+            "was refused without decoding it: send a normal-sized photo."
         ) from None
     except UnidentifiedImageError:
         if sniffed and sniffed != "GIF":
@@ -216,14 +221,14 @@ def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: 
     _check_size(width, height, max_pixels, min_side)
     notes: list[str] = []
     try:
-        if max_side and fmt == "JPEG" and max(width, height) > max_side:
-            # libjpeg reduces by powers of two to at least the size asked for; asking for 90 % of max_side lets
-            # a 4032x3024 photo decode at 1/4 (1008 px, nothing left to shrink) instead of 1/2 (2016 px)
-            s = 0.9 * max_side / max(width, height)
-            img.draft("RGB", (math.ceil(width * s), math.ceil(height * s)))
+        scale = analysis_scale(width, height, max_side)
+        if fmt == "JPEG" and scale < 1:
+            # libjpeg reduces by powers of two to at least the size asked for; asking for 90 % of the analysis
+            # size lets a 4032x3024 photo decode at 1/4 (1008 px, nothing left to shrink) instead of 1/2 (2016 px)
+            img.draft("RGB", (math.ceil(width * 0.9 * scale), math.ceil(height * 0.9 * scale)))
         img.load()  # first frame only: multi-page TIFF and animated WebP are read as their first image
         orientation = img.getexif().get(0x0112, 1)  # 0x0112: the EXIF Orientation tag
-        if orientation not in (0, 1):
+        if orientation in range(2, 9):  # 2-8 turn or mirror the image; other values are invalid and ignored
             img = ImageOps.exif_transpose(img)
             notes.append("EXIF orientation applied")
         img = _to_srgb(img, notes)
@@ -236,12 +241,28 @@ def _decode_pillow(data: bytes, sniffed: str | None, max_pixels: int, min_side: 
     return DecodedImage(np.ascontiguousarray(rgb), fmt, (width, height), None, notes, upright)
 
 
+# A long, narrow photo is not shrunk so far that its shorter side drops below this: a 3000x150 upload reduced
+# to 1024 px on its longer side would become a 51 px strip that the quality gate refuses as a thumbnail.
+MIN_KEPT_SIDE = 256
+
+
+def analysis_scale(width: int, height: int, max_side: int | None) -> float:
+    """The scale (at most 1) an image of ``width`` x ``height`` is analysed at: its longer side brought down to
+    ``max_side``, unless that would take its shorter side below MIN_KEPT_SIDE (then only down to that)."""
+    if not max_side or max(width, height) <= max_side:
+        return 1.0
+    return min(1.0, max(max_side / max(width, height), MIN_KEPT_SIDE / min(width, height)))
+
+
 def limit_side(decoded: DecodedImage, max_side: int | None) -> DecodedImage:
-    """``decoded`` with its pixels shrunk to at most ``max_side`` on the longer side (any format; a JPEG arrives
-    here already near that size), remembering the upload's size so results can be given in its pixels."""
+    """``decoded`` with its pixels shrunk to the analysis scale (``analysis_scale``: at most ``max_side`` on the
+    longer side; any format, a JPEG arrives here already near that size), remembering the upload's size so
+    results can be given in its pixels."""
     upload = decoded.upload_size or decoded.size
-    if max_side and max(decoded.size) > max_side:
-        decoded.rgb = np.ascontiguousarray(shrink_within(decoded.rgb, max_side))
+    scale = analysis_scale(*decoded.size, max_side)
+    if scale < 1:
+        size = (max(1, round(decoded.size[0] * scale)), max(1, round(decoded.size[1] * scale)))
+        decoded.rgb = np.ascontiguousarray(shrink_to(decoded.rgb, size))
     if decoded.size != upload:
         decoded.notes.append(f"analysed at {decoded.size[0]}x{decoded.size[1]} px (the upload is {upload[0]}x{upload[1]})")
     decoded.upload_size = upload

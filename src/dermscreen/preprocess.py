@@ -36,7 +36,11 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 def shrink_within(rgb: np.ndarray, max_side: int) -> np.ndarray:
     """(H, W, 3) uint8 → the same image shrunk (bilinear, aspect kept) so its longest side is at most ``max_side``."""
-    size = fit_within(rgb.shape[1], rgb.shape[0], max_side)
+    return shrink_to(rgb, fit_within(rgb.shape[1], rgb.shape[0], max_side))
+
+
+def shrink_to(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 → the image resized (bilinear) to ``size`` = (width, height); itself if already that size."""
     if size == (rgb.shape[1], rgb.shape[0]):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=2.0))

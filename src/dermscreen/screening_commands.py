@@ -35,9 +35,16 @@ class _Outputs:
 
     def __init__(self, html_dir: Path | None, fhir_dir: Path | None, heatmap_dir: Path | None):
         self.dirs = {"html": html_dir, "fhir": fhir_dir, "heatmap": heatmap_dir}
-        for d in self.dirs.values():
-            if d is not None:
+        for kind, d in self.dirs.items():
+            if d is None:
+                continue
+            if d.exists() and not d.is_dir():
+                raise DermscreenError(f"--{kind} {d}: this is a file, not a folder; give a folder for the reports.")
+            try:
                 d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DermscreenError(f"--{kind} {d}: cannot create this folder ({exc.strerror or exc}); "
+                                      "give a folder you can write to.") from None
 
     def __bool__(self) -> bool:
         return any(d is not None for d in self.dirs.values())
@@ -90,7 +97,7 @@ def predict(
         "fast for bulk screening of ordinary dermoscopic photos; a lesion photographed small in a wide frame "
         "is then classified from the whole frame, which is less accurate."))] = True,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per analysis (default: all cores; "
-                                                   "1 per worker when several workers run).")] = None,
+                                                   "1 per worker when several workers run).", min=1)] = None,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes analysing many files, this one included (default: one per core).", min=1)] = None,
 ) -> None:
@@ -109,6 +116,7 @@ def predict(
     settings = ScreenerSettings(tta=tta, threads=threads if threads or not parallel else 1, smart_crop=lesion,
                                 abcd=lesion)
     try:
+        outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)  # before the model loads: a bad folder fails at once
         # loaded here even when workers will load their own copy: a missing or tampered bundle and bad
         # age/sex/site fail once, with one message, before any worker starts
         screener = Screener(model, settings)
@@ -116,7 +124,9 @@ def predict(
     except DermscreenError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
-    outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)
+    if screener.metadata_spec is None and (age is not None or sex or site):
+        err.print("[yellow]note:[/] this model does not use age, sex or site; they were checked, not used, and are "
+                  "not written to any output.")
     options = dict(age=age, sex=sex, site=site, tta=tta, heatmap=bool(html_dir or heatmap_dir))
     failures = _predict_files(files, model, settings, screener, workers if parallel else 1,
                               outputs if outputs else None, as_json, options, err)
@@ -148,7 +158,9 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                 raise typer.Exit(2)
             if outcome.error is not None:
                 failures += 1
-                progress.console.print(f"[red]{outcome.path}:[/] {outcome.error}")
+                # the message names the file itself (Screener errors start "name: "); the path says where it is
+                message = outcome.error.removeprefix(f"{outcome.path.name}: ")
+                progress.console.print(f"[red]{outcome.path}:[/] {message}")
                 if as_json:
                     print(json.dumps({"file": str(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
@@ -200,9 +212,15 @@ def _print_card(card: dict, console: Console) -> None:
             f"{ood['validation_kept_both']:.1%})")
         console.print(f"temperature {card['temperature']:.3f}; OOD threshold {ood['threshold']:.3g} "
                       f"(keeps {ood['validation_kept']:.1%} of validation){colour}")
-    scalar = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))}
+    scalar = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float)) and k != "images"}
     if scalar:
-        console.print("metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
+        split = card["metrics"].get("split") or "validation"
+        split = {"val": "validation"}.get(split, split)
+        count = card["metrics"].get("images")
+        console.print(f"{split} metrics" + (f" ({count:.0f} images)" if count else "") + ": "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
+        console.print("  held-out test results, subgroups and the targets met or missed: the model card "
+                      "(docs/model-card.md in the source repository)")
     console.print(f"uses patient metadata: {'yes' if card['uses_metadata'] else 'no'}")
     console.print(f"lesion outline: {_segmenter_line(card.get('segmenter'))}")
     for label, key in (("intended use", "intended_use"), ("training data", "training_data"), ("licence", "licence")):
@@ -242,7 +260,7 @@ def refit_ood(
                                                    "<CSV folder>/images).")] = None,
     keep: Annotated[float, typer.Option(help="Share of validation images the embedding check keeps.")] = 0.97,
     colour_keep: Annotated[float, typer.Option(help="Share of validation images the colour check keeps.")] = 0.99,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads (default: all cores).", min=1)] = None,
 ) -> None:
     """Fit the colour check and re-choose both "cannot assess" thresholds of a bundle on its validation images."""
     from rich.progress import Progress

@@ -78,6 +78,47 @@ def test_heatmap_is_a_png_data_url_covering_the_image_and_can_be_left_out(client
     assert without["probabilities"] == analyze(client, jpeg).json()["probabilities"]
 
 
+def preview_image(body: dict) -> Image.Image:
+    """The decoded JPEG of a result's preview_jpeg data URL."""
+    prefix = "data:image/jpeg;base64,"
+    assert body["preview_jpeg"].startswith(prefix)
+    img = Image.open(io.BytesIO(base64.b64decode(body["preview_jpeg"][len(prefix):])))
+    assert img.format == "JPEG" and img.mode == "RGB"
+    return img
+
+
+@pytest.mark.parametrize("fmt, name, ctype", [("TIFF", "lesion.tif", "image/tiff"),
+                                             ("JPEG", "lesion.jpg", "image/jpeg")])
+def test_preview_is_the_analysed_image_as_a_jpeg_at_the_overlays_size(client, fmt, name, ctype):
+    rgb = lesion_rgb(900, 600, seed=5)  # larger than the overlays (512 px): the preview is reduced like them
+    data = encode(rgb, fmt, **({"compression": "tiff_deflate"} if fmt == "TIFF" else {"quality": 92}))
+    body = analyze(client, data, name=name, ctype=ctype, preview="true").json()
+    assert body["status"] == "ok" and body["heatmap"]["size"] == [512, 341]
+    img = preview_image(body)
+    assert img.size == tuple(body["heatmap"]["size"])
+    outline = body["lesion"]["outline_png"]
+    assert Image.open(io.BytesIO(base64.b64decode(outline.split(",", 1)[1]))).size == img.size
+    # the picture itself, not a blank: close to the upload, reduced the same way
+    expected = np.asarray(Image.fromarray(rgb).resize(img.size, Image.BILINEAR), np.float32)
+    assert np.abs(np.asarray(img, np.float32) - expected).mean() < 12
+    by_query = client.post("/api/v1/analyze?preview=true&heatmap=false", content=data, headers={"content-type": ctype})
+    assert preview_image(by_query.json()).size == img.size
+
+
+def test_preview_is_left_out_unless_asked(client, jpeg):
+    assert analyze(client, jpeg).json()["preview_jpeg"] is None
+    assert analyze(client, jpeg, preview="false").json()["preview_jpeg"] is None
+
+
+def test_an_image_that_cannot_be_assessed_still_gets_its_preview(tiny_bundle):
+    # refused by the OOD check: no overlays, so the preview has the size they would have had
+    tiff = encode(lesion_rgb(700, 500, seed=2), "TIFF")
+    with TestClient(create_app(ServeSettings(model=str(tiny_bundle)))) as strict:
+        body = strict.post("/api/v1/analyze?preview=true", content=tiff, headers={"content-type": "image/tiff"}).json()
+    assert body["status"] == "cannot_assess"
+    assert preview_image(body).size == (512, 366)
+
+
 def test_raw_body_gives_the_same_answer_as_multipart(client, jpeg):
     raw = client.post("/api/v1/analyze?heatmap=false", content=jpeg, headers={"content-type": "image/jpeg"})
     octet = client.post("/api/v1/analyze?heatmap=false", content=jpeg,
@@ -148,7 +189,7 @@ def test_decompression_bomb_is_413_before_decoding(client):
 
 def test_upload_over_the_limit_is_413_by_content_length(client):
     big = b"\xff\xd8\xff" + b"\0" * (3 * 2**20)
-    assert_error(analyze(client, big), 413, "2 MB")
+    assert_error(analyze(client, big), 413, "2 MiB")
     assert_error(client.post("/api/v1/analyze", content=big), 413, "larger")
 
 
@@ -171,6 +212,105 @@ def test_chunked_upload_is_cut_off_at_the_limit_without_reading_the_rest(client)
     anyio.run(client.app, scope, receive, send)
     assert sent[0]["status"] == 413 and b"larger" in sent[1]["body"]
     assert len(received) == 2 * 2**20 // chunk + 1, f"read {len(received)} chunks for a 2 MB limit"
+
+
+def _drive(app, receive) -> list[dict]:
+    """Run one POST /api/v1/analyze through the ASGI app with the given receive(); the messages it sent."""
+    import anyio
+
+    sent = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/v1/analyze", "raw_path": b"/api/v1/analyze", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"image/jpeg")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def send(message):
+        sent.append(message)
+
+    anyio.run(app, scope, receive, send)
+    return sent
+
+
+def test_a_stalled_upload_is_408_and_gives_its_memory_back(open_bundle, caplog):
+    # a client that stops sending must not hold its share of the memory budget while it keeps the connection
+    import anyio
+
+    app = create_app(ServeSettings(model=str(open_bundle), upload_idle_timeout_s=0.2, helper_process=False))
+    calls = []
+
+    async def stall_after_one_chunk():
+        calls.append(1)
+        if len(calls) > 1:
+            await anyio.sleep_forever()
+        return {"type": "http.request", "body": b"\xff\xd8" + b"\0" * 65536, "more_body": True}
+
+    with caplog.at_level(logging.INFO):
+        sent = _drive(app, stall_after_one_chunk)
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert b"no data arrived for 0.2 s" in sent[1]["body"]
+    assert app.state.upload_budget.used == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_an_upload_that_trickles_past_the_deadline_is_408(open_bundle):
+    import anyio
+
+    app = create_app(ServeSettings(model=str(open_bundle), upload_idle_timeout_s=5, upload_timeout_s=0.3,
+                                   helper_process=False))
+
+    async def trickle():  # a byte every 50 ms: never idle for long, never done
+        await anyio.sleep(0.05)
+        return {"type": "http.request", "body": b"\0", "more_body": True}
+
+    sent = _drive(app, trickle)
+    assert sent[0]["status"] == 408 and b"not complete after 0.3 s" in sent[1]["body"]
+    assert app.state.upload_budget.used == 0
+
+
+def test_a_client_that_disconnects_mid_upload_is_not_a_server_error(open_bundle, caplog):
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=False))
+    messages = iter([{"type": "http.request", "body": b"\xff\xd8" + b"\0" * 1000, "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    with caplog.at_level(logging.INFO):
+        sent = _drive(app, receive)
+    assert sent[0]["status"] == 400 and b"closed the connection" in sent[1]["body"]
+    assert app.state.upload_budget.used == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_an_unexpected_failure_is_a_json_500_with_no_traceback_or_message_logged(open_bundle, jpeg, caplog,
+                                                                                 monkeypatch):
+    app = create_app(ServeSettings(model=str(open_bundle), helper_process=False, warm_up=False))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("patient Jane Doe, 54, mole on the back")  # a message that must not reach any log
+
+    monkeypatch.setattr(app.state.screener, "analyze", broken)
+    with TestClient(app) as client, caplog.at_level(logging.DEBUG):
+        r = analyze(client, jpeg)
+        assert client.get("/healthz").status_code == 200  # and it keeps serving
+    assert_error(r, 500, "nothing was stored")
+    assert "content-security-policy" in r.headers and r.headers["cache-control"] == "no-store"
+    logged = "\n".join(rec.getMessage() + str(rec.exc_info or "") + str(rec.exc_text or "") for rec in caplog.records)
+    assert "RuntimeError" in logged and "Jane" not in logged and "Traceback" not in logged
+    assert not any(rec.exc_info for rec in caplog.records)
+
+
+def test_405_says_which_method_to_use(client):
+    r = client.get("/api/v1/analyze")
+    assert_error(r, 405, "use POST")
+    assert r.headers["allow"] == "POST"
+
+
+def test_an_rfc_2231_file_name_is_decoded(client, jpeg):
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename*=UTF-8''%C3%A9t%C3%A9.jpg\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + jpeg[:200] + b"\r\n--b--\r\n")
+    r = client.post("/api/v1/analyze", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_error(r, 422)
+    assert r.json()["message"].startswith("été.jpg: ")
 
 
 def test_malformed_multipart_is_400(client):
@@ -205,10 +345,13 @@ def test_docs_are_local_and_openapi_describes_the_api(client):
     spec = client.get("/openapi.json").json()
     analyze_op = spec["paths"]["/api/v1/analyze"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(analyze_op["requestBody"]["content"])
-    assert {p["name"] for p in analyze_op["parameters"]} >= {"age", "sex", "site", "heatmap", "tta"}
+    assert {p["name"] for p in analyze_op["parameters"]} >= {"age", "sex", "site", "heatmap", "tta", "preview"}
+    form = analyze_op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert form["preview"] == {"type": "boolean"}
     assert {"413", "415", "422"} <= set(analyze_op["responses"])
     assert analyze_op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ScreeningResult")
     assert "risk" in spec["components"]["schemas"]["ScreeningResult"]["properties"]
+    assert "image/jpeg" in spec["components"]["schemas"]["ScreeningResult"]["properties"]["preview_jpeg"]["description"]
     assert {"/api/v1/model", "/healthz"} <= set(spec["paths"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/static/docs.js" in docs.text

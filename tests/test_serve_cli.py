@@ -55,3 +55,19 @@ def test_inconsistent_limits_fail_with_a_sentence(tiny_bundle):
     result = CliRunner().invoke(_app(), ["--model", str(tiny_bundle), "--max-upload-mb", "50", "--max-buffered-mb", "10"])
     assert result.exit_code == 2
     assert "max_buffered_mb (10) must be at least max_upload_mb (50)" in result.output
+
+
+def test_a_bad_flag_value_names_the_flag(tiny_bundle):
+    for args, said in ((["--concurrency", "0"], "--concurrency (or DERMSCREEN_CONCURRENCY): Input should be greater"),
+                       (["--port", "99999"], "--port (or DERMSCREEN_PORT): Input should be less"),
+                       (["--log-level", "loud"], "--log-level (or DERMSCREEN_LOG_LEVEL): use one of critical, error")):
+        result = CliRunner().invoke(_app(), ["--model", str(tiny_bundle), *args], terminal_width=200)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
+def test_python_m_dermscreen_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dermscreen", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "predict" in out.stdout and "serve" in out.stdout

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,20 +71,37 @@ def test_errors_in_the_helper_are_the_same_json_errors(open_bundle):
     assert [status for status, _ in answers[True]] == [415, 422, 422]
 
 
+def test_the_helper_sends_the_same_preview(open_bundle):
+    tiff = encode(lesion_rgb(900, 600, seed=4), "TIFF")
+    answers = {}
+    for helper in (True, False):
+        app = create_app(ServeSettings(model=str(open_bundle), helper_process=helper, warm_up=False))
+        with TestClient(app) as client, app.state.own_slot:  # busy here: the helper gets the request
+            answers[helper] = client.post("/api/v1/analyze", files={"image": ("lesion.tif", tiff, "image/tiff")},
+                                          data={"preview": "true"}).json()
+            if helper:
+                assert app.state.helper.answered == 1
+    assert answers[True]["preview_jpeg"].startswith("data:image/jpeg;base64,")
+    assert _without_timings(answers[True]) == _without_timings(answers[False])
+
+
 def test_the_server_keeps_serving_when_the_helper_dies(open_bundle, caplog):
     app = create_app(ServeSettings(model=str(open_bundle), helper_process=True, warm_up=False))
     jpeg = encode(lesion_rgb(), "JPEG")
     with TestClient(app) as client, app.state.own_slot:  # busy here: every request is offered to the helper
         first = _post(client, jpeg)
         helper = app.state.helper
-        os.kill(helper.process.pid, signal.SIGKILL)
-        helper.process.join(10)
+        pid = helper.process.pid
+        os.kill(pid, signal.SIGKILL)
         with caplog.at_level(logging.ERROR, logger="dermscreen.serve"):
             after = [_post(client, jpeg) for _ in range(3)]  # answered by this process instead
         assert helper.answered == 1
+        # the dead helper was reaped, not left a zombie (<defunct>) for the server's lifetime
+        assert not Path(f"/proc/{pid}").exists() and helper.process.exitcode == -signal.SIGKILL
     assert first.status_code == 200 and all(r.status_code == 200 for r in after)
     assert _without_timings(after[0].json()) == _without_timings(first.json())
-    assert any("helper process exited" in r.getMessage() for r in caplog.records)
+    assert any("helper process exited" in r.getMessage() and "exit code -9" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_the_helper_ends_with_the_server(open_bundle):

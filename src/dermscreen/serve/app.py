@@ -25,12 +25,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import DISCLAIMER, __version__
 from ..errors import BundleError, DermscreenError, ImageError
 from ..metadata import HAM10000_SITES
 from ..screening import Screener, ScreenerSettings, ScreeningResult
-from .middleware import AccessLogMiddleware, PrivacyHeadersMiddleware
+from .middleware import (UNEXPECTED_MESSAGE, AccessLogMiddleware, PrivacyHeadersMiddleware,
+                         UnexpectedErrorMiddleware)
 from .helper import HELPER_CHANNELS, AnalysisHelper
 from .settings import ServeSettings
 from .uploads import MemoryBudget, Upload, UploadError, multipart_boundary, parse_multipart, read_capped
@@ -50,6 +52,9 @@ class AnalyzeOptions(BaseModel):
     site: str | None = Field(None, description="Anatomical site, e.g. 'back' (see GET /api/v1/model for the list).")
     heatmap: bool = Field(True, description="Include the heatmap overlay as a PNG data URL.")
     tta: bool | None = Field(None, description="Test-time augmentation (flips); empty = the server's default.")
+    preview: bool = Field(False, description="Include the analysed image (upright, sRGB, at the overlays' size) "
+                                             "as a JPEG data URL in preview_jpeg, for clients that cannot display "
+                                             "the upload's format (TIFF, HEIC, DICOM).")
 
     @field_validator("age", "sex", "site", "tta", mode="before")
     @classmethod
@@ -84,10 +89,12 @@ class Health(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in [
-        (400, "Malformed request body."),
-        (413, "The upload is over the server's size limit."),
+        (400, "Malformed request body, or the client closed the connection before the upload was complete."),
+        (408, "The upload stalled or took too long (see the server's upload timeouts)."),
+        (413, "The upload is over the server's size limit, or the image has more pixels than it analyses."),
         (415, "Not an image format the server can read."),
         (422, "Unreadable or refused image, or invalid options."),
+        (503, "The server is busy receiving other uploads; try again after Retry-After seconds."),
     ]
 }
 
@@ -95,12 +102,13 @@ IMAGE_BODY_DOC = {
     "requestBody": {
         "required": True,
         "description": "The image: either a multipart form (file in field `image`, optional fields age, sex, "
-                       "site, heatmap, tta) or the raw image bytes as the body (options as query parameters).",
+                       "site, heatmap, tta, preview) or the raw image bytes as the body (options as query parameters).",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                 "image": {"type": "string", "format": "binary"},
                 "age": {"type": "number"}, "sex": {"type": "string", "enum": ["male", "female", "unknown"]},
-                "site": {"type": "string"}, "heatmap": {"type": "boolean"}, "tta": {"type": "boolean"}}}},
+                "site": {"type": "string"}, "heatmap": {"type": "boolean"}, "tta": {"type": "boolean"},
+                "preview": {"type": "boolean"}}}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -137,7 +145,12 @@ async def read_upload(request: Request, limit: int, budget: MemoryBudget) -> Upl
 
     The body's bytes stay reserved in ``budget``; the caller gives back ``upload.body_size`` when done.
     """
-    body = await read_capped(request.stream(), limit, request.headers.get("content-length"), budget)
+    settings: ServeSettings = request.app.state.settings
+    try:
+        body = await read_capped(request.stream(), limit, request.headers.get("content-length"), budget,
+                                 settings.upload_idle_timeout_s, settings.upload_timeout_s)
+    except ClientDisconnect:  # the client gave up or lost its connection: nobody to answer, nothing failed
+        raise UploadError(400, "The client closed the connection before the upload was complete.") from None
     try:
         upload = _split_body(body, request.headers.get("content-type", ""))
     except BaseException:
@@ -196,15 +209,20 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        allow = (exc.headers or {}).get("Allow")
+        if exc.status_code == 405 and allow:
+            message = f"{request.method} is not allowed on {request.url.path}; use {allow.replace(', ', ' or ')}."
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # e.g. Allow, which a 405 must carry
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        # the type only: a message could echo request content
-        log.error("unexpected %s while answering a request", type(exc).__name__)
-        return error_response(500, "The server failed on this request; nothing was stored. Try again, "
-                                   "and report the problem if it persists.")
+        # a last resort: UnexpectedErrorMiddleware answers first, without the traceback this path leads to
+        log.error("unexpected %s while answering a request", type(exc).__name__)  # the type only: see there
+        return error_response(500, UNEXPECTED_MESSAGE)
 
 
 def analyse_to_json(screener: Screener, data: bytes, options: dict[str, Any]) -> bytes:
@@ -212,8 +230,8 @@ def analyse_to_json(screener: Screener, data: bytes, options: dict[str, Any]) ->
     result = screener.analyze(data, age=options["age"], sex=options["sex"], site=options["site"],
                               heatmap=options["heatmap"], tta=options["tta"], filename=options["filename"])
     # the outline is a few hundred bytes: always sent, so the page can draw it without the heatmap
-    return json.dumps(result.to_json(include_heatmap=options["heatmap"], include_outline=True),
-                      separators=(",", ":")).encode()
+    return json.dumps(result.to_json(include_heatmap=options["heatmap"], include_outline=True,
+                                     include_preview=options["preview"]), separators=(",", ":")).encode()
 
 
 async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions, limiter: anyio.CapacityLimiter,
@@ -221,7 +239,7 @@ async def _analyze(screener: Screener, upload: Upload, options: AnalyzeOptions, 
     """Run the analysis in a worker thread of this process, or in the helper process when this process is
     already analysing another image (at most ``limiter`` requests at once, both kinds together); answer its JSON."""
     args = {"age": options.age, "sex": options.sex, "site": options.site, "heatmap": options.heatmap,
-            "tta": options.tta, "filename": upload.filename}
+            "tta": options.tta, "preview": options.preview, "filename": upload.filename}
 
     def run() -> bytes:
         # PNG and JSON encoding happen here too, in the worker thread, not on the event loop.
@@ -341,6 +359,7 @@ def create_app(settings: ServeSettings | None = None, screener=None) -> FastAPI:
     admitted = settings.concurrency + (HELPER_CHANNELS - 1 if settings.helper_process else 0)
     _install_routes(app, settings, screener, anyio.CapacityLimiter(admitted), app.state.upload_budget)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(UnexpectedErrorMiddleware)  # innermost of the three: its 500 gets the privacy headers
     app.add_middleware(PrivacyHeadersMiddleware)
     app.add_middleware(AccessLogMiddleware)  # outermost: times and records everything, errors included
     return app

@@ -31,6 +31,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _setting_error(error: dict) -> str:
+    """One pydantic error on ServeSettings as a sentence naming the flag (or variable) it came from."""
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    name = str(error["loc"][0])
+    if name == "log_level":
+        message = "use one of " + ", ".join(LOG_LEVELS)
+    return f"--{name.replace('_', '-')} (or DERMSCREEN_{name.upper()}): {message}"
+
+
 def serve(
     host: Annotated[str, typer.Option(
         help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.")] = "127.0.0.1",
@@ -70,7 +84,8 @@ def serve(
         settings = ServeSettings(**overrides)
         app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly
     except (DermscreenError, ValidationError) as exc:
-        message = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        message = "; ".join(_setting_error(e) for e in exc.errors()) if isinstance(exc, ValidationError) \
+            else str(exc)
         typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     if not _is_loopback(host):

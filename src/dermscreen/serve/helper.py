@@ -144,8 +144,9 @@ class AnalysisHelper:
                 answer = conn.recv()
             except (EOFError, OSError) as exc:
                 self._gone = True
-                log.error("the analysis helper process exited (%s); analyses continue in the server process",
-                          type(exc).__name__)
+                self.process.join(timeout=1)  # reap it: a dead child left unwaited stays a zombie until we exit
+                log.error("the analysis helper process exited (%s, exit code %s); analyses continue in the server "
+                          "process", type(exc).__name__, self.process.exitcode)
                 return None
         finally:
             lock.release()

@@ -5,10 +5,15 @@ status and latency: no client address, no image data, no results.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 access_log = logging.getLogger("dermscreen.access")
+log = logging.getLogger("dermscreen.serve")
+
+UNEXPECTED_MESSAGE = ("The server failed on this request; nothing was stored. Try again, and report the problem if "
+                      "it persists.")
 
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'self'",
@@ -91,3 +96,36 @@ class AccessLogMiddleware:
         finally:
             access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
                             (time.perf_counter() - start) * 1000.0)
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception no handler claimed with a JSON 500, logging its type only.
+
+    Starlette's outermost layer would also answer it, but then re-raises it so that the server logs the
+    traceback and the exception's message, which could echo request content. Caught here, inside the
+    privacy headers, it never gets that far.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            log.error("unexpected %s while answering %s %s", type(exc).__name__, scope["method"], scope["path"])
+            if started:  # too late for an error answer; the server closes the connection
+                return
+            body = json.dumps({"status": 500, "error": "Internal Server Error", "message": UNEXPECTED_MESSAGE}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})

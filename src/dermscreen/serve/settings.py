@@ -26,6 +26,10 @@ class ServeSettings(BaseSettings):
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="Largest accepted request body, in MiB.")
     max_buffered_mb: float = Field(256.0, gt=0, le=65536, description="Request bodies held in memory by all "
                                    "requests together, in MiB; uploads beyond it are answered 503 (busy).")
+    upload_idle_timeout_s: float = Field(15.0, gt=0, le=3600, description="An upload that sends nothing for this "
+                                         "long is refused (408), so a stalled client does not hold its memory.")
+    upload_timeout_s: float = Field(300.0, gt=0, le=86400, description="An upload not complete this long after "
+                                    "it began is refused (408); 300 s lets 20 MiB through at ~0.6 Mbit/s.")
     max_pixels: int | None = Field(None, ge=10_000, description="Largest decoded image (width x height), "
                                    "checked before decoding; empty = the Screener's default.")
     concurrency: int | None = Field(None, ge=1, le=256, description="Analyses run at once per worker; more requests "
@@ -58,8 +62,9 @@ class ServeSettings(BaseSettings):
             self.helper_process = (safe and self.workers == 1 and (os.cpu_count() or 1) > 1
                                    and sys.platform.startswith("linux"))
         elif self.helper_process and not safe:
-            raise ValueError("the helper process needs one onnxruntime thread per analysis (threads 1, or as many "
-                             "concurrent analyses as CPU cores); turn it off to use more threads per analysis")
+            raise ValueError("the helper process needs one onnxruntime thread per analysis (DERMSCREEN_THREADS=1, or "
+                             "--concurrency equal to the CPU cores); turn it off (--no-helper-process) to use more "
+                             "threads per analysis")
         return self
 
     @model_validator(mode="after")

@@ -6,9 +6,13 @@ it passes the limit, before the rest arrives) and splits multipart/form-data in 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import Message
+from email.utils import collapse_rfc2231_value
+
+import anyio
 
 MAX_PARTS = 32
 MAX_PART_HEADER_BYTES = 8 * 1024
@@ -60,16 +64,20 @@ class Upload:
 
 def too_large(limit: int) -> UploadError:
     """The 413 error for a body over ``limit`` bytes."""
-    return UploadError(413, f"The upload is larger than this server accepts ({limit / 2**20:g} MB). "
+    return UploadError(413, f"The upload is larger than this server accepts ({limit / 2**20:g} MiB). "
                             "Send a smaller image, e.g. a JPEG export of it.")
 
 
 async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length: str | None = None,
-                      budget: MemoryBudget | None = None) -> bytes:
+                      budget: MemoryBudget | None = None, idle_timeout: float = math.inf,
+                      deadline: float = math.inf) -> bytes:
     """Concatenate a body's ``chunks``; raise UploadError(413) once it exceeds ``limit`` bytes.
 
     With a ``budget``, every byte read is reserved in it (503 when it is spent); on success the caller
     owns the reservation of ``len(result)`` bytes and must give it back; on failure it is given back here.
+    A body that stalls for ``idle_timeout`` seconds, or is not complete ``deadline`` seconds after reading
+    began, is refused with 408: a client that stops sending would otherwise hold its share of the budget
+    for as long as it keeps the connection open, and a few such clients would lock everyone else out.
     """
     if declared_length is not None:
         try:
@@ -79,8 +87,22 @@ async def read_capped(chunks: AsyncIterator[bytes], limit: int, declared_length:
         if declared > limit:
             raise too_large(limit)  # refuse before reading a single byte
     buf = bytearray()
+    stop_at = anyio.current_time() + deadline
+    stream = chunks.__aiter__()
     try:
-        async for chunk in chunks:
+        while True:
+            wait = min(idle_timeout, stop_at - anyio.current_time())
+            try:
+                with anyio.fail_after(max(wait, 0.0)):
+                    chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                stalled = wait == idle_timeout
+                raise UploadError(408, f"The upload {'stalled' if stalled else 'took too long'}: "
+                                       f"{'no data arrived for' if stalled else 'it was not complete after'} "
+                                       f"{wait if stalled else deadline:g} s. Check the connection and send the "
+                                       "image again.", {"Connection": "close"}) from None
             if budget is not None:
                 budget.take(len(chunk))
             buf += chunk
@@ -126,6 +148,8 @@ def _parse_part(part: bytes) -> tuple[str | None, str | None, str | None, bytes]
             # reuse the Content-Type parameter parser: it handles quoting and RFC 2231 file names
             _, params = _header_params("x/x;" + value.partition(";")[2])
             name, filename = params.get("name"), params.get("filename")
+            if isinstance(filename, tuple):  # RFC 2231 (filename*=UTF-8''...): (charset, language, value)
+                filename = collapse_rfc2231_value(filename)
         elif key == "content-type":
             ctype = value.strip().lower()
     return name, filename, ctype, part[head_end + 4:]

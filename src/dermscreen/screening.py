@@ -10,12 +10,14 @@ state, so one instance may serve many threads at once; onnxruntime sessions are 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import math
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import DISCLAIMER
@@ -40,7 +42,7 @@ from .lesion import (
 )
 from .metadata import HAM10000_SITES, MetadataSpec
 from .ood import ColourOOD, MahalanobisOOD, colour_features
-from .preprocess import fit_within, model_box, preprocess
+from .preprocess import LARGE_IMAGE_REDUCING_GAP, fit_within, model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
 
 
@@ -51,17 +53,19 @@ from .quality import QualityReport, QualityThresholds, assess
 ANALYSIS_MAX_SIDE = 1024
 
 Tier = Literal["high", "moderate", "low", "cannot_assess"]
+# Colours: the web page's tier palette (static/app.css), so every front end agrees; each carries white text at
+# >= 4.5:1 (WCAG AA, normal text), which tests/test_contrast.py checks.
 TIERS: dict[str, dict[str, str]] = {
-    "high": {"label": "High concern", "colour": "#b71c1c",
+    "high": {"label": "High concern", "colour": "#a4001d",
              "recommendation": "Refer urgently to a dermatologist: the model found features it associates "
                                "with skin cancer."},
-    "moderate": {"label": "Moderate concern", "colour": "#e65100",
+    "moderate": {"label": "Moderate concern", "colour": "#8a4b00",
                  "recommendation": "Refer routinely to a dermatologist for examination: skin cancer cannot be "
                                    "ruled out."},
-    "low": {"label": "Low concern", "colour": "#2e7d32",
+    "low": {"label": "Low concern", "colour": "#1d6b2f",
             "recommendation": "No referral suggested by the model: monitor the lesion, and seek advice if it "
                               "changes in size, shape or colour, bleeds, itches or worries the patient."},
-    "cannot_assess": {"label": "Cannot assess", "colour": "#616161",
+    "cannot_assess": {"label": "Cannot assess", "colour": "#4a5560",
                       "recommendation": "The model cannot assess this image. Take a new, sharp, well-lit "
                                         "dermoscopic image of the lesion, or have the lesion examined in person."},
 }
@@ -83,7 +87,8 @@ class ScreenerSettings(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted image, checked before decoding")
     max_side: int | None = Field(ANALYSIS_MAX_SIDE, ge=64, description=(
         "longest side (px) an image is analysed at: a larger upload is reduced first (a JPEG while it is "
-        "decoded); boxes and diameters are still reported in the upload's pixels. None: full size"))
+        "decoded), but never below 256 px on its shorter side; boxes and diameters are still reported in the "
+        "upload's pixels. None: full size"))
     smart_crop: bool = Field(True, description="classify a square crop around a lesion that fills little of the frame")
     smart_crop_below: float = Field(CROP_BELOW, gt=0.0, le=1.0,
                                     description="crop when the lesion's longest side is below this share of the "
@@ -213,6 +218,9 @@ class ScreeningResult(BaseModel):
     model: ModelIdentity
     heatmap: HeatmapInfo | None = None
     lesion: LesionInfo | None = Field(None, description="lesion outline, smart crop and ABCD (when switched on)")
+    preview_jpeg: str | None = Field(None, description=(
+        "data:image/jpeg URL of the analysed image (upright, sRGB) at the overlays' size (heatmap.size), for "
+        "clients that cannot display the upload's own format (TIFF, HEIC, DICOM); filled only when asked"))
     timings_ms: dict[str, float] = {}
     analysed_at: str
     disclaimer: str = DISCLAIMER
@@ -244,9 +252,24 @@ class ScreeningResult(BaseModel):
             return None
         return outline_png(seg, self._display_size)
 
-    def to_json(self, include_heatmap: bool = False, include_outline: bool | None = None) -> dict[str, Any]:
-        """JSON-ready dict; with ``include_heatmap`` the overlays are embedded as PNG data URLs, and with
-        ``include_outline`` (default: as ``include_heatmap``) the lesion outline too."""
+    def preview_jpeg_bytes(self, quality: int = 85) -> bytes | None:
+        """The analysed image as JPEG bytes at the overlays' display size, encoded in memory (None: no image)."""
+        rgb = self._rgb
+        if rgb is None:
+            return None
+        img = Image.fromarray(rgb)
+        size = self._display_size or img.size
+        if img.size != size:
+            img = img.resize(size, Image.BILINEAR, reducing_gap=LARGE_IMAGE_REDUCING_GAP)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+    def to_json(self, include_heatmap: bool = False, include_outline: bool | None = None,
+                include_preview: bool = False) -> dict[str, Any]:
+        """JSON-ready dict; with ``include_heatmap`` the overlays are embedded as PNG data URLs, with
+        ``include_outline`` (default: as ``include_heatmap``) the lesion outline too, and with ``include_preview``
+        the analysed image as a JPEG data URL."""
         out = self.model_dump(mode="json")
         if include_heatmap and self._heatmaps is not None and out.get("heatmap"):
             out["heatmap"]["overlay_png"] = data_url(self._heatmaps.overlay_png("malignant"))
@@ -255,6 +278,9 @@ class ScreeningResult(BaseModel):
         if include_outline and out.get("lesion"):
             png = self.outline_png()
             out["lesion"]["outline_png"] = data_url(png) if png else None
+        if include_preview:
+            jpeg = self.preview_jpeg_bytes()
+            out["preview_jpeg"] = data_url(jpeg, "image/jpeg") if jpeg else None
         return out
 
 
@@ -372,11 +398,12 @@ class Screener:
                 raise InputError(f"Age must be a number of years, not {age!r}.") from None
             if not 0 <= age <= 120:
                 raise InputError(f"Age {age:g} is out of range: give the patient's age in years (0-120).")
-        if sex is not None and str(sex).strip().lower() not in ("", "male", "female", "m", "f", "unknown"):
+        if sex is not None and str(sex).strip().lower() not in ("", "male", "female", "m", "f", "u", "unknown"):
             raise InputError(f"Sex {sex!r} is not recognised: use male, female or unknown.")
         sites = self.metadata_spec.sites if self.metadata_spec else HAM10000_SITES
-        if site is not None and str(site).strip() and str(site).strip().lower() not in sites:
-            raise InputError(f"Unknown site {site!r}; use one of: {', '.join(sites)}.")
+        # "unknown" is a site as HAM10000 itself records it (and as --sex accepts it): encoded as missing
+        if site is not None and str(site).strip() and str(site).strip().lower() not in (*sites, "unknown"):
+            raise InputError(f"Unknown site {site!r}; use one of: {', '.join(sites)}, or unknown.")
         if self.metadata_spec is None:
             return None
         return self.metadata_spec.encode(age, sex, site)[None, :]
@@ -477,6 +504,9 @@ class Screener:
         """The pipeline after decoding; ``timings`` already holds the decode time."""
         result = self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
         result._rgb = decoded.rgb
+        # the overlays' size (explain.Heatmaps.display_size), so the outline, the heatmaps and the preview stack
+        # exactly; set for refused images too, whose preview is all a client can show of them
+        result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
         return self._finish(result, timings, t_start)
 
     def _pipeline(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
@@ -528,8 +558,6 @@ class Screener:
         # reported in the upload's pixels; ``lesion`` itself keeps the analysed image's (the heatmap box below)
         result.lesion = lesion if lesion is None or decoded.scale == 1.0 else lesion.model_copy(update={
             "box": _to_upload(lesion.box, decoded), "crop_box": _to_upload(lesion.crop_box, decoded)})
-        # the overlays' size (explain.Heatmaps.display_size), so the outline and the heatmaps stack exactly
-        result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
         if want_heatmap:
             t = time.perf_counter()
             box = model_box(decoded.size, m.preprocessing) if lesion is None or lesion.crop_box is None else \

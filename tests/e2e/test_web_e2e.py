@@ -77,6 +77,7 @@ def test_upload_shows_result_with_heatmap_and_disclaimer(page, base, images, tmp
     page.goto(base + "/")
     expect = playwright_api.expect
     expect(page.locator("#model-line")).to_contain_text("tiny-test-model")
+    expect(page.locator("#metadata-note")).to_contain_text("neither stored nor returned")
     upload(page, images[0])
     result = page.locator("#result")
     expect(result).to_be_visible()
@@ -125,7 +126,9 @@ def test_drag_and_drop_is_analysed(page, base, images):
 
 def test_paste_timeline_and_side_by_side_compare(page, base, images):
     page.goto(base + "/")
+    assert page.locator("#skip").is_hidden()  # it leads to the result: none yet
     upload(page, images[0])
+    assert page.locator("#skip").get_attribute("hidden") is None and page.locator("#result").is_visible()
     paste(page, images[1], "clipboard.jpg")
     page.locator("#timeline li:nth-child(2)").wait_for()
     playwright_api.expect(page.locator("#result img").first).to_have_attribute("alt", "The analysed image: clipboard.jpg")
@@ -140,7 +143,26 @@ def test_paste_timeline_and_side_by_side_compare(page, base, images):
     playwright_api.expect(page.locator("#result img").first).to_have_attribute("alt", f"The analysed image: {images[0].name}")
     page.locator("#clear").click()
     playwright_api.expect(page.locator("#timeline li")).to_have_count(0)
-    assert page.locator("#result").is_hidden()
+    assert page.locator("#result").is_hidden() and page.locator("#skip").is_hidden()
+
+
+def test_tiff_upload_shows_the_servers_preview_of_the_image(page, base, images, tmp_path):
+    from PIL import Image
+
+    tiff = tmp_path / "lesion.tif"
+    Image.open(images[0]).save(tiff, "TIFF")  # a format Chromium cannot draw
+    page.goto(base + "/")
+    upload(page, tiff)
+    shown = "img => img.decode().then(() => img.naturalWidth, () => 0)"
+    viewer = page.locator("#result .viewer img").first
+    assert viewer.get_attribute("alt") == "The analysed image: lesion.tif"
+    assert viewer.get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert viewer.evaluate(shown) > 0
+    assert page.locator("#timeline li:nth-child(1) img").evaluate(shown) > 0
+    assert page.locator("#result img.overlay").evaluate(shown) > 0
+    upload(page, images[1])  # a JPEG the browser draws itself: no preview asked for
+    assert page.locator("#result .viewer img").first.get_attribute("src").startswith("blob:")
+    assert page.locator("#timeline li:nth-child(2) img").evaluate(shown) > 0
 
 
 def heading_name(compare, index: int) -> str:
@@ -212,12 +234,15 @@ def test_phone_sized_screen_and_labelled_controls(browser, base, images):
 def test_keyboard_focus_order(page, base):
     page.goto(base + "/")
     order = []
-    for _ in range(6):
+    for _ in range(5):
         page.keyboard.press("Tab")
         order.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName.toLowerCase()"))
         if order[-1] == "file":  # the input is visually hidden: its focus must show on its label
-            assert page.locator("label[for=file]").evaluate("l => getComputedStyle(l).outlineStyle") == "solid"
-    assert order == ["a", "file", "camera-open", "summary", "opt-heatmap", "opt-tta"], order
+            ring = page.locator("label[for=file]").evaluate(
+                "l => ((s) => [s.outlineStyle, s.outlineColor, s.boxShadow])(getComputedStyle(l))")
+            assert ring[:2] == ["solid", "rgb(27, 31, 36)"] and "rgb(255, 191, 71)" in ring[2], ring
+    # no "Skip to result" link first: it is hidden until there is a result
+    assert order == ["file", "camera-open", "summary", "opt-heatmap", "opt-tta"], order
 
 
 def test_api_docs_page_renders_locally(page, base):
@@ -225,3 +250,6 @@ def test_api_docs_page_renders_locally(page, base):
     playwright_api.expect(page.locator("h2", has_text="POST /api/v1/analyze")).to_be_visible()
     playwright_api.expect(page.locator("h2", has_text="Schema ScreeningResult")).to_be_visible()
     assert "multipart/form-data" in page.locator("main").inner_text()
+    examples = page.locator("footer code")
+    assert examples.nth(0).inner_text().endswith(f"{base}/api/v1/analyze")  # this server, not port 8000
+    assert f'"{base}/api/v1/analyze?heatmap=false"' in examples.nth(1).inner_text()

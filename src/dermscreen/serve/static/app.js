@@ -11,7 +11,7 @@ const state = {
   card: null,          // GET /api/v1/model
   lastBlob: null,      // the image of the last analysis, for "Analyse again"
   lastName: null,
-  entries: [],         // timeline: {id, when, name, url, result}
+  entries: [],         // timeline: {id, when, name, url (null: the browser cannot show the file), result}
   current: null,       // the entry shown in the result card
   nextId: 1,
   busy: false,
@@ -56,11 +56,11 @@ async function loadCard() {
   for (const name of card.sites) site.append(el("option", { value: name, text: name }));
   $("metadata-note").textContent = card.uses_metadata
     ? "This model uses these details in its estimate."
-    : "This model does not use these details; they are only passed along for the record.";
+    : "This model does not use these details; they are neither stored nor returned with the result.";
 }
 
 // ---- sending an image ---------------------------------------------------------------------
-function formFor(blob, name) {
+function formFor(blob, name, preview) {
   const form = new FormData();
   form.append("image", blob, name || "image");
   for (const id of ["age", "sex", "site"]) {
@@ -69,7 +69,19 @@ function formFor(blob, name) {
   }
   form.append("heatmap", $("opt-heatmap").checked ? "true" : "false");
   form.append("tta", $("opt-tta").checked ? "true" : "false");
+  if (preview) form.append("preview", "true");
   return form;
+}
+
+// Chromium and Firefox cannot draw TIFF, HEIC or DICOM (Safari draws some): whether this browser can show the
+// file decides whether the server is asked for a JPEG preview of the analysed image to show under the overlays.
+function canDisplay(url) {
+  return new Promise((resolve) => {
+    const probe = new Image();
+    probe.onload = () => resolve(probe.naturalWidth > 0);
+    probe.onerror = () => resolve(false);
+    probe.src = url;
+  });
 }
 
 async function analyze(blob, name) {
@@ -79,18 +91,25 @@ async function analyze(blob, name) {
   state.lastName = name;
   $("analyze").disabled = true;
   setStatus(`Analysing ${name || "the image"}…`);
+  let url = URL.createObjectURL(blob);
   try {
+    if (!(await canDisplay(url))) {
+      URL.revokeObjectURL(url);
+      url = null;
+    }
     const res = await fetch("/api/v1/analyze", {
-      method: "POST", body: formFor(blob, name), cache: "no-store", credentials: "omit",
+      method: "POST", body: formFor(blob, name, !url), cache: "no-store", credentials: "omit",
     });
     const body = await res.json().catch(() => ({ message: `The server answered HTTP ${res.status}.` }));
     if (!res.ok) throw new Error(body.message || `The server answered HTTP ${res.status}.`);
-    const entry = addEntry(blob, name, body);
+    const entry = addEntry(url, name, body);
+    url = null;  // the entry owns it now
     showEntry(entry, true);
     setStatus(`Done: ${TIER_WORDS[body.risk.tier] || body.risk.tier}.`);
   } catch (err) {
     setStatus(err.message || String(err), true);
   } finally {
+    if (url) URL.revokeObjectURL(url);
     state.busy = false;
     $("analyze").disabled = !state.lastBlob;
   }
@@ -160,8 +179,8 @@ function snapCamera() {
 }
 
 // ---- timeline (page memory only) --------------------------------------------------------------
-function addEntry(blob, name, result) {
-  const entry = { id: state.nextId++, when: new Date(), name, url: URL.createObjectURL(blob), result };
+function addEntry(url, name, result) {
+  const entry = { id: state.nextId++, when: new Date(), name, url, result };
   state.entries.push(entry);
   renderTimeline();
   return entry;
@@ -178,8 +197,9 @@ function renderTimeline() {
 function timelineItem(entry) {
   const r = entry.result;
   const label = `${entry.name}, ${entry.when.toLocaleTimeString()}, ${TIER_WORDS[r.risk.tier]}`;
+  const src = imageSrc(entry);
   const open = el("button", { type: "button", class: "entry", "aria-label": `Show ${label}`, onclick: () => showEntry(entry, true) },
-    el("img", { src: entry.url, alt: "" }),
+    src ? el("img", { src, alt: "" }) : el("span", { class: "no-preview", text: "No preview" }),
     el("span", { class: `badge tier-${r.risk.tier}`, text: TIER_WORDS[r.risk.tier] }), " ",
     el("span", { text: r.status === "ok" ? `${Math.round(r.malignancy_score)}/100` : "—" }),
     el("div", { class: "when", text: `${entry.when.toLocaleTimeString()} · ${entry.name}` }));
@@ -210,12 +230,13 @@ function showCompare() {
 }
 
 function forgetAll() {
-  for (const e of state.entries) URL.revokeObjectURL(e.url);
+  for (const e of state.entries) if (e.url) URL.revokeObjectURL(e.url);
   state.entries = [];
   state.current = null;
   state.lastBlob = null;
   $("analyze").disabled = true;
   $("result").hidden = true;
+  $("skip").hidden = true;
   $("debug").hidden = true;
   $("compare-view").hidden = true;
   renderTimeline();
@@ -227,6 +248,7 @@ function showEntry(entry, focus) {
   state.current = entry;
   $("result-body").replaceChildren(...resultCard(entry));
   $("result").hidden = false;
+  $("skip").hidden = false;
   renderTimeline();
   if (DEBUG) showDebug(entry.result);
   if (focus) $("result").focus();
@@ -275,12 +297,20 @@ const MALIGNANT_ALT = "Heatmap over the image: warm colours mark where the model
 function viewerBlock(entry) {
   const h = entry.result.heatmap;
   const lesion = entry.result.lesion;
-  const viewer = el("div", { class: "viewer" }, el("img", { src: entry.url, alt: `The analysed image: ${entry.name}` }));
+  const src = imageSrc(entry);
+  const base = src ? el("img", { src, alt: `The analysed image: ${entry.name}` })
+    : el("p", { class: "no-preview", text: `No preview: this browser cannot show ${entry.name}.` });
+  // the overlays cover the image's box: without an image, the note keeps their shape
+  if (!src && h && h.size) base.style.aspectRatio = `${h.size[0]} / ${h.size[1]}`;
+  const viewer = el("div", { class: "viewer" }, base);
   const controls = [];
   if (h && h.overlay_png) controls.push(...heatmapControls(entry, viewer, h));
   if (lesion && lesion.outline_png) controls.push(outlineControl(viewer, lesion));
   return el("div", { class: "viewer-row" }, el("div", { class: "viewer-col" }, viewer, ...controls), lesionBlock(lesion));
 }
+
+// The upload itself where this browser can draw it, else the server's JPEG of the analysed image (null: neither).
+function imageSrc(entry) { return entry.url || entry.result.preview_jpeg || null; }
 
 function heatmapControls(entry, viewer, h) {
   const note = el("p", { class: "hint", "aria-live": "polite" });

@@ -80,4 +80,10 @@ async function render() {
   }
 }
 
+// the curl examples name the address this page was served from, whatever port or host the server runs on
+function fillOrigin() {
+  for (const span of document.querySelectorAll(".origin")) span.textContent = location.origin;
+}
+
+fillOrigin();
 render();

@@ -313,6 +313,17 @@ def test_an_rfc_2231_file_name_is_decoded(client, jpeg):
     assert r.json()["message"].startswith("été.jpg: ")
 
 
+def test_ambiguous_forms_are_refused(client, jpeg):
+    # two values for one option, or two images: the answer must not depend on which one the server picks
+    twice = client.post("/api/v1/analyze", files=[("image", ("a.jpg", jpeg, "image/jpeg"))],
+                        data={"age": ["abc", "40"]})
+    assert_error(twice, 422, "'age' was sent more than once")
+    two_images = client.post("/api/v1/analyze", files=[("image", ("a.jpg", jpeg, "image/jpeg")),
+                                                       ("image", ("b.jpg", jpeg, "image/jpeg"))])
+    assert_error(two_images, 422, "more than one image")
+    assert analyze(client, jpeg, age="40").status_code == 200
+
+
 def test_malformed_multipart_is_400(client):
     headers = {"content-type": "multipart/form-data; boundary=XYZ"}
     assert_error(client.post("/api/v1/analyze", content=b"no boundary here", headers=headers), 400, "boundary")

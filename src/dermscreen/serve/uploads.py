@@ -175,9 +175,13 @@ def parse_multipart(body: bytes, boundary: bytes) -> Upload:
         if not segment.startswith(b"\r\n"):
             raise UploadError(400, "The multipart body is malformed (a boundary is not followed by a line break).")
         name, filename, ctype, data = _parse_part(segment[2:])
-        if upload is None and (filename is not None or name in ("image", "file")):
+        if filename is not None or name in ("image", "file"):
+            if upload is not None:  # which one would the answer be about? Refuse rather than guess
+                raise UploadError(422, "The form has more than one image: send one image per request.")
             upload = Upload(data=data, filename=filename, content_type=ctype)
         elif name and len(data) <= MAX_TEXT_FIELD_BYTES:
+            if name in fields:  # e.g. age=40 and age=abc: the answer must not depend on which one wins
+                raise UploadError(422, f"The form field '{name}' was sent more than once: send it once.")
             fields[name] = data.decode("utf-8", "replace").strip()
     else:
         raise UploadError(400, "The multipart body ends without its closing boundary; the upload was cut short.")

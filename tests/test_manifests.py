@@ -99,3 +99,42 @@ def test_real_ham10000_metadata(ham_dir):
     assert len(data) == 10015
     assert data.class_counts() == {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
     assert data.summary()["groups"] == 7470
+
+
+def test_plain_files_that_would_share_an_image_id_are_refused_naming_both(tmp_path):
+    # nv/0.jpg and mel/0.jpg (class folders), or a.jpg next to a.png, would both get one id: split.csv and
+    # evaluation could then not tell a training image from a test image
+    for folder in ("nv", "mel"):
+        _images(tmp_path / folder, ["0"])
+    (tmp_path / "cf.csv").write_text("image,dx\nnv/0.jpg,nv\nmel/0.jpg,mel\n")
+    with pytest.raises(ManifestError, match=r"row 3: images 'nv/0.jpg' \(row 2\) and 'mel/0.jpg' would share "
+                                            r"the image id '0'.*rename"):
+        load_labels(tmp_path / "cf.csv")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "nv" / "0.png")
+    (tmp_path / "stem.csv").write_text("image,dx\nnv/0.jpg,nv\nnv/0.png,mel\n")
+    with pytest.raises(ManifestError, match="'nv/0.jpg' .* and 'nv/0.png' would share"):
+        load_labels(tmp_path / "stem.csv")
+    # distinct names still load, with the ids they always had
+    (tmp_path / "ok.csv").write_text("image,dx\nnv/0.jpg,nv\nmel/0.jpg,mel\n".replace("mel/0", "mel/1"))
+    _images(tmp_path / "mel", ["1"])
+    assert [s.image_id for s in load_labels(tmp_path / "ok.csv").samples] == ["0", "1"]
+
+
+def test_ham_ids_written_with_an_extension_match_the_runs_split_file(tmp_path):
+    from dermscreen.splits import read_split_file
+
+    _images(tmp_path / "images", ["ISIC_1", "ISIC_2"])
+    (tmp_path / "meta.csv").write_text("lesion_id,image_id,dx\nL1,ISIC_1.jpg,mel\nL2,ISIC_2,nv\n")
+    data = load_labels(tmp_path / "meta.csv")
+    assert [s.image_id for s in data.samples] == ["ISIC_1", "ISIC_2"]
+    from dermscreen.manifests import image_id_of
+    # a split.csv holds the samples' ids; reading it back must give the same ids
+    (tmp_path / "split.csv").write_text("image_id,split\n" + "".join(f"{s.image_id},test\n" for s in data.samples))
+    assert set(read_split_file(tmp_path / "split.csv")) == {s.image_id for s in data.samples}
+    # both sides use one rule: only known image extensions are dropped, other dots are part of the id
+    assert image_id_of("a/b/ISIC_1.JPG") == "ISIC_1" and image_id_of("scan.v2") == "scan.v2"
+    assert image_id_of("scan.v2.png") == "scan.v2" and image_id_of(".jpg") == ".jpg"
+    # "ISIC_1" and "ISIC_1.jpg" in one manifest are one image listed twice
+    (tmp_path / "twice.csv").write_text("lesion_id,image_id,dx\nL1,ISIC_1.jpg,mel\nL1,ISIC_1,mel\n")
+    with pytest.raises(ManifestError, match="would share the image id 'ISIC_1'"):
+        load_labels(tmp_path / "twice.csv")

@@ -49,3 +49,18 @@ def test_zero_fractions_leave_splits_empty(tmp_path):
     samples = [Sample(f"i{k}", tmp_path / "x.jpg", ["nv", "mel"][k % 2]) for k in range(40)]
     split = grouped_split(LabelledSet(samples), 0.25, 0.0, seed=0)
     assert split["test"] == [] and len(split["val"]) + len(split["train"]) == 40
+
+
+def test_too_few_images_for_the_fractions_is_a_sentence_naming_the_class(tmp_path):
+    from dermscreen.errors import ConfigError
+
+    # 3 classes x 6 images: a 15% test split needs 7 images of one class (sklearn raised a bare ValueError)
+    samples = [Sample(f"i{k}", tmp_path / "x.jpg", ["nv", "mel", "bkl"][k % 3]) for k in range(18)]
+    with pytest.raises(ConfigError, match=r"test split of 15%.*largest class, '(nv|mel|bkl)', has only 6 images.*"
+                                          r"at least 7.*test_fraction"):
+        grouped_split(LabelledSet(samples), 0.15, 0.15, seed=0)
+    # a larger fraction needs fewer images per class
+    split = grouped_split(LabelledSet(samples), 0.3, 0.3, seed=0)
+    assert all(split[n] for n in ("train", "val", "test"))
+    with pytest.raises(ConfigError, match="validation split"):
+        grouped_split(LabelledSet(samples[:5]), 0.15, 0.0, seed=0)

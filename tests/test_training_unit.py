@@ -532,3 +532,105 @@ def test_ensemble_of_members_that_share_nothing_still_averages_their_logits():
         outs = [m(x) for m in members]
     assert torch.allclose(logits, (outs[0][0] + outs[1][0]) / 2, atol=1e-5)
     assert embedding.shape == (2, 2 * members[0].classifier.in_features) and features.shape[1] == embedding.shape[1]
+
+
+# ---------------------------------------------------------------------------------------- QA pass 2
+def test_one_class_is_refused_and_missing_classes_and_lesion_ids_are_warned_about(tmp_path, synthetic_set):
+    from dermscreen.training.fit import data_warnings, make_split
+
+    only_nv = synthetic_set.subset([i for i, s in enumerate(synthetic_set.samples) if s.dx == "nv"])
+    with pytest.raises(ConfigError, match=r"images of 1 class\(es\) \(nv\).*at least two"):
+        make_split(only_nv, TrainConfig())
+    config = TrainConfig(val_fraction=0.25, test_fraction=0.25, seed=0)
+    split = make_split(synthetic_set, config)
+    train = synthetic_set.subset(split["train"])
+    warnings = data_warnings(synthetic_set, split, train)
+    # the set has lesion ids: no split-by-image warning; the taxonomy's other 4 classes have no images at all
+    assert not any("lesion_id" in w for w in warnings)
+    assert any(w.startswith("no training images of class(es) akiec, bcc, df, vasc") for w in warnings)
+    assert any(w.startswith("no validation images of class(es) akiec, bcc, df, vasc") for w in warnings)
+    # a class whose only images are held out is named
+    no_mel_train = train.subset([i for i, s in enumerate(train.samples) if s.dx != "mel"])
+    assert any("class(es) akiec, bcc, df, mel, vasc" in w for w in data_warnings(synthetic_set, split, no_mel_train))
+    # without lesion or patient ids the split is by image: say so
+    (tmp_path / "nolesion.csv").write_text("image,dx\n" + "".join(f"img{i}.png,{['nv', 'mel', 'bkl'][i % 3]}\n"
+                                                                 for i in range(12)))
+    plain = load_labels(tmp_path / "nolesion.csv")
+    warnings = data_warnings(plain, split, plain.subset(split["train"]))
+    assert any("no lesion_id or patient_id column, so the split is made by image" in w and "optimistic" in w
+               for w in warnings)
+
+
+def test_run_config_paths_are_absolute_and_a_resume_compares_resolved_paths(tmp_path, monkeypatch):
+    from dermscreen.training.config import dump_config
+    from dermscreen.training.runlog import RunFolder
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tax.yaml").write_text("name: t\nclasses: [{code: a, name: A, group: benign}, "
+                                               "{code: b, name: B, group: malignant}]\n")
+    (tmp_path / "cfg" / "c.yaml").write_text("taxonomy: tax.yaml\nimages: d/images\n"
+                                             "extra_train: [{data: d/more.csv}]\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("cfg/c.yaml", data="d/x.csv")
+    assert config.data == str(tmp_path / "d" / "x.csv") and config.images == str(tmp_path / "d" / "images")
+    assert config.taxonomy == str(tmp_path / "cfg" / "tax.yaml")
+    assert config.extra_train[0].data == str(tmp_path / "d" / "more.csv")
+    run = RunFolder(tmp_path / "run")
+    (run.root / "checkpoints").mkdir(parents=True)
+    run.last_pt.write_bytes(b"")
+    dump_config(config, run.config_yaml)
+    assert yaml.safe_load(run.config_yaml.read_text())["data"] == str(tmp_path / "d" / "x.csv")
+    # from another folder: the saved paths still name the same files, and --data ABS is the same run
+    monkeypatch.chdir(tmp_path / "d")
+    saved = load_config(run.config_yaml)
+    assert saved.data == config.data and saved.taxonomy == config.taxonomy
+    assert run.resumed_config(load_config(run.config_yaml, data=str(tmp_path / "d" / "x.csv"))).data == config.data
+    assert run.resumed_config(load_config(run.config_yaml, data="x.csv")).data == config.data
+    with pytest.raises(ConfigError, match="differs .* in data"):
+        run.resumed_config(load_config(run.config_yaml, data="y.csv"))
+    # an older run folder with relative paths still resumes from the folder it was started in
+    monkeypatch.chdir(tmp_path)
+    run.config_yaml.write_text(run.config_yaml.read_text().replace(str(tmp_path) + "/", ""))
+    assert yaml.safe_load(run.config_yaml.read_text())["data"] == "d/x.csv"
+    assert run.resumed_config(load_config(run.config_yaml, data=str(tmp_path / "d" / "x.csv"))).data == config.data
+
+
+def test_config_folder_and_bad_command_line_values_are_sentences_that_blame_the_right_source(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ConfigError, match="is a folder: give a recipe YAML file"):
+        load_config(tmp_path / "adir")
+    (tmp_path / "ok.yaml").write_text("epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"^A command-line option is invalid: epochs \(--epochs on the command "
+                                          r"line\): Input should be greater than or equal to 1") as err:
+        load_config(tmp_path / "ok.yaml", epochs=0)
+    assert "ok.yaml" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^Command-line options are invalid: .*--max-images.*--threads"):
+        load_config(tmp_path / "ok.yaml", max_images=5, threads=0)
+    (tmp_path / "bad.yaml").write_text("lr: -1\n")
+    with pytest.raises(ConfigError, match=r"Config file .*bad.yaml is invalid: lr: .*; epochs \(--epochs on the "
+                                          r"command line\)|Config file .*bad.yaml is invalid: epochs \(--epochs"):
+        load_config(tmp_path / "bad.yaml", epochs=0)
+
+
+def test_read_split_accepts_ids_an_older_run_wrote_with_their_extension(tmp_path, synthetic_set):
+    from dermscreen.training.fit import read_split
+
+    (tmp_path / "split.csv").write_text("image_id,split\nimg0.png,train\nimg1,val\n")
+    split = read_split(synthetic_set, tmp_path / "split.csv")
+    assert split == {"train": [0], "val": [1], "test": []}
+
+
+def test_an_unreadable_image_stops_training_before_the_run_folder_and_the_first_epoch(tmp_path, synthetic_set):
+    from dermscreen.errors import ManifestError
+    from dermscreen.training.fit import check_images, train
+
+    check_images(synthetic_set.samples)  # readable images pass
+    (tmp_path / "img3.png").write_text("not an image")
+    (tmp_path / "img5.png").write_bytes(b"")
+    config = TrainConfig(data=str(tmp_path / "labels.csv"), val_fraction=0.25, test_fraction=0.25, device="cpu",
+                         weights="none", epochs=1, num_workers=0)
+    with pytest.raises(ManifestError, match=r"2 of the 12 training-run images cannot be opened as images: "
+                                            r".*img3.png \(UnidentifiedImageError\); .*img5.png.*labels.csv"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

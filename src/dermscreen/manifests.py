@@ -9,6 +9,10 @@ Three formats are recognised from the header:
 - ``plain``: ``image,dx`` plus optional ``lesion_id``/``patient_id``, ``age``, ``sex``, ``site``;
   image paths are relative to the CSV (or to ``images_dir`` when given).
 
+Every image's id is its name without folders and a known image extension (:func:`image_id_of`), in every
+format; two rows whose ids collide (``nv/0.jpg`` and ``mel/0.jpg``) are refused, since a run's ``split.csv``
+and evaluation tell images apart by id.
+
 Every problem raises :class:`ManifestError` naming the file and the row (1-based, header = row 1).
 """
 from __future__ import annotations
@@ -153,6 +157,17 @@ def _find_image(folder: Path, image_id: str) -> Path | None:
     return None
 
 
+def image_id_of(name: str) -> str:
+    """The image id of a manifest's image name: without folders and a known image extension.
+
+    ``nv/ISIC_0024306.jpg`` and ``ISIC_0024306`` both give ``ISIC_0024306``. The manifests, a run's
+    ``split.csv`` and its readers all use this one rule, so their ids always match.
+    """
+    name = name.strip().rsplit("/", 1)[-1]
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
+
+
 def _isic_dx(row: dict, where: str) -> str:
     try:
         values = {c: float(row[c]) for c in ISIC_COLUMNS}
@@ -198,7 +213,7 @@ def load_labels(
         raise ManifestError(f"Images folder not found: {folder} (give it with --images).")
 
     samples: list[Sample] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # image id -> (row, image name as written)
     for rownum, row in enumerate(reader, start=2):
         where = f"{csv_path}, row {rownum}"
         if None in row or any(v is None for v in row.values()):
@@ -226,9 +241,17 @@ def load_labels(
                 f"{where}: unknown diagnosis code {dx!r}; the taxonomy {taxonomy.name} knows "
                 f"{', '.join(taxonomy.codes)}."
             ) from None
-        if image_id in seen:
-            raise ManifestError(f"{where}: image {image_id!r} is listed twice (first at row {seen[image_id]}).")
-        seen[image_id] = rownum
+        sample_id = image_id_of(image_id)
+        if sample_id in seen:
+            first_row, first_name = seen[sample_id]
+            if first_name == image_id:
+                raise ManifestError(f"{where}: image {image_id!r} is listed twice (first at row {first_row}).")
+            raise ManifestError(
+                f"{where}: images {first_name!r} (row {first_row}) and {image_id!r} would share the image id "
+                f"{sample_id!r}. Image ids are the file names without folder and extension, and split.csv and "
+                "evaluation tell images apart by them: rename one of the files so every name is unique."
+            )
+        seen[sample_id] = (rownum, image_id)
         if check_files:
             path = _find_image(folder, image_id)
             if path is None:
@@ -237,7 +260,7 @@ def load_labels(
             path = folder / image_id
         samples.append(
             Sample(
-                image_id=Path(image_id).stem if fmt == "plain" else image_id,
+                image_id=sample_id,
                 image_path=path,
                 dx=dx,
                 lesion_id=lesion_id,

@@ -12,18 +12,38 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .errors import ManifestError
-from .manifests import LabelledSet
+from .errors import ConfigError, ManifestError
+from .manifests import LabelledSet, image_id_of
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _carve(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions into (rest, carved) with ~``fraction`` carved, grouped and stratified."""
+def _carve(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
+           what: str = "held-out", codes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions into (rest, carved) with ~``fraction`` carved, grouped and stratified.
+
+    Raises ConfigError, naming the ``what`` split and the largest class (``codes`` names the labels), when
+    there are too few images or lesion groups to carve it.
+    """
     n_splits = max(2, int(round(1.0 / fraction)))
     # StratifiedGroupKFold needs every class to appear at least n_splits times to stratify well;
-    # it still works (with a warning) otherwise, which is acceptable for tiny test sets.
-    n_splits = min(n_splits, len(np.unique(groups)))
+    # it still works (with a warning) otherwise, which is acceptable for tiny test sets, but raises a bare
+    # ValueError when even the largest class has fewer than n_splits images: say why in a sentence instead.
+    n_groups = len(np.unique(groups))
+    n_splits = min(n_splits, n_groups)
+    counts = np.bincount(labels) if len(labels) else np.zeros(1, int)
+    if n_splits < 2 or counts.max() < n_splits:
+        # sklearn would raise "n_splits=7 cannot be greater than the number of members in each class"
+        big = int(counts.argmax())
+        name = codes[big] if codes and big < len(codes) else str(big)
+        need = max(n_splits, 2)
+        raise ConfigError(
+            f"Too few images for a {what} split of {fraction:.0%} of the {len(labels)} images ({n_groups} "
+            f"lesion or image groups) it is taken from: the largest class, {name!r}, has only "
+            f"{int(counts.max())} images, and this split needs at least {need} images of one class and {need} "
+            "groups. Add images, or raise val_fraction/test_fraction (a larger fraction needs fewer images), "
+            "or set test_fraction: 0."
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, carved = next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))
     return rest, carved
@@ -49,12 +69,12 @@ def grouped_split(
         # "The least populated class in y has only N members": expected for rare classes in small sets.
         warnings.simplefilter("ignore", UserWarning)
         if test_fraction > 0:
-            rest, test = _carve(labels, groups, test_fraction, seed)
+            rest, test = _carve(labels, groups, test_fraction, seed, "test", data.taxonomy.codes)
             out["test"] = sorted(index[test].tolist())
             index = index[rest]
         if val_fraction > 0:
             rel = val_fraction / (1.0 - test_fraction)
-            rest, val = _carve(labels[index], groups[index], rel, seed + 1)
+            rest, val = _carve(labels[index], groups[index], rel, seed + 1, "validation", data.taxonomy.codes)
             out["val"] = sorted(index[val].tolist())
             index = index[rest]
     out["train"] = sorted(index.tolist())
@@ -73,7 +93,8 @@ def assert_no_group_leak(data: LabelledSet, split: dict[str, list[int]]) -> None
 
 def read_split_file(path: str | Path) -> dict[str, str]:
     """{image id: split name} from an ``image_id,split`` CSV (a training run's ``split.csv``; an ``image``
-    column of file names works too, their stems being the ids); ManifestError naming the file (and row)."""
+    column of file names works too); ids follow :func:`~dermscreen.manifests.image_id_of`, as the manifests'
+    do. Raises ManifestError naming the file (and row)."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"Split file not found: {path}.")
@@ -89,5 +110,5 @@ def read_split_file(path: str | Path) -> dict[str, str]:
         for rownum, row in enumerate(reader, start=2):
             if not (row.get(id_col) or "").strip() or not (row.get("split") or "").strip():
                 raise ManifestError(f"{path}, row {rownum}: image id and split must both be given.")
-            parts[Path(row[id_col].strip()).stem] = row["split"].strip()
+            parts[image_id_of(row[id_col])] = row["split"].strip()
     return parts

@@ -1,6 +1,7 @@
 """The training recipe: a pydantic model read from YAML; unknown keys are errors, not silently ignored."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,11 @@ class ExtraTrainData(BaseModel):
 
     data: str = Field(description="manifest CSV; relative paths are relative to the working directory")
     images: str | None = None
+
+    @model_validator(mode="after")
+    def _absolute(self) -> "ExtraTrainData":
+        self.data, self.images = _absolute(self.data), _absolute(self.images)
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -92,6 +98,15 @@ class TrainConfig(BaseModel):
     onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo"
 
     @model_validator(mode="after")
+    def _absolute_paths(self) -> "TrainConfig":
+        # a run's config.yaml must name the same files from any working directory (resume, export), and a
+        # resume with the absolute path of the same file is the same run
+        self.data, self.images, self.masks = _absolute(self.data), _absolute(self.images), _absolute(self.masks)
+        if self.taxonomy.lower() != "ham10000":
+            self.taxonomy = _absolute(self.taxonomy)
+        return self
+
+    @model_validator(mode="after")
     def _fractions(self) -> "TrainConfig":
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% of images for training")
@@ -104,6 +119,11 @@ class TrainConfig(BaseModel):
 
 
 
+def _absolute(path: str | None) -> str | None:
+    """``path`` made absolute against the working directory (``..`` folded, symlinks kept); None stays None."""
+    return None if path is None or not str(path).strip() else os.path.abspath(os.path.expanduser(path))
+
+
 def data_seed(config: TrainConfig) -> int:
     """The seed that picks the images and their split: ``split_seed``, or ``seed`` when it is not set."""
     return config.seed if config.split_seed is None else config.split_seed
@@ -114,22 +134,36 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"Config file {path} is a folder: give a recipe YAML file (see configs/*.yaml).")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"Config file not found: {path}.") from None
+        except OSError as exc:
+            raise ConfigError(f"Config file {path} cannot be read: {exc.strerror or exc}.") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must be a mapping of settings (key: value).")
         data = _resolve_relative(data, path.parent)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        where = f"Config file {path}" if path else "The training settings"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where} is invalid: {problems}. "
+        errors = exc.errors()
+        # a bad value given on the command line is not the config file's fault: say where each one came from
+        from_cli = [bool(e["loc"]) and e["loc"][0] in given for e in errors]
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}"
+            f"{' (--' + str(e['loc'][0]).replace('_', '-') + ' on the command line)' if cli else ''}: {e['msg']}"
+            for e, cli in zip(errors, from_cli))
+        if all(from_cli):
+            where = "A command-line option is" if len(errors) == 1 else "Command-line options are"
+        else:
+            where = f"Config file {path} is" if path else "The training settings are"
+        raise ConfigError(f"{where} invalid: {problems}. "
                           "See configs/default.yaml for every setting and its meaning.") from None
 
 

@@ -225,3 +225,98 @@ def test_evaluation_path_never_imports_torch(tmp_path, tiny_bundle):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "HEAVY []" in proc.stdout
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def _split_csv(folder: Path, labels: Path) -> Path:
+    """An image_id,split CSV over the synthetic set: every third image test, one in five val, the rest train."""
+    with labels.open(newline="") as fh:
+        ids = [Path(r["image"]).stem for r in csv.DictReader(fh)]
+    parts = ["test" if i % 3 == 0 else "val" if i % 5 == 0 else "train" for i in range(len(ids))]
+    return _write_csv(folder / "split.csv", ["image_id", "split"], list(zip(ids, parts)))
+
+
+def test_split_without_split_file_is_refused_and_the_console_names_the_selection(tmp_path, tiny_bundle):
+    labels = _synthetic_set(tmp_path)
+    result = _run("--model", tiny_bundle, "--labels", labels, "--split", "test", "--out", tmp_path / "o1")
+    assert result.exit_code == 2 and "--split-file" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o1").exists()
+
+    result = _run("--model", tiny_bundle, "--labels", labels, "--out", tmp_path / "o2", "--bootstrap", 0)
+    assert result.exit_code == 0, result.output
+    assert f"all images of {labels}: 28 images." in " ".join(result.output.split())
+
+    split = _split_csv(tmp_path, labels)
+    result = _run("--model", tiny_bundle, "--labels", labels, "--split-file", split, "--out", tmp_path / "o3",
+                  "--bootstrap", 0)  # --split-file alone: the test split
+    assert result.exit_code == 0, result.output
+    assert f"test split of {split}: 10 images." in " ".join(result.output.split())
+    assert "not held-out" not in result.output
+    assert json.loads((tmp_path / "o3" / "metrics.json").read_text())["warnings"] == []
+
+
+def test_bad_out_is_refused_before_any_prediction(tmp_path, tiny_bundle, monkeypatch):
+    import dermscreen.evaluation.evaluate as ev
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted before checking --out")
+
+    monkeypatch.setattr(ev, "predict_samples", no_prediction)
+    labels = _synthetic_set(tmp_path)
+    (tmp_path / "afile").write_text("hi")
+    for out, words in [(tmp_path / "afile", "it is a file"), (tmp_path / "afile" / "x", "is a file"),
+                       ("/dev/null/x", "is a file"), ("/proc/dermscreen-eval", "not writable")]:
+        result = _run("--model", tiny_bundle, "--labels", labels, "--out", out)
+        assert result.exit_code == 2, (out, result.output)
+        text = " ".join(result.output.split())
+        assert f"Cannot write to {out}" in text and words in text and "Traceback" not in text
+    assert (tmp_path / "afile").read_text() == "hi"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dermscreen")] == []
+
+
+def test_folder_with_an_earlier_evaluation_needs_overwrite(tmp_path, tiny_bundle):
+    labels = _synthetic_set(tmp_path)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder with other files is fine
+    assert _run("--model", tiny_bundle, "--labels", labels, "--out", out, "--bootstrap", 0).exit_code == 0
+    first = (out / "metrics.json").read_text()
+    result = _run("--model", tiny_bundle, "--labels", labels, "--out", out, "--bootstrap", 0)
+    assert result.exit_code == 2 and "already holds an evaluation" in result.output and "--overwrite" in result.output
+    assert (out / "metrics.json").read_text() == first  # untouched
+
+    (out / "metrics.json").unlink()  # any one of the outputs is enough to refuse
+    (out / "reliability.png").unlink()
+    result = _run("--model", tiny_bundle, "--labels", labels, "--out", out, "--bootstrap", 0)
+    assert result.exit_code == 2 and "report.html" in result.output
+
+    split = _split_csv(tmp_path, labels)
+    result = _run("--model", tiny_bundle, "--labels", labels, "--split-file", split, "--out", out, "--bootstrap", 0,
+                  "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len(_read_predictions(out / "predictions.csv")) == 10 and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["data"]["split"]["evaluated"] == 10
+
+
+def test_seen_splits_are_flagged_as_not_held_out(tmp_path, tiny_bundle):
+    labels = _synthetic_set(tmp_path)
+    split = _split_csv(tmp_path, labels)
+    for part, words in [("train", "trained this model"), ("val", "calibrated it")]:
+        out = tmp_path / part
+        result = _run("--model", tiny_bundle, "--labels", labels, "--split-file", split, "--split", part,
+                      "--out", out, "--bootstrap", 0)
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        assert "Warning:" in text and words in text and "not held-out" in text
+        assert f"{part} split of {split}" in text
+        warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+        assert len(warnings) == 1 and words in warnings[0]
+        assert f"> **Warning:** {warnings[0]}" in (out / "metrics.md").read_text()
+        assert "Not held-out:" in (out / "report.html").read_text()
+
+
+def test_metrics_md_carries_the_disclaimer(tmp_path, tiny_bundle):
+    from dermscreen import DISCLAIMER
+
+    labels = _synthetic_set(tmp_path)
+    assert _run("--model", tiny_bundle, "--labels", labels, "--out", tmp_path / "o", "--bootstrap", 0).exit_code == 0
+    assert DISCLAIMER in (tmp_path / "o" / "metrics.md").read_text()

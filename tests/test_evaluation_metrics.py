@@ -193,3 +193,20 @@ def test_age_bands_and_subgroup_columns(tmp_path):
 def test_probs_shape_is_checked():
     with pytest.raises(ValueError, match="probs must be"):
         EvalData(np.array([0, 1]), np.ones((2, 3)) / 3, HAM10000)
+
+
+@pytest.mark.parametrize("data_format, source, ham", [
+    ("ham10000", "data/HAM10000_metadata.csv", True),
+    ("isic", "ISIC2018_Task3_Training_GroundTruth.csv", True),
+    ("plain", "my_clinic/labels.csv", False),  # the HAM10000 codes do not make the images HAM10000's
+])
+def test_model_card_claims_the_ham10000_licence_only_for_ham10000_data(data_format, source, ham):
+    pytest.importorskip("torch")  # training.export imports torch
+    from dermscreen.training.export import HAM_CITATION, build_card
+
+    summary = {"source": source, "images": 40, "groups": 20, "class_counts": {"mel": 20, "nv": 20}}
+    card = build_card(summary, data_format, "ham10000", 96)
+    assert ("CC BY-NC-SA" in card.licence) is ham and ("HAM10000" in card.licence) is ham
+    assert (card.citation == HAM_CITATION) is ham
+    if not ham:
+        assert card.citation == "" and "owner" in card.licence and "Fill it in" in card.licence

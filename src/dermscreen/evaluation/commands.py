@@ -76,11 +76,13 @@ def evaluate(
     tta: Annotated[bool, typer.Option(help="Average the logits over 4 flipped views (4x slower).")] = False,
     split_file: Annotated[Optional[Path], typer.Option(help="image_id,split CSV from a training run; evaluate "
                                                             "only the --split images.")] = None,
-    split: Annotated[str, typer.Option(help="Which split of --split-file to evaluate.")] = "test",
+    split: Annotated[Optional[str], typer.Option(help="Which split of --split-file to evaluate (default: test); "
+                                                     "needs --split-file.")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs (0: no CIs).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     min_subgroup: Annotated[int, typer.Option(min=1, help="Smallest subgroup (sex, age band, site) "
                                                           "that gets metrics.")] = 20,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier evaluation's files in --out.")] = False,
 ) -> None:
     """Evaluate a model bundle on labelled images: metrics with 95% CIs, subgroups, plots, HTML report."""
     from rich.console import Console
@@ -94,12 +96,19 @@ def evaluate(
     try:
         result = run_evaluation(model, labels, images, out, batch_size=batch_size, tta=tta,
                                 split_file=split_file, split=split, bootstrap=bootstrap, seed=seed,
-                                min_subgroup=min_subgroup, progress=progress)
+                                min_subgroup=min_subgroup, progress=progress, overwrite=overwrite)
     except DermscreenError as exc:
         progress.close()
         console.print("[bold red]Error:[/bold red]", escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+    data = result.metrics["data"]
+    missing = (data.get("split") or {}).get("missing_from_labels")
+    stdout.print(escape(f"{data['selection']}: {result.metrics['overall']['n']:,} images")
+                 + (f" ({missing:,} listed images are not in the labels)" if missing else "") + ".",
+                 highlight=False, soft_wrap=True)
     stdout.print(_summary_table(result.metrics))
+    for warning in result.metrics.get("warnings", []):
+        console.print("[bold yellow]Warning:[/bold yellow]", escape(warning), highlight=False, soft_wrap=True)
     if result.metrics["classes_absent"]:
         stdout.print(f"Evaluated on the classes present only: {', '.join(result.metrics['classes_evaluated'])} "
                       f"(absent: {', '.join(result.metrics['classes_absent'])}).")

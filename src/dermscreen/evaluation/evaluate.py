@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,24 +115,90 @@ def _ood_summary(bundle: Bundle, preds: Predictions) -> dict[str, Any]:
             "validation_kept": bundle.manifest.ood.validation_kept}
 
 
+# Every file an evaluation writes. A folder holding any of them is refused unless overwrite=True: refusing is
+# safer than clearing them (a mistyped --out never destroys an earlier evaluation), and with --overwrite all of
+# these names are rewritten, so no file of the old run survives beside the new ones.
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "metrics.md", "report.html", *PLOT_FILES.values())
+
+# Splits of a training run whose images the model saw: scores on them are not held-out.
+SEEN_SPLITS = {
+    "train": "these images trained this model",
+    "val": "these images chose this model's checkpoint and calibrated it (temperature, operating points)",
+}
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path when an evaluation can be written there; ConfigError with a sentence otherwise.
+
+    Writes nothing: a failed evaluation leaves no folder behind.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"Cannot write to {out}: it is a file, not a folder. Give a new or empty folder as --out.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"Cannot write to {out}: {parent} is a file, not a folder. Give another --out.")
+    try:  # a real probe, not os.access: root passes os.access everywhere, and /proc or a read-only mount refuse
+        os.rmdir(tempfile.mkdtemp(prefix=".dermscreen-write-check-", dir=parent))
+    except OSError:
+        raise ConfigError(f"Cannot write to {out}: {parent} is not writable. Give another --out.") from None
+    if out.is_dir() and not overwrite:
+        found = [name for name in OUTPUT_FILES if (out / name).exists()]
+        if found:
+            raise ConfigError(
+                f"{out} already holds an evaluation ({', '.join(found)}); give a new or empty folder as --out, "
+                "or --overwrite to replace it.")
+    return out
+
+
+def describe_selection(labels: str | Path, split_info: dict | None) -> str:
+    """Which images an evaluation reports on: 'test split of runs/x/split.csv' or 'all images of labels.csv'."""
+    if split_info:
+        return f"{split_info['split']} split of {split_info['file']}"
+    return f"all images of {labels}"
+
+
+def held_out_warning(split_info: dict | None) -> str | None:
+    """A sentence when the evaluated split is one the model saw in training (train, val); None otherwise."""
+    seen = SEEN_SPLITS.get((split_info or {}).get("split", ""))
+    if seen is None:
+        return None
+    return (f"Split {split_info['split']!r} of {split_info['file']}: {seen}, so these scores are not held-out and "
+            "overstate how the model does on new images. Evaluate the test split for held-out scores.")
+
+
 def _load(model: str | Path | None, labels: str | Path, images: str | Path | None,
-          split_file: str | Path | None, split: str) -> tuple[Bundle, LabelledSet, dict | None]:
-    if split_file is None and split != "test":
-        raise ConfigError("--split selects ids from a --split-file; give the split file too.")
+          split_file: str | Path | None, split: str | None) -> tuple[Bundle, LabelledSet, dict | None]:
     bundle = Bundle.load(resolve_model(model))
+    if split_file is None and split is not None:
+        # without a split file every row of the labels would be scored under the name of the split
+        recorded = bundle.manifest.training.get("split_file") if isinstance(bundle.manifest.training, dict) else None
+        hint = f" (this model's training run wrote {recorded})" if recorded else ""
+        raise ConfigError(
+            f"--split {split} needs --split-file, the image_id,split CSV of the training run{hint}; without it "
+            f"all images of {labels} would be evaluated. Give --split-file, or leave out --split to evaluate "
+            "all images.")
     data = load_labels(labels, images, taxonomy=bundle.manifest.taxonomy)
     split_info = None
     if split_file is not None:
-        data, split_info = select_split(data, split_file, split)
+        data, split_info = select_split(data, split_file, split or "test")
     return bundle, data, split_info
 
 
 def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | None, out: str | Path,
-             batch_size: int = 32, tta: bool = False, split_file: str | Path | None = None, split: str = "test",
-             *, bootstrap: int = 1000, seed: int = 0, min_subgroup: int = 20, workers: int | None = None,
-             progress: Progress | None = None) -> EvaluationResult:
-    """Evaluate bundle ``model`` (None: the default model) on ``labels``; writes every output into ``out``."""
+             batch_size: int = 32, tta: bool = False, split_file: str | Path | None = None,
+             split: str | None = None, *, bootstrap: int = 1000, seed: int = 0, min_subgroup: int = 20,
+             workers: int | None = None, progress: Progress | None = None,
+             overwrite: bool = False) -> EvaluationResult:
+    """Evaluate bundle ``model`` (None: the default model) on ``labels``; writes every output into ``out``.
+
+    ``split`` of ``split_file`` (default: test) selects the images; ``split`` without ``split_file`` is refused.
+    ``out`` must not hold an earlier evaluation unless ``overwrite``.
+    """
     progress = progress or Progress()
+    out = check_out(out, overwrite)  # before any work: a bad --out must not fail after the bootstrap
     progress.phase("Loading the model and the labels")
     bundle, data, split_info = _load(model, labels, images, split_file, split)
     progress.start_images(len(data))
@@ -145,14 +213,15 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "model": _model_info(bundle),
-        "data": {**data.summary(), "split": split_info},
+        "data": {**data.summary(), "split": split_info, "selection": describe_selection(labels, split_info)},
+        "warnings": [w for w in [held_out_warning(split_info)] if w],
         "settings": {"tta": TTA_MODE if tta else False, "batch_size": batch_size, "min_subgroup": min_subgroup},
         "ood": _ood_summary(bundle, preds),
         **compute_metrics(scored, [s.group_id for s in data.samples], subgroup_columns(data.samples),
                           n_boot=bootstrap, seed=seed, min_subgroup=min_subgroup, unit=unit),
     }
     progress.phase("Drawing plots and writing the report")
-    return _write_outputs(Path(out), data, preds, scored, metrics)
+    return _write_outputs(out, data, preds, scored, metrics)
 
 
 def _write_outputs(out: Path, data: LabelledSet, preds: Predictions, scored: EvalData,
@@ -164,7 +233,10 @@ def _write_outputs(out: Path, data: LabelledSet, preds: Predictions, scored: Eva
         "reliability": reliability_png(scored, headline["ece"]["value"],
                                        headline.get("ece_uncalibrated", {}).get("value")),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # checked up front by check_out; this catches what changed since
+        raise ConfigError(f"Cannot write to {out}: {exc.strerror or exc}.") from None
     files = {"predictions": out / "predictions.csv", "metrics": out / "metrics.json", "report": out / "report.html",
              "markdown": out / "metrics.md"}
     write_predictions(files["predictions"], data, preds)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import DISCLAIMER
+
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_auc", "malignant_auc", "melanoma_auc", "ece", "ece_uncalibrated")
 SUBGROUP_COLUMNS = ("balanced_accuracy", "malignant_auc", "melanoma_auc", "ece")
 
@@ -29,9 +31,12 @@ def to_markdown(metrics: dict) -> str:
     split = data.get("split") or {}
     model = metrics.get("model", {})
     parts = [f"Model `{model.get('name')}` {model.get('version', '')} (sha256 {str(model.get('sha256', ''))[:12]}), "
-             f"{overall['n']} images" + (f" of split `{split.get('split')}` ({split.get('file')})" if split else "")
+             f"{overall['n']} images" + (f" of split `{split.get('split')}` ({split.get('file')})" if split
+                                         else f" ({data['selection']})" if data.get("selection") else "")
              + f", TTA {'on' if metrics.get('settings', {}).get('tta') else 'off'}; 95 % CIs from "
              f"{metrics.get('bootstrap', {}).get('resamples', '?')} bootstrap resamples by lesion."]
+    parts += [f"> **Warning:** {w}" for w in metrics.get("warnings", [])]
+    parts.append(f"*{DISCLAIMER}*")
     parts.append(_table(["metric", "value (95 % CI)"],
                         [[k, fmt(overall["headline"].get(k))] for k in HEADLINE if k in overall["headline"]]))
     parts.append(_table(["class", "n", "sensitivity", "specificity", "AUC"],

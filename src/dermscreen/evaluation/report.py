@@ -139,7 +139,9 @@ def _header(metrics: dict[str, Any]) -> str:
             f"<p class=\"muted\">{escape(metrics['created'])} &middot; dermscreen "
             f"{escape(metrics['dermscreen_version'])} &middot; {ci} &middot; test-time augmentation: "
             f"{escape(metrics['settings']['tta'] or 'off')}</p>"
-            f"<p class=\"warn\"><strong>{escape(metrics['disclaimer'])}</strong></p>")
+            f"<p class=\"warn\"><strong>{escape(metrics['disclaimer'])}</strong></p>"
+            + "".join(f'<p class="warn"><strong>Not held-out:</strong> {escape(w)}</p>'
+                      for w in metrics.get("warnings", [])))
 
 
 def render_report(metrics: dict[str, Any], plots: dict[str, bytes], taxonomy: Taxonomy | None = None) -> str:

@@ -137,7 +137,10 @@ def build_card(data_summary: dict, data_format: str, taxonomy_name: str, image_s
                source_resolution: str | None = None, extra_training: str | None = None) -> ModelCard:
     """The model card for a model trained on the data described by ``data_summary`` (+ ``extra_training``, a
     sentence on training-only images from other manifests)."""
-    is_ham = data_format in ("ham10000", "isic") or taxonomy_name == "ham10000"
+    # HAM10000's licence and citation only when the manifest format says the data is HAM10000 (its metadata CSV,
+    # or the ISIC 2018 one-hot ground truth of the same images). A plain image,dx CSV may hold anyone's images,
+    # even with the HAM10000 codes: its licence is its owner's to state.
+    is_ham = data_format in ("ham10000", "isic")
     counts = ", ".join(f"{k} {v}" for k, v in data_summary.get("class_counts", {}).items())
     training_data = (f"{data_summary.get('images', '?')} images of {data_summary.get('groups', '?')} lesions "
                      f"({data_format} manifest {Path(str(data_summary.get('source') or '?')).name}); "
@@ -159,6 +162,7 @@ def build_card(data_summary: dict, data_format: str, taxonomy_name: str, image_s
                    "training data).")
         citation = HAM_CITATION
     else:
-        licence = "Inherits the licence of the training data; check it before any use or redistribution."
+        licence = ("Inherits the licence of the training data, which its owner must state: not known to "
+                   "dermscreen. Fill it in (card.licence) before any use or redistribution.")
         citation = ""
     return ModelCard(training_data=training_data, limitations=limitations, licence=licence, citation=citation)

@@ -83,3 +83,87 @@ def test_not_a_bundle(tmp_path):
         zf.writestr("readme.txt", "x")
     with pytest.raises(BundleError, match="no manifest.json"):
         Bundle.load(tmp_path / "e.zip")
+
+
+# ---- bad output folders, custom taxonomies, damaged segmenter runs (QA pass 2) --------------------------------
+def _two_class_data(folder, n=16):
+    """A plain image,dx CSV of random PNGs in the classes malig/benign, and a split.csv for it."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    rows, split = ["image,dx"], ["image_id,split"]
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"im{k}.png")
+        rows.append(f"im{k}.png,{('malig', 'benign')[k % 2]}")
+        split.append(f"im{k},{('train', 'train', 'val', 'test')[k % 4]}")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    (folder / "split.csv").write_text("\n".join(split) + "\n")
+    return folder / "data.csv", folder / "split.csv"
+
+
+def test_refit_ood_reads_the_data_with_the_bundles_own_taxonomy(tmp_path):
+    from tinybundle import make_tiny_bundle
+
+    from dermscreen.ood_fit import refit_ood
+    from dermscreen.taxonomy import DiagnosisClass, Taxonomy
+
+    two = Taxonomy(name="two", classes=[DiagnosisClass(code="malig", name="Malignant", group="malignant"),
+                                        DiagnosisClass(code="benign", name="Benign", group="benign")])
+    bundle = make_tiny_bundle(tmp_path / "b", taxonomy=two)
+    data, split = _two_class_data(tmp_path / "d")
+    out = refit_ood(bundle, data, split, tmp_path / "refit", threads=1)  # was: unknown diagnosis code 'benign'
+    refit = Bundle.load(out)
+    assert refit.manifest.taxonomy.codes == ["malig", "benign"] and refit.manifest.ood.colour_threshold > 0
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_bundle_write_and_refit_ood_refuse_an_unwritable_out(tiny_bundle, tmp_path, where):
+    from dermscreen.errors import ConfigError
+    from dermscreen.ood_fit import refit_ood
+
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    out = afile if where == "file" else afile / "bundle"
+    source = Bundle.load(tiny_bundle)
+    with pytest.raises(ConfigError, match="Cannot write to .* is a file"):
+        Bundle.write(out, source.manifest, {n: source.file(n) for n in source.manifest.files})
+    with pytest.raises(ConfigError, match="Cannot write to .* is a file"):  # before any image is read
+        refit_ood(tiny_bundle, tmp_path / "no.csv", tmp_path / "no_split.csv", out)
+    assert afile.read_text() == "hi"
+
+
+def test_check_output_folder_leaves_no_folder_behind(tmp_path):
+    from dermscreen.bundle import check_output_folder
+
+    assert check_output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spec_text,says", [("not json", "not valid JSON"),
+                                            ('{"spec": {"backbone": 3}}', "spec is missing or malformed"),
+                                            ('{"history": []}', "spec is missing or malformed")])
+def test_add_segmenter_names_a_damaged_segmenter_json(tiny_bundle, tmp_path, spec_text, says):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    run = tmp_path / "seg"
+    run.mkdir()
+    (run / "segmenter.onnx").write_bytes(b"x")
+    (run / "segmenter.json").write_text(spec_text)
+    result = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(tiny_bundle), "--segmenter", str(run),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "segmenter.json is not a valid train-segmenter spec" in text and says in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_add_segmenter_refuses_an_unwritable_out(tiny_bundle, tmp_path):
+    from dermscreen.errors import ConfigError
+    from dermscreen.lesion import add_segmenter
+
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(ConfigError, match="is a file"):
+        add_segmenter(tiny_bundle, tmp_path / "afile", b"x", None)

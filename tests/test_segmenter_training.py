@@ -134,3 +134,55 @@ def test_zoom_out_probability_is_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="zoom-out"):
         train_segmenter(tmp_path / "none.csv", tmp_path, image_size=96, zoom_out=1.5)
+
+
+def _labelled_images(folder, codes, n_per_class=8):
+    """A plain image,dx CSV of random PNGs with the given diagnosis codes (any codes: a custom taxonomy's)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows = ["image,dx"]
+    for code in codes:
+        for k in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{code}{k}.png")
+            rows.append(f"{code}{k}.png,{code}")
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    return folder / "data.csv"
+
+
+def test_labels_outside_ham10000_are_accepted_and_every_missing_mask_is_listed_before_training(tmp_path):
+    from dermscreen.training.segmenter import train_segmenter
+
+    csv_path = _labelled_images(tmp_path / "d", ("malig", "benign"))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("malig0", "malig1", "benign0"):  # 13 of 16 masks are missing
+        (masks / f"{name}_segmentation.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"13 mask\(s\) not found: .*and 8 more") as err:
+        train_segmenter(csv_path, tmp_path / "seg", masks=masks, image_size=64, epochs=1)
+    assert "unknown diagnosis" not in str(err.value) and not (tmp_path / "seg").exists()
+
+
+def test_the_segmenter_split_of_ham10000_codes_is_unchanged(tmp_path):
+    from dermscreen.manifests import load_labels
+    from dermscreen.taxonomy import HAM10000
+    from dermscreen.training.segmenter import _AnyCodes, _split
+
+    csv_path = _labelled_images(tmp_path / "d", ("nv", "mel", "bkl"))
+    ham = load_labels(csv_path)
+    anyc = load_labels(csv_path, taxonomy=_AnyCodes(name="any", classes=list(HAM10000.classes)))
+    assert anyc.labels == ham.labels
+    assert {k: [s.image_id for s in v] for k, v in _split(anyc, None, 0).items()} == \
+        {k: [s.image_id for s in v] for k, v in _split(ham, None, 0).items()}
+    assert HAM10000.num_classes == 7  # the shared taxonomy is not extended
+
+
+def test_out_holding_the_bundle_is_refused_before_training(tiny_bundle, tmp_path):
+    import shutil
+
+    from dermscreen.training.segmenter import train_segmenter
+
+    shutil.copytree(tiny_bundle, tmp_path / "run" / "bundle")
+    with pytest.raises(ConfigError, match="never modified in place"):
+        train_segmenter(tmp_path / "none.csv", tmp_path / "run", bundle=tmp_path / "run" / "bundle", image_size=64)

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import zipfile
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
 from .calibration import OperatingPoint
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .metadata import MetadataSpec
 from .preprocess import Preprocessing
 from .taxonomy import Taxonomy
@@ -153,6 +154,39 @@ def resolve_bundle_path(model: str | Path | None) -> Path:
     )
 
 
+def check_output_folder(folder: str | Path) -> Path:
+    """Raise ConfigError with a sentence unless ``folder`` is, or can be made, a folder we can write into.
+
+    Run before any long work, so a bad ``--out`` fails at once; folders made for the check are removed again.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"Cannot write to {folder}: it is a file, not a folder. Choose another --out.")
+    missing, parent = [], folder.absolute()
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"Cannot write to {folder}: {parent} is a file, not a folder. Choose another --out.")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dermscreen-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write to {folder}: {exc.strerror or exc}. Choose another --out.") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return folder
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -217,7 +251,7 @@ class Bundle:
     @staticmethod
     def write(folder: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Path:
         """Write ``files`` and a manifest carrying their hashes into ``folder``; returns the folder."""
-        folder = Path(folder)
+        folder = check_output_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = manifest.model_copy(update={"files": {n: sha256_bytes(b) for n, b in sorted(files.items())}})
         for name, data in files.items():

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from .bundle import SEGMENTER_BATCH_DIM, Bundle, SegmenterSpec
+from .bundle import SEGMENTER_BATCH_DIM, Bundle, SegmenterSpec, check_output_folder
 from .errors import BundleError, ConfigError
 from .explain import palette_png
 from .preprocess import shrink_within
@@ -422,6 +422,7 @@ def add_segmenter(bundle_dir: str | Path, out: str | Path, onnx_bytes: bytes, sp
     out = Path(out)
     if out.resolve() == Path(bundle_dir).resolve():
         raise ConfigError("The output folder must differ from the bundle: a bundle is never modified in place.")
+    check_output_folder(out)  # a bad --out fails with a sentence, before anything is read
     source = Bundle.load(bundle_dir)  # verified: never extend a bundle whose files do not match its hashes
     try:
         OnnxSegmenter(onnx_bytes, spec).probabilities(np.zeros((spec.image_size, spec.image_size, 3), np.uint8))
@@ -442,7 +443,12 @@ def add_segmenter_from_run(bundle_dir: str | Path, run_dir: str | Path, out: str
     onnx_path, spec_path = run_dir / "segmenter.onnx", run_dir / "segmenter.json"
     if not onnx_path.is_file() or not spec_path.is_file():
         raise ConfigError(f"{run_dir} is not a train-segmenter run: it needs segmenter.onnx and segmenter.json.")
-    spec = SegmenterSpec.model_validate(json.loads(spec_path.read_text(encoding="utf-8"))["spec"])
+    try:
+        spec = SegmenterSpec.model_validate(json.loads(spec_path.read_text(encoding="utf-8"))["spec"])
+    except (ValueError, KeyError, TypeError) as exc:  # bad JSON, no "spec", or a spec pydantic refuses
+        detail = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "its spec is missing or malformed"
+        raise ConfigError(f"{spec_path} is not a valid train-segmenter spec ({detail}); "
+                          "re-run train-segmenter or restore the file.") from None
     return add_segmenter(bundle_dir, out, onnx_path.read_bytes(), spec)
 
 

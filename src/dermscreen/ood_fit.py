@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, OODSpec
+from .bundle import Bundle, OODSpec, check_output_folder
 from .errors import ConfigError
 from .imaging import read_image_file
 from .manifests import LabelledSet, load_labels
@@ -105,12 +105,15 @@ def refit_ood(bundle_path: str | Path, data_csv: Path, split_csv: Path, out: Pat
     out = Path(out)
     if out.exists() and out.resolve() == Path(bundle_path).resolve():
         raise ConfigError("The output folder must differ from the bundle: a bundle is never modified in place.")
+    check_output_folder(out)  # a bad --out must fail now, not after the images are read
     bundle = Bundle.load(bundle_path)  # verified
     m = bundle.manifest
     if m.ood is None or "ood_mean" not in bundle.arrays:
         raise ConfigError(f"{bundle.source} has no embedding OOD statistics to keep; re-export it from training.")
     split = read_split_file(split_csv)
-    train, val = ood_images(load_labels(data_csv, images), split, [load_labels(p) for p in extra])
+    # the CSVs use the model's own classes (a custom taxonomy is not HAM10000's)
+    train, val = ood_images(load_labels(data_csv, images, taxonomy=m.taxonomy), split,
+                            [load_labels(p, taxonomy=m.taxonomy) for p in extra])
     tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: None)
     train_colour = file_colours(train, tick("training images", len(train)))  # the model is not needed for these
     val_colour, val_emb = _features(bundle, val, threads, tick("validation images", len(val)))

@@ -47,7 +47,11 @@ def train(
     from .config import load_config
     from .fit import train as run_training
 
+    from ..bundle import check_output_folder
+
+    before = _run_files(out)
     try:
+        check_output_folder(out)  # a bad --out fails now, with a sentence
         if config is None and resume and (out / "config.yaml").is_file():
             config = out / "config.yaml"
         overrides = dict(data=_str(data), images=_str(images), epochs=epochs, device=device, max_images=max_images,
@@ -55,8 +59,19 @@ def train(
         cfg = load_config(config, **overrides)
         result = run_training(cfg, out, resume=resume, progress=not no_progress)
     except DermscreenError as exc:
+        if not resume:
+            _remove_unstarted(out, before)
         _fail(exc)
         return
+    except KeyboardInterrupt:
+        if (out / "checkpoints" / "last.pt").is_file():
+            typer.secho(f"Interrupted; continue with: dermscreen train --out {out} --resume", err=True)
+        else:
+            if not resume:
+                _remove_unstarted(out, before)
+            typer.secho("Interrupted before the first epoch was saved; nothing to resume: run the same command "
+                        "again to start over.", err=True)
+        raise typer.Exit(code=130) from None
     if result.bundle_dir is not None:
         m = result.metrics
         what = (f"{len(cfg.ensemble_seeds)} members, {result.epochs_run} epoch(s) in all (each member's best epoch "
@@ -81,6 +96,10 @@ def export(
     from .reexport import export_run
 
     try:
+        if out is not None:
+            from ..bundle import check_output_folder
+
+            check_output_folder(out)  # before minutes of re-calibration and ONNX export
         folder = export_run(run, out, data=_str(data), images=_str(images), device=device)
     except DermscreenError as exc:
         _fail(exc)
@@ -99,14 +118,14 @@ def train_segmenter(
                                          "(default: <images folder>/../masks)."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm EfficientNet(-Lite) encoder."),
     weights: str = typer.Option("imagenet", "--weights", help="imagenet (offline package), a file, timm[:tag] or none."),
-    image_size: int = typer.Option(256, "--image-size", help="Square input size, a multiple of 16."),
-    epochs: int = typer.Option(20, "--epochs"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr", help="Decoder learning rate (the encoder gets a third of it)."),
+    image_size: int = typer.Option(256, "--image-size", min=16, help="Square input size, a multiple of 16."),
+    epochs: int = typer.Option(20, "--epochs", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    lr: float = typer.Option(1e-3, "--lr", help="Decoder learning rate, above 0 (the encoder gets a third of it)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Lesion-grouped subsample (smoke runs)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if present), cpu, cuda or cuda:N."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="Data-loading worker processes."),
     seed: int = typer.Option(0, "--seed", help="Split and training seed (0: the classifier recipe's split)."),
     zoom_out: float = typer.Option(0.5, "--zoom-out", help="Share of training images shown zoomed out (placed small, "
                                    "off-centre, in a mirrored wider field) so small lesions in wide photos are found."),
@@ -147,6 +166,42 @@ def add_segmenter(
         _fail(exc)
         return
     typer.echo(f"Bundle with segmenter: {folder}")
+
+
+_RUN_FILES = ("config.yaml", "split.csv", "train.log", "history.csv", "learning_curves.png")
+
+
+def _run_files(out: Path) -> dict[str, Optional[int]]:
+    """Modification times (None: absent) of the run files in ``out``, to tell what a failed start wrote."""
+    stamps: dict[str, Optional[int]] = {}
+    for name in _RUN_FILES:
+        try:
+            stamps[name] = (out / name).stat().st_mtime_ns
+        except OSError:
+            stamps[name] = None
+    stamps["folder"] = 1 if out.exists() else None
+    return stamps
+
+
+def _remove_unstarted(out: Path, before: dict[str, Optional[int]]) -> None:
+    """After a fresh run failed before its first epoch (no last.pt), remove the run files it wrote, so the
+    folder does not look like a started run (a bad backbone or weights fails after they are written)."""
+    try:
+        if (out / "checkpoints" / "last.pt").exists() or not out.is_dir():
+            return
+        for name in _RUN_FILES:
+            path = out / name
+            try:
+                changed = path.stat().st_mtime_ns != before.get(name)
+            except OSError:
+                continue
+            if changed:
+                path.unlink()
+        for folder in (out / "checkpoints", out) if before["folder"] is None else (out / "checkpoints",):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    except OSError:
+        pass  # best effort: the error itself is what the user needs to see
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

@@ -44,8 +44,17 @@ class RunFolder:
         if not resume and self.last_pt.exists():
             raise ConfigError(f"{self.root} already holds a training run. Use --resume to continue it, "
                               "or choose a new --out folder.")
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(self.log_file, mode="a", encoding="utf-8")
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an existing file, /dev/null/x, /proc/x, no permission
+            raise ConfigError(f"Cannot write the run folder {self.root}: {exc.strerror or exc}. "
+                              "Choose another --out.") from None
+        if not resume:
+            # a fresh run (no last.pt): files left by a run stopped before its first epoch are not this run's
+            for stale in (self.history_csv, self.curves_png, self.best_pt):
+                stale.unlink(missing_ok=True)
+        # a fresh run starts a fresh log; a resumed one continues its own
+        to_file = logging.FileHandler(self.log_file, mode="a" if resume else "w", encoding="utf-8")
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         # warnings (no operating points, exporter fallback) must reach the user, not only the log file
         to_console = logging.StreamHandler(sys.stderr)

@@ -36,11 +36,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..bundle import SEGMENTER_BATCH_DIM, SEGMENTER_FILE, Bundle, SegmenterSpec
+from ..bundle import SEGMENTER_BATCH_DIM, SEGMENTER_FILE, Bundle, SegmenterSpec, check_output_folder
 from ..errors import BundleError, ConfigError
 from ..lesion import add_segmenter, bootstrap_ci, dice_iou  # noqa: F401 (dice_iou: part of this API)
 from ..manifests import LabelledSet, Sample, load_labels
 from ..splits import grouped_split
+from ..taxonomy import HAM10000, DiagnosisClass, Taxonomy
 from .backbones import DEFAULT_BACKBONE, create_backbone
 from .data import load_rgb, zoom_out
 
@@ -228,6 +229,19 @@ class SegmenterResult:
     wall_time_s: float
 
 
+class _AnyCodes(Taxonomy):
+    """HAM10000's classes, then any other code as it is met: train-segmenter reads no diagnoses, and the split is
+    stratified by whatever codes the CSV uses (HAM10000 data keeps the classifier recipe's split)."""
+
+    def index(self, code: str) -> int:
+        key = code.strip().lower()
+        for i, c in enumerate(self.classes):
+            if c.code == key:
+                return i
+        self.classes.append(DiagnosisClass.model_construct(code=key, name=key, group="benign", description=""))
+        return len(self.classes) - 1
+
+
 def _subsample(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
     if not n or n >= len(samples):
         return samples
@@ -251,22 +265,35 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
     """Train on ``data_csv``'s images and masks, export ONNX into ``out`` (and a bundle); returns SegmenterResult."""
     from .distributed import resolve_device
 
+    for name, value in (("--epochs", epochs), ("--image-size", image_size), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} {value} must be at least 1.")
+    if not lr > 0:
+        raise ConfigError(f"--lr {lr:g} must be above 0.")
     if image_size % 16:  # the encoder is cut after its stride-16 stage (see the module docstring)
         raise ConfigError(f"image size {image_size} must be a multiple of 16 (the encoder's deepest stride used).")
     if not 0.0 <= zoom_out <= 1.0:
         raise ConfigError(f"zoom-out probability {zoom_out} must be between 0 and 1.")
     start = time.perf_counter()
+    out = Path(out)
+    check_output_folder(out)  # a bad --out should fail now, not after hours of training
     if bundle is not None:
+        if (out / "bundle").resolve() == Path(bundle).resolve():
+            raise ConfigError(f"--bundle {bundle} is the folder this run writes its new bundle to ({out / 'bundle'}): "
+                              "a bundle is never modified in place; give another --out.")
         Bundle.load(bundle)  # a wrong --bundle should fail now, not after hours of training
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    data = load_labels(data_csv, images)
+    # the segmenter needs images and masks only: any diagnosis codes are accepted (custom taxonomies too)
+    data = load_labels(data_csv, images, taxonomy=_AnyCodes(name="any", classes=list(HAM10000.classes)))
     parts = _split(data, max_images, seed)
-    for s in parts["train"][:1] + parts["val"][:1]:
-        if not mask_path(s, masks).is_file():
-            raise ConfigError(f"No mask for {s.image_id} at {mask_path(s, masks)}; give --masks FOLDER.")
+    missing = [mask_path(s, masks) for part in parts.values() for s in part if not mask_path(s, masks).is_file()]
+    if missing:  # all of them now, not one by one in the middle of training
+        shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"{len(missing)} mask(s) not found: {shown}. Give --masks FOLDER holding "
+                          "<image_id>_segmentation.png for every image, or leave those images out of --data.")
     encoder, info = create_backbone(backbone, weights)
     spec = SegmenterSpec(backbone=backbone, image_size=image_size, mean=info.mean, std=info.std)
     model = LesionSegmenterNet(encoder).to(dev)

@@ -177,7 +177,8 @@ def check_output_folder(folder: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"Cannot write to {folder}: {exc.strerror or exc}. Choose another --out.") from None
+        raise ConfigError(f"Cannot write to {folder}: it is not writable ({exc.strerror or exc}). "
+                          "Choose another --out.") from None
     finally:
         for d in reversed(created):
             try:

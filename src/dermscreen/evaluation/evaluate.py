@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import DISCLAIMER, __version__
-from ..bundle import Bundle
+from ..bundle import Bundle, check_output_folder
 from ..errors import ConfigError, ManifestError
 from ..inference import Predictions, predict_samples, resolve_model
 from ..manifests import LabelledSet, load_labels
@@ -130,20 +128,9 @@ SEEN_SPLITS = {
 def check_out(out: str | Path, overwrite: bool = False) -> Path:
     """``out`` as a Path when an evaluation can be written there; ConfigError with a sentence otherwise.
 
-    Writes nothing: a failed evaluation leaves no folder behind.
+    Writes nothing: a failed evaluation leaves no folder behind (bundle.check_output_folder removes what it made).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"Cannot write to {out}: it is a file, not a folder. Give a new or empty folder as --out.")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"Cannot write to {out}: {parent} is a file, not a folder. Give another --out.")
-    try:  # a real probe, not os.access: root passes os.access everywhere, and /proc or a read-only mount refuse
-        os.rmdir(tempfile.mkdtemp(prefix=".dermscreen-write-check-", dir=parent))
-    except OSError:
-        raise ConfigError(f"Cannot write to {out}: {parent} is not writable. Give another --out.") from None
+    out = check_output_folder(out)
     if out.is_dir() and not overwrite:
         found = [name for name in OUTPUT_FILES if (out / name).exists()]
         if found:

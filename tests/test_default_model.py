@@ -110,6 +110,49 @@ def test_heldout_ids_are_in_the_runs_test_split_only(bundle, ham224_dir):
     assert len(test_ids) == bundle.manifest.training["splits"]["test"]["images"]
 
 
+def test_evaluate_remakes_the_shipped_models_split_without_its_split_file(bundle, ham224_dir, ham_dir):
+    """`dermscreen evaluate --split test` alone reproduces the model card's test selection: the shipped model
+    does not carry its run's split.csv, so the split is remade from its manifest's rule and checked there."""
+    from types import SimpleNamespace
+
+    from dermscreen.errors import ConfigError
+    from dermscreen.evaluation.evaluate import _load, remade_split
+    from dermscreen.manifests import load_labels
+
+    labels = ham224_dir / "HAM10000_metadata.csv"
+    recorded = bundle.manifest.training["splits"]
+    _, test, info = _load(DEFAULT, labels, None, None, "test")
+    ids = {s.image_id for s in test.samples}
+    assert info["remade"] and "as the model's training run split it" in info["file"]
+    assert len(ids) == recorded["test"]["images"] == 855 and test.class_counts() == recorded["test"]["class_counts"]
+    assert {i for i, _ in _heldout()} <= ids
+    _, val, _ = _load(DEFAULT, labels, None, None, "val")
+    assert len(val) == recorded["val"]["images"] and not ids & {s.image_id for s in val.samples}
+
+    # another labels file (the whole-frame copy) cannot remake it
+    with pytest.raises(ConfigError, match="different file"):
+        _load(DEFAULT, ham_dir / "HAM10000_metadata.csv", None, None, "test")
+    # evaluating every image of a file the model trained from is flagged as not held-out; the test split is not
+    from dermscreen.evaluation.evaluate import training_labels_warning
+    for path, words in ((labels, "training and validation images are among the 5984"),
+                        (ham_dir / "HAM10000_metadata.csv", "images the model trained on are among the 10015")):
+        b, everything, chosen = _load(DEFAULT, path, None, None, None)
+        assert words in training_labels_warning(b, everything, chosen)
+    assert training_labels_warning(bundle, test, info) is None
+    # a remade split that differs from the manifest's record is refused: counts (this model) or hash (newer ones)
+    data = load_labels(labels, ham224_dir / "images", taxonomy=bundle.manifest.taxonomy)
+    training = json.loads(json.dumps(bundle.manifest.training))
+    training["splits"]["test"]["class_counts"]["df"] += 1
+    with pytest.raises(ConfigError, match="does not match"):
+        remade_split(SimpleNamespace(manifest=SimpleNamespace(training=training)), data, "test")
+    training = json.loads(json.dumps(bundle.manifest.training))
+    training["split"] = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "sha256": info["sha256"]}
+    assert len(remade_split(SimpleNamespace(manifest=SimpleNamespace(training=training)), data, "test")[0]) == 855
+    training["split"]["sha256"] = "0" * 64
+    with pytest.raises(ConfigError, match="does not match"):
+        remade_split(SimpleNamespace(manifest=SimpleNamespace(training=training)), data, "test")
+
+
 def test_scores_well_above_chance_on_200_heldout_images(bundle, ham224_dir):
     rows = _heldout()
     codes = bundle.manifest.taxonomy.codes

@@ -143,6 +143,16 @@ def test_tiny_run_bundle_refuses_tampering_and_evaluates_on_the_test_split(tiny_
                   split_file=tiny_run / "split.csv", split="test", bootstrap=20)
     assert ev.metrics["data"]["images"] == len(_read_split(tiny_run)["test"])
 
+    # without split.csv the same images are chosen: the split is remade from the rule and hash the manifest records
+    # (tiny.yaml subsamples with max_images, so the subsample is remade too)
+    rule = Bundle.load(tiny_run / "bundle").manifest.training["split"]
+    assert rule["max_images"] and len(rule["sha256"]) == 64
+    remade = evaluate(tiny_run / "bundle", ham_dir / "HAM10000_metadata.csv", None, tmp_path / "eval2",
+                      split="test", bootstrap=20)
+    assert remade.metrics["data"]["split"]["remade"] is True
+    with open(ev.files["predictions"], newline="") as a, open(remade.files["predictions"], newline="") as b:
+        assert a.read() == b.read()
+
 
 # ------------------------------------------------------------------------ (b) user taxonomies
 @pytest.mark.data

@@ -7,6 +7,7 @@ validation scores leak and mean nothing.
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,34 @@ def grouped_split(
             index = index[rest]
     out["train"] = sorted(index.tolist())
     return out
+
+
+def split_sha256(data: LabelledSet, split: dict[str, list[int]]) -> str:
+    """sha256 of a split as the sorted ``image_id,split`` lines: two splits of the same images agree exactly when
+    every image is in the same part, whatever the order of the rows."""
+    lines = sorted(f"{data.samples[i].image_id},{name}" for name, idx in split.items() for i in idx)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def subsample(data: LabelledSet, n: int, seed: int, min_per_class: int = 4) -> LabelledSet:
+    """About ``n`` images of ``data``, whole lesion groups, each class in proportion (at least ``min_per_class``)."""
+    # linear-time on purpose: StratifiedGroupKFold with 1/fraction folds takes minutes on HAM10000
+    rng = np.random.default_rng(seed)
+    members: dict[str, list[int]] = {}
+    for i, s in enumerate(data.samples):
+        members.setdefault(s.group_id, []).append(i)
+    labels = np.asarray(data.labels)
+    counts = np.bincount(labels, minlength=data.taxonomy.num_classes)
+    target = np.minimum(counts, np.maximum(min_per_class, np.round(n * counts / len(data)))).astype(int)
+    taken = np.zeros_like(target)
+    keep: list[int] = []
+    for g in rng.permutation(list(members)):
+        idx = members[g]
+        c = labels[idx[0]]
+        if taken[c] < target[c]:
+            keep.extend(idx)
+            taken[c] += len(idx)
+    return data.subset(sorted(keep))
 
 
 def assert_no_group_leak(data: LabelledSet, split: dict[str, list[int]]) -> None:

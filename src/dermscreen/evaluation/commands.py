@@ -76,8 +76,11 @@ def evaluate(
     tta: Annotated[bool, typer.Option(help="Average the logits over 4 flipped views (4x slower).")] = False,
     split_file: Annotated[Optional[Path], typer.Option(help="image_id,split CSV from a training run; evaluate "
                                                             "only the --split images.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Which split of --split-file to evaluate (default: test); "
-                                                     "needs --split-file.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Which split to evaluate: train, val or test (default with "
+                                                     "--split-file: test). Without --split-file, the model's own "
+                                                     "lesion-grouped split is remade from --labels, which must be "
+                                                     "the labels it was trained on (checked against its "
+                                                     "manifest).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs (0: no CIs).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     min_subgroup: Annotated[int, typer.Option(min=1, help="Smallest subgroup (sex, age band, site) "

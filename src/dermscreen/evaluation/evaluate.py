@@ -18,7 +18,7 @@ from ..bundle import Bundle, check_output_folder
 from ..errors import ConfigError, ManifestError
 from ..inference import Predictions, predict_samples, resolve_model
 from ..manifests import LabelledSet, load_labels
-from ..splits import read_split_file
+from ..splits import SPLIT_NAMES, grouped_split, read_split_file, split_sha256, subsample
 from .markdown import to_markdown
 from .metrics import EvalData, compute_metrics, subgroup_columns
 from .plots import confusion_matrix_png, reliability_png, roc_png
@@ -156,22 +156,102 @@ def held_out_warning(split_info: dict | None) -> str | None:
             "overstate how the model does on new images. Evaluate the test split for held-out scores.")
 
 
+def training_labels_warning(bundle: Bundle, data: LabelledSet, split_info: dict | None) -> str | None:
+    """A sentence when all images of a labels file the model was trained from are evaluated (no split chosen)."""
+    if split_info is not None or not isinstance(bundle.manifest.training, dict):
+        return None
+    training = bundle.manifest.training
+    main = (training.get("data") or {}).get("manifest_sha256")
+    extra = {e.get("manifest_sha256") for e in training.get("extra_train") or [] if isinstance(e, dict)}
+    if data.sha256 is None or data.sha256 not in {main, *extra} - {None}:
+        return None
+    if data.sha256 == main:
+        seen, how = "its training and validation images are", "Give --split test to score only its held-out test images."
+    else:  # an extra_train file: only lesions of the training part were taken from it
+        seen, how = "images the model trained on are", "Evaluate the test split of its main labels for held-out scores."
+    return (f"{data.source} is a labels file this model was trained from: {seen} among the {len(data)} evaluated, "
+            f"so these scores overstate how the model does on new images. {how}")
+
+
 def _load(model: str | Path | None, labels: str | Path, images: str | Path | None,
           split_file: str | Path | None, split: str | None) -> tuple[Bundle, LabelledSet, dict | None]:
     bundle = Bundle.load(resolve_model(model))
-    if split_file is None and split is not None:
-        # without a split file every row of the labels would be scored under the name of the split
-        recorded = bundle.manifest.training.get("split_file") if isinstance(bundle.manifest.training, dict) else None
-        hint = f" (this model's training run wrote {recorded})" if recorded else ""
-        raise ConfigError(
-            f"--split {split} needs --split-file, the image_id,split CSV of the training run{hint}; without it "
-            f"all images of {labels} would be evaluated. Give --split-file, or leave out --split to evaluate "
-            "all images.")
     data = load_labels(labels, images, taxonomy=bundle.manifest.taxonomy)
     split_info = None
     if split_file is not None:
         data, split_info = select_split(data, split_file, split or "test")
+    elif split is not None:
+        # without a split file every row of the labels would be scored under the name of the split: remake the
+        # model's own split from the rule its manifest records, or refuse
+        data, split_info = remade_split(bundle, data, split)
     return bundle, data, split_info
+
+
+def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[LabelledSet, dict[str, Any]]:
+    """The ``split`` part of the model's own train/val/test split, made again from the labels it was trained on.
+
+    A training run splits its labels by lesion with a seeded, deterministic rule that the manifest records, so
+    the same labels file gives the same split without the run's split.csv (which a shipped model does not carry).
+    The labels must be byte-identical to the training labels (manifest sha256) and the remade split must match
+    the manifest: its sha256 when recorded (models trained since 2026-11-23), else the image and class counts of
+    every part. Anything else is refused with a sentence (ConfigError): a near miss would score a split that
+    looks held-out and is not.
+    """
+    training = bundle.manifest.training if isinstance(bundle.manifest.training, dict) else {}
+    recipe = training.get("recipe") or {}
+    trained_on = training.get("data") or {}
+    rule = training.get("split") or {
+        "seed": training.get("split_seed"), "val_fraction": recipe.get("val_fraction"),
+        "test_fraction": recipe.get("test_fraction"), "max_images": recipe.get("max_images")}
+    recorded = training.get("split_file")
+    # a path on the machine that trained the model; named only where it exists (a shipped model's does not)
+    hint = f" (this model's training run wrote {recorded})" if recorded and Path(recorded).is_file() else ""
+    if None in (rule.get("seed"), rule.get("val_fraction"), rule.get("test_fraction")) or not trained_on:
+        raise ConfigError(
+            f"--split {split} needs --split-file, the image_id,split CSV of the training run{hint}: this model's "
+            f"manifest does not record how its split was made; without it all images of {data.source} would be "
+            "evaluated. Give --split-file, or leave out --split to evaluate all images.")
+    if trained_on.get("manifest_sha256") != data.sha256:
+        raise ConfigError(
+            f"--split {split} without --split-file remakes the model's lesion-grouped split from the labels it was "
+            f"trained on, {trained_on.get('source') or 'its training labels'} ({trained_on.get('images')} images), "
+            f"but {data.source} is a different file (its sha256 differs). Give that labels file, or the training "
+            f"run's split.csv as --split-file{hint}.")
+    selected = data
+    if rule.get("max_images") and rule["max_images"] < len(data):
+        selected = subsample(data, int(rule["max_images"]), int(rule["seed"]))
+    parts = grouped_split(selected, float(rule["val_fraction"]), float(rule["test_fraction"]), int(rule["seed"]))
+    if split not in parts:
+        raise ConfigError(f"Unknown split {split!r}: use one of {', '.join(SPLIT_NAMES)}.")
+    compare = ("val", "test") if training.get("extra_train") else SPLIT_NAMES
+    if not _same_split(selected, parts, rule.get("sha256"), training.get("splits") or {}, compare):
+        raise ConfigError(
+            f"The split remade from {data.source} does not match the one this model was trained with (another "
+            "scikit-learn version may split differently); give the training run's split.csv as --split-file"
+            f"{hint}.")
+    if not parts[split]:
+        raise ConfigError(f"This model's training run had no {split} split ({split} fraction 0): nothing to evaluate.")
+    how = f"seed {rule['seed']}, {rule['val_fraction']:g} validation, {rule['test_fraction']:g} test, by lesion"
+    info = {"file": f"{data.source} as the model's training run split it (remade: {how})", "split": split, "listed": len(parts[split]), "evaluated": len(parts[split]), "missing_from_labels": 0,
+            "remade": True, "sha256": split_sha256(selected, parts)}
+    return selected.subset(parts[split]), info
+
+
+def _same_split(data: LabelledSet, parts: dict[str, list[int]], sha256: str | None, recorded: dict,
+                compare: tuple[str, ...]) -> bool:
+    """Whether a remade split is the recorded one: by its hash when the manifest has it, else by the image and
+    class counts of the ``compare`` parts (the manifest's train counts include extra_train images, if any)."""
+    if sha256:
+        return split_sha256(data, parts) == sha256
+    if not recorded:
+        return False
+    for name in compare:
+        want = recorded.get(name) or {"images": 0, "class_counts": None}
+        if len(parts[name]) != want.get("images"):
+            return False
+        if parts[name] and data.subset(parts[name]).class_counts() != want.get("class_counts"):
+            return False
+    return True
 
 
 def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | None, out: str | Path,
@@ -181,7 +261,8 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
              overwrite: bool = False) -> EvaluationResult:
     """Evaluate bundle ``model`` (None: the default model) on ``labels``; writes every output into ``out``.
 
-    ``split`` of ``split_file`` (default: test) selects the images; ``split`` without ``split_file`` is refused.
+    ``split`` of ``split_file`` (default: test) selects the images; ``split`` without ``split_file``: that part of
+    the model's own split, remade from its training labels (``remade_split``), or refused.
     ``out`` must not hold an earlier evaluation unless ``overwrite``.
     """
     progress = progress or Progress()
@@ -201,7 +282,7 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
         "disclaimer": DISCLAIMER,
         "model": _model_info(bundle),
         "data": {**data.summary(), "split": split_info, "selection": describe_selection(labels, split_info)},
-        "warnings": [w for w in [held_out_warning(split_info)] if w],
+        "warnings": [w for w in [held_out_warning(split_info), training_labels_warning(bundle, data, split_info)] if w],
         "settings": {"tta": TTA_MODE if tta else False, "batch_size": batch_size, "min_subgroup": min_subgroup},
         "ood": _ood_summary(bundle, preds),
         **compute_metrics(scored, [s.group_id for s in data.samples], subgroup_columns(data.samples),

@@ -10,6 +10,7 @@ import torch
 
 from ..bundle import Manifest, ModelSpec
 from ..ood_fit import colour_check, file_colours
+from ..splits import split_sha256
 from .calibrate import calibrate, fit_ood, validation_metrics
 from .config import data_seed
 from .data import LesionDataset, load_rgb
@@ -111,6 +112,11 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "splits": {k: {"images": v["images"], "groups": v["groups"], "class_counts": v["class_counts"]}
                    for k, v in splits.items()},
         "split_file": str(run.split_csv.resolve()),
+        # how to make the split again from the same labels file (dermscreen evaluate --split, no --split-file):
+        # the rule, and the result's hash to prove the remade split is this one
+        "split": {"seed": data_seed(config), "val_fraction": config.val_fraction,
+                  "test_fraction": config.test_fraction, "max_images": config.max_images,
+                  "sha256": split_sha256(data, split)},
         "extra_train": [_extra_summary(source, taxonomy) for source in config.extra_train],
         "prior_correction": prior_record,
         "recipe": config.model_dump(mode="json"),

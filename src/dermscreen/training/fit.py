@@ -25,7 +25,7 @@ from ..errors import ConfigError, ManifestError
 from ..manifests import LabelledSet, image_id_of, load_labels
 from ..metadata import MetadataSpec
 from ..preprocess import Preprocessing
-from ..splits import SPLIT_NAMES, assert_no_group_leak, grouped_split
+from ..splits import SPLIT_NAMES, assert_no_group_leak, grouped_split, subsample
 from ..taxonomy import Taxonomy, load_taxonomy
 from . import distributed as D
 from .config import TrainConfig, data_seed, dump_config, load_config
@@ -71,27 +71,6 @@ def load_data(config: TrainConfig) -> tuple[LabelledSet, Taxonomy]:
     if config.max_images and config.max_images < len(data):
         data = subsample(data, config.max_images, data_seed(config))
     return data, taxonomy
-
-
-def subsample(data: LabelledSet, n: int, seed: int, min_per_class: int = 4) -> LabelledSet:
-    """About ``n`` images of ``data``, whole lesion groups, each class in proportion (at least ``min_per_class``)."""
-    # linear-time on purpose: StratifiedGroupKFold with 1/fraction folds takes minutes on HAM10000
-    rng = np.random.default_rng(seed)
-    members: dict[str, list[int]] = {}
-    for i, s in enumerate(data.samples):
-        members.setdefault(s.group_id, []).append(i)
-    labels = np.asarray(data.labels)
-    counts = np.bincount(labels, minlength=data.taxonomy.num_classes)
-    target = np.minimum(counts, np.maximum(min_per_class, np.round(n * counts / len(data)))).astype(int)
-    taken = np.zeros_like(target)
-    keep: list[int] = []
-    for g in rng.permutation(list(members)):
-        idx = members[g]
-        c = labels[idx[0]]
-        if taken[c] < target[c]:
-            keep.extend(idx)
-            taken[c] += len(idx)
-    return data.subset(sorted(keep))
 
 
 def make_split(data: LabelledSet, config: TrainConfig) -> dict[str, list[int]]:

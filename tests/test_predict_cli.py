@@ -63,6 +63,9 @@ def test_reports_are_written_where_asked(app, folder, tiny_bundle, tmp_path):
     assert fhir["resourceType"] == "DiagnosticReport"
     assert res.stdout.count("lesion.png") == 2  # one table row per image
     assert "not a diagnosis" in res.output
+    # this model refuses both images as out of distribution: no heatmap, and the user is told why
+    assert list((out / "heat").iterdir()) == []
+    assert " ".join(res.output.split()).count("no heatmap written: the image was not assessed") == 2
 
 
 def test_heatmap_files_for_assessable_images(app, folder, tiny_bundle, tmp_path):
@@ -78,6 +81,7 @@ def test_heatmap_files_for_assessable_images(app, folder, tiny_bundle, tmp_path)
     heat = Image.open(tmp_path / "heat" / "lesion.heatmap.png")
     assert heat.size == (200, 150) and heat.mode == "RGB"
     assert "concern" in res.stdout  # the table shows a risk tier, not "Cannot assess"
+    assert "no heatmap" not in res.output
 
 
 def test_bad_option_stops_with_usage_error(app, folder, tiny_bundle):

@@ -164,10 +164,15 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                 if as_json:
                     print(json.dumps({"file": str(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
-            elif as_json:
-                print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
             else:
-                _row(table, outcome.path, outcome.result)
+                if as_json:
+                    print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
+                else:
+                    _row(table, outcome.path, outcome.result)
+                if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
+                    # said, so a folder of heatmaps with gaps is not mistaken for files lost
+                    progress.console.print(f"[dim]{outcome.path}: no heatmap written: the image was not assessed "
+                                           "(see its reasons).[/]")
             progress.advance(task)
     if not as_json and table.row_count:
         Console().print(table)

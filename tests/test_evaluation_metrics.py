@@ -210,3 +210,6 @@ def test_model_card_claims_the_ham10000_licence_only_for_ham10000_data(data_form
     assert (card.citation == HAM_CITATION) is ham
     if not ham:
         assert card.citation == "" and "owner" in card.licence and "Fill it in" in card.licence
+    assert "40 images of 20 lesions" in card.training_data  # a summary without grouped_by: HAM-style lesions
+    card = build_card({**summary, "grouped_by": "images", "groups": 40}, data_format, "ham10000", 96)
+    assert "lesions" not in card.training_data and "each image was split on its own" in card.training_data

@@ -48,6 +48,20 @@ def test_plain_format_relative_paths(tmp_path):
     assert data.samples[0].sex == "female" and data.samples[0].group_id == "patient:P1"
 
 
+def test_the_split_unit_is_named_as_the_labels_give_it(tmp_path):
+    """Model cards and evaluations say 'lesions' only when the labels gave lesion ids."""
+    _images(tmp_path, ["a", "b", "c"])
+    for header, rows, plural, singular in (
+            ("image,dx,lesion_id", "a.jpg,mel,L1\nb.jpg,mel,L1\nc.jpg,nv,L2\n", "lesions", "lesion"),
+            ("image,dx,patient_id", "a.jpg,mel,P1\nb.jpg,nv,P1\nc.jpg,nv,P2\n", "patients", "patient"),
+            ("image,dx", "a.jpg,mel\nb.jpg,nv\nc.jpg,nv\n", "images", "image"),
+            ("image,dx,lesion_id", "a.jpg,mel,L1\nb.jpg,nv,\nc.jpg,nv,\n", "groups (", "lesion or patient")):
+        (tmp_path / "labels.csv").write_text(f"{header}\n{rows}")
+        data = load_labels(tmp_path / "labels.csv")
+        assert data.group_kind().startswith(plural) and data.group_kind(plural=False) == singular
+        assert data.summary()["grouped_by"] == data.group_kind()
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

@@ -85,6 +85,15 @@ class LabelledSet:
         counts = Counter(s.dx for s in self.samples)
         return {code: counts.get(code, 0) for code in self.taxonomy.codes}
 
+    def group_kind(self, plural: bool = True) -> str:
+        """What the split groups are (``Sample.group_id``), in words: 'lesions', 'patients', 'images' or a mix;
+        singular ('lesion' ...) with ``plural=False``."""
+        kinds = {s.group_id.split(":", 1)[0] for s in self.samples}
+        kind = kinds.pop() if len(kinds) == 1 else "group"
+        if plural:
+            return f"{kind}s" if kind != "group" else "groups (lesions, else patients, else single images)"
+        return kind if kind != "group" else "lesion or patient"
+
     def summary(self) -> dict:
         """A JSON-ready description of the data: counts, groups, source and manifest hash."""
         return {
@@ -93,6 +102,7 @@ class LabelledSet:
             "manifest_sha256": self.sha256,
             "images": len(self.samples),
             "groups": len({s.group_id for s in self.samples}),
+            "grouped_by": self.group_kind() if self.samples else None,
             "class_counts": self.class_counts(),
             "has_metadata": {
                 "age": any(s.age is not None for s in self.samples),

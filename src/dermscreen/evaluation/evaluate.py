@@ -231,7 +231,8 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
             f"{hint}.")
     if not parts[split]:
         raise ConfigError(f"This model's training run had no {split} split ({split} fraction 0): nothing to evaluate.")
-    how = f"seed {rule['seed']}, {rule['val_fraction']:g} validation, {rule['test_fraction']:g} test, by lesion"
+    how = (f"seed {rule['seed']}, {rule['val_fraction']:g} validation, {rule['test_fraction']:g} test, "
+           f"by {selected.group_kind(plural=False)}")
     info = {"file": f"{data.source} as the model's training run split it (remade: {how})", "split": split, "listed": len(parts[split]), "evaluated": len(parts[split]), "missing_from_labels": 0,
             "remade": True, "sha256": split_sha256(selected, parts)}
     return selected.subset(parts[split]), info

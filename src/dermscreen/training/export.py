@@ -142,7 +142,11 @@ def build_card(data_summary: dict, data_format: str, taxonomy_name: str, image_s
     # even with the HAM10000 codes: its licence is its owner's to state.
     is_ham = data_format in ("ham10000", "isic")
     counts = ", ".join(f"{k} {v}" for k, v in data_summary.get("class_counts", {}).items())
-    training_data = (f"{data_summary.get('images', '?')} images of {data_summary.get('groups', '?')} lesions "
+    # the groups are lesions only when the labels gave lesion ids (else patients, else each image alone)
+    groups = data_summary.get("grouped_by") or "lesions"
+    of = (" (no lesion or patient ids: each image was split on its own)" if groups == "images" else
+          f" of {data_summary.get('groups', '?')} {groups}")
+    training_data = (f"{data_summary.get('images', '?')} images{of} "
                      f"({data_format} manifest {Path(str(data_summary.get('source') or '?')).name}); "
                      f"class counts: {counts}." + (f" {extra_training}" if extra_training else ""))
     limitations = [

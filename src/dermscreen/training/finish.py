@@ -167,6 +167,7 @@ def extra_training_sentence(config, split_train: int, train_data) -> str | None:
         return None
     names = ", ".join(Path(source.data).parent.name + "/" + Path(source.data).name for source in config.extra_train)
     counts = ", ".join(f"{k} {v}" for k, v in train_data.class_counts().items())
-    return (f"It was split by lesion into train/validation/test; training also used {added} more images from "
-            f"{names} (training only: no copy of a split image, no image of a validation or test lesion), "
+    unit = train_data.group_kind(plural=False)
+    return (f"It was split by {unit} into train/validation/test; training also used {added} more images from "
+            f"{names} (training only: no copy of a split image, no image of a validation or test {unit}), "
             f"so {len(train_data)} training images in all; training class counts: {counts}.")

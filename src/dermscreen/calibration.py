@@ -60,10 +60,11 @@ class OperatingPoint(BaseModel):
     description: str = ""
 
 
-def operating_points(p_malignant: np.ndarray, is_malignant: np.ndarray, target_sensitivity: float = 0.95) -> list[OperatingPoint]:
+def operating_points(p_malignant: np.ndarray, is_malignant: np.ndarray, target_sensitivity: float = 0.95,
+                     data: str = "validation") -> list[OperatingPoint]:
     """Sensitivity-first (highest specificity with sensitivity >= target) and balanced (Youden J) points.
 
-    A case is called positive when P(malignant) >= threshold.
+    A case is called positive when P(malignant) >= threshold. ``data`` names the images in the descriptions.
     """
     y = np.asarray(is_malignant, dtype=int)
     s = np.asarray(p_malignant, dtype=np.float64)
@@ -82,13 +83,14 @@ def operating_points(p_malignant: np.ndarray, is_malignant: np.ndarray, target_s
             threshold=float(thr[i_sens]),
             sensitivity=float(tpr[i_sens]),
             specificity=float(1 - fpr[i_sens]),
-            description=f"Refer when P(malignant) >= threshold; chosen for >= {target_sensitivity:.0%} validation sensitivity.",
+            description=f"Refer when P(malignant) >= threshold; chosen for >= {target_sensitivity:.0%} sensitivity on "
+                        f"{data}.",
         ),
         OperatingPoint(
             name="balanced",
             threshold=float(thr[i_youden]),
             sensitivity=float(tpr[i_youden]),
             specificity=float(1 - fpr[i_youden]),
-            description="Maximises sensitivity + specificity (Youden's J) on validation.",
+            description=f"Maximises sensitivity + specificity (Youden's J) on {data}.",
         ),
     ]

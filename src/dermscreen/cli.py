@@ -37,6 +37,7 @@ def _register() -> None:
     app.command("predict")(screening_commands.predict)
     app.command("info")(screening_commands.info)
     app.command("refit-ood")(screening_commands.refit_ood)
+    app.command("calibrate")(screening_commands.calibrate)
 
 
 _register()

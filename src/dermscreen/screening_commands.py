@@ -249,8 +249,54 @@ def _segmenter_line(spec: dict | None) -> str:
     return f"segmenter.onnx ({spec.get('backbone')}, {spec.get('image_size')} px{quality})"
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the dermscreen command")
+def calibrate(
+    labels: Annotated[Path, typer.Option(help="Labelled CSV of images the model did not train on (HAM10000 "
+                                              "metadata, ISIC ground truth or plain image,dx).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the recalibrated bundle.")],
+    model: ModelOpt = None,
+    images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="image_id,split CSV; use only the --split images.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Which split to use (as for dermscreen evaluate); the "
+                                                     "model's train split is refused.")] = None,
+    sensitivity: Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating "
+                                                     "point.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+) -> None:
+    """Fit a bundle's temperature and referral thresholds again on your own labelled images (new bundle)."""
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    from .recalibrate import recalibrate
+
+    err = Console(stderr=True)
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("Predicting", total=None)
+            result = recalibrate(model, labels, out, images=images, split_file=split_file, split=split,
+                                 target_sensitivity=sensitivity, batch_size=batch_size,
+                                 on_start=lambda n: bar.update(task, total=n),
+                                 on_batch=lambda n: bar.advance(task, n))
+    except DermscreenError as exc:
+        err.print("[red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    for warning in result.warnings:
+        err.print("[yellow]warning:[/]", escape(warning), highlight=False, soft_wrap=True)
+    r = result.record
+    table = Table(title=f"Recalibrated on {r['images']} images ({r['malignant']} malignant)")
+    for col in ("", "before", "after"):
+        table.add_column(col)
+    table.add_row("temperature", f"{r['temperature']['before']:.3f}", f"{r['temperature']['after']:.3f}")
+    table.add_row("ECE on these images", f"{r['ece']['before']:.3f}", f"{r['ece']['after']:.3f}")
+    points = r["operating_points"]
+    for name in dict.fromkeys([*points["before"], *points["after"]]):
+        cells = [f"P(malignant) ≥ {p['threshold']:.3f}: sensitivity {p['sensitivity']:.3f}, specificity "
+                 f"{p['specificity']:.3f}" if (p := points[when].get(name)) else "—" for when in ("before", "after")]
+        table.add_row(name, *cells)
+    Console().print(table)
+    Console().print(f"Bundle: {escape(str(result.out))} (the sensitivity and specificity above are measured on the "
+                    "images the points were chosen on: check them on other held-out cases with dermscreen "
+                    "evaluate).", highlight=False, soft_wrap=True)
+    Console().print(f"[dim]{DISCLAIMER}[/]")
 
 
 def refit_ood(
@@ -293,3 +339,7 @@ def refit_ood(
                f"images; colour check: threshold {ood.colour_threshold:.1f} keeps {100 * ood.colour_validation_kept:.1f} "
                f"%; both: {100 * ood.validation_kept_both:.1f} %.")
     typer.echo(f"Bundle: {folder}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the dermscreen command")

@@ -14,8 +14,10 @@ from ..taxonomy import Taxonomy
 log = logging.getLogger("dermscreen.training")
 
 
-def calibrate(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> tuple[Calibration, list[OperatingPoint]]:
-    """Fit the temperature and malignancy operating points on validation (logits, labels)."""
+def calibrate(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, target_sensitivity: float = 0.95,
+              data: str = "validation") -> tuple[Calibration, list[OperatingPoint]]:
+    """Fit the temperature and malignancy operating points on validation (logits, labels); ``data`` names the
+    images in the points' descriptions (dermscreen calibrate fits on a user's own)."""
     labels = np.asarray(labels, dtype=int)
     temperature = fit_temperature(logits, labels)
     calibration = Calibration(
@@ -26,7 +28,7 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy) -> tup
     is_mal = taxonomy.malignant_mask[labels]
     points: list[OperatingPoint] = []
     if is_mal.any() and not is_mal.all():
-        points = operating_points(taxonomy.p_malignant(softmax(logits, temperature)), is_mal)
+        points = operating_points(taxonomy.p_malignant(softmax(logits, temperature)), is_mal, target_sensitivity, data)
     else:
         log.warning("validation split has only %s images: no malignancy operating points stored",
                     "malignant" if is_mal.all() else "benign")

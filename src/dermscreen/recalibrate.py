@@ -1,0 +1,120 @@
+"""`dermscreen calibrate`: fit a bundle's temperature and malignancy operating points again on your own images.
+
+A model's probabilities and its referral thresholds are calibrated on the validation images of its training
+source. A clinic or teledermatology service whose dermatoscope, lighting or case mix differs can keep the
+model and re-fit only these numbers on its own labelled images: the ONNX graph, OOD statistics and everything
+else stay as they are, the new bundle is written beside the old one (never in place) and records what it was
+calibrated on. Core install only (numpy, onnxruntime, scikit-learn): torch is never imported.
+
+The images must be ones the model did not train on (its test split, or new cases): a temperature fitted on
+training images is too low (the model is over-confident there) and thresholds chosen there too lenient.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .bundle import Bundle, Calibration, check_output_folder
+from .calibration import OperatingPoint, expected_calibration_error, softmax
+from .errors import ConfigError
+from .evaluation.evaluate import _load, training_labels_warning
+from .inference import predict_samples
+from .training.calibrate import calibrate as fit_calibration
+
+# Below these counts a sensitivity-first threshold rests on a handful of malignant cases: each one moves the
+# achieved sensitivity by several points. Refused below the first pair, warned below the second.
+MIN_IMAGES, MIN_MALIGNANT = 30, 10
+ADVISED_IMAGES, ADVISED_MALIGNANT = 300, 50
+
+
+@dataclass
+class Recalibration:
+    """What ``recalibrate`` did: the new bundle's folder and the before/after numbers on the images used."""
+
+    out: Path
+    record: dict[str, Any]
+    warnings: list[str]
+
+
+def _points_on(points: list[OperatingPoint], p_malignant: np.ndarray, is_malignant: np.ndarray) -> dict[str, dict]:
+    """Sensitivity and specificity of each point's threshold on these images."""
+    out = {}
+    for op in points:
+        called = p_malignant >= op.threshold
+        out[op.name] = {"threshold": op.threshold,
+                        "sensitivity": float(called[is_malignant].mean()),
+                        "specificity": float((~called[~is_malignant]).mean())}
+    return out
+
+
+def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *, images: str | Path | None = None,
+                split_file: str | Path | None = None, split: str | None = None, target_sensitivity: float = 0.95,
+                batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
+                on_start: Callable[[int], None] | None = None) -> Recalibration:
+    """Fit temperature and operating points of bundle ``model`` on ``labels`` (or its ``split``); write ``out``.
+
+    Raises ConfigError with a sentence for an unusable request (too few images, one group only, the model's own
+    training images, ``out`` not writable or the bundle itself).
+    """
+    if not 0.5 <= target_sensitivity < 1.0:
+        raise ConfigError(f"--sensitivity {target_sensitivity:g}: give a target sensitivity of at least 0.5 and below 1 "
+                          "(the default, 0.95, refers at least 95 % of malignant lesions).")
+    out = Path(out)
+    bundle, data, split_info = _load(model, labels, images, split_file, split)
+    if split_info and split_info.get("split") == "train":
+        raise ConfigError("These are the images the model was trained on: calibrating on them would make it "
+                          "over-confident. Use its test split or new labelled cases.")
+    taxonomy = bundle.manifest.taxonomy
+    y = np.asarray(data.labels)
+    is_mal = taxonomy.malignant_mask[y]
+    if len(y) < MIN_IMAGES or is_mal.sum() < MIN_MALIGNANT or (~is_mal).sum() < MIN_MALIGNANT:
+        raise ConfigError(
+            f"{len(y)} images ({int(is_mal.sum())} malignant, {int((~is_mal).sum())} benign) are too few to calibrate "
+            f"on: give at least {MIN_IMAGES} images with at least {MIN_MALIGNANT} malignant and {MIN_MALIGNANT} "
+            f"benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
+    if out.exists() and out.resolve() == Path(bundle.source).resolve():
+        raise ConfigError("--out must be a new folder: a bundle is never modified in place.")
+    out = check_output_folder(out)  # before the images are read: a bad --out fails at once
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
+    warnings = [w for w in [training_labels_warning(bundle, data, split_info)] if w]
+    if split_info and split_info.get("split") == "val":
+        warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
+                        "it has. Calibrate on new cases from where the model is used.")
+    if len(y) < ADVISED_IMAGES or is_mal.sum() < ADVISED_MALIGNANT:
+        warnings.append(f"Only {len(y)} images ({int(is_mal.sum())} malignant): the operating points will move "
+                        f"noticeably with a few cases more or less; {ADVISED_IMAGES}+ images with "
+                        f"{ADVISED_MALIGNANT}+ malignant are advised.")
+
+    if on_start:
+        on_start(len(data))
+    preds = predict_samples(bundle, data.samples, batch_size=batch_size, on_batch=on_batch)
+    m = bundle.manifest
+    name = Path(str(data.source)).name
+    calibration, points = fit_calibration(preds.logits, y, taxonomy, target_sensitivity, f"{name} (recalibration)")
+    old_probs = softmax(preds.logits, m.calibration.temperature)
+    new_probs = softmax(preds.logits, calibration.temperature)
+    record = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "labels": {"source": str(data.source), "manifest_sha256": data.sha256, "split": split_info},
+        "images": int(len(y)), "malignant": int(is_mal.sum()), "class_counts": data.class_counts(),
+        "target_sensitivity": target_sensitivity,
+        "temperature": {"before": m.calibration.temperature, "after": calibration.temperature},
+        "ece": {"before": expected_calibration_error(old_probs, y), "after": calibration.ece_after,
+                "uncalibrated": calibration.ece_before},
+        "operating_points": {
+            "before": _points_on(m.operating_points, taxonomy.p_malignant(old_probs), is_mal),
+            "after": _points_on(points, taxonomy.p_malignant(new_probs), is_mal)},
+    }
+    description = f"recalibrated on {len(y)} images of {name}"
+    calibration = Calibration(temperature=calibration.temperature, ece_before=calibration.ece_before,
+                              ece_after=calibration.ece_after, split=description)
+    training = {**m.training, "recalibrations": [*m.training.get("recalibrations", []), record]}
+    manifest = m.model_copy(update={"calibration": calibration, "operating_points": points, "training": training})
+    Bundle.write(out, manifest, {name: bundle.file(name) for name in m.files})
+    Bundle.load(out)  # re-read and verified, as every bundle we hand out
+    return Recalibration(out, record, warnings)

@@ -36,6 +36,7 @@ def test_fhir_report_validates(results):
         assert [r.reference for r in report.result] == [f"#{o.id}" for o in report.contained[1:]]
         assert report.contained[0].identifier[0].value == result.model.sha256
         assert result.risk.label in report.conclusion and "not a diagnosis" in report.conclusion
+        assert f"Licence: {result.model.licence}" in report.contained[0].note[0].text
 
 
 def test_fhir_observations_carry_score_tier_and_diagnoses(results):
@@ -71,6 +72,14 @@ def test_html_is_self_contained_and_escaped(results):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     refused_page = to_html(refused, np.zeros((150, 200, 3), np.uint8))
     assert "Cannot assess" in refused_page and refused.reasons[0] in refused_page
+    # the model's licence (the tiny bundle's is the default card's non-commercial one) travels with every report
+    assert "non-commercial" in ok.model.licence and f"Model licence: {ok.model.licence}" in page
+
+
+def test_the_shipped_models_results_carry_its_non_commercial_licence():
+    result = Screener().analyze_image(_image())
+    assert "CC BY-NC-SA" in result.model.licence and "non-commercial" in result.model.licence.lower()
+    assert result.to_json()["model"]["licence"] == result.model.licence
 
 
 def test_json_schema_is_documented():

@@ -99,7 +99,8 @@ def _findings(result: ScreeningResult) -> str:
     m = result.model
     return (f"{table}{_lesion_section(result)}<h2>Image checks</h2><ul>{''.join(checks)}</ul>"
             f"<p class='meta'>Model {e(m.name)} {e(m.version)} ({e(m.backbone)}), sha256 {e(m.sha256[:16])}…; "
-            f"analysed {e(result.analysed_at)}; {result.timings_ms.get('total', 0):.0f} ms.</p>")
+            f"analysed {e(result.analysed_at)}; {result.timings_ms.get('total', 0):.0f} ms."
+            + (f" Model licence: {e(m.licence)}" if m.licence else "") + "</p>")
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;color:#222}
@@ -154,7 +155,8 @@ def _device(result: ScreeningResult) -> dict[str, Any]:
             "deviceName": [{"name": m.name, "type": "model-name"}],
             "type": _code("Software: AI screening aid for dermoscopic images", "ai-model"),
             "version": [{"value": m.version}],
-            "note": [{"text": f"Backbone {m.backbone}. {result.disclaimer}"}]}
+            "note": [{"text": f"Backbone {m.backbone}." + (f" Licence: {m.licence}." if m.licence else "")
+                      + f" {result.disclaimer}"}]}
 
 
 def _observations(result: ScreeningResult) -> list[dict[str, Any]]:

@@ -145,6 +145,8 @@ class ModelIdentity(BaseModel):
     version: str
     sha256: str
     backbone: str
+    # the shipped model inherits HAM10000's non-commercial licence: every report says so, not only the model card
+    licence: str = ""
 
 
 class ImageFacts(BaseModel):
@@ -324,7 +326,8 @@ class Screener:
         self.quality_thresholds = QualityThresholds(**{**m.quality, **self.settings.quality})
         self.metadata_spec: MetadataSpec | None = m.model.metadata
         backbone = m.model.backbone if m.model.members == 1 else f"{m.model.members} x {m.model.backbone} (ensemble)"
-        self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256, backbone=backbone)
+        self.identity = ModelIdentity(name=m.name, version=m.version, sha256=self.bundle.sha256, backbone=backbone,
+                                      licence=m.card.licence)
         self.bundle.session(self.settings.threads)  # build it now: first requests stay fast and race-free
         self.segmenter: OnnxSegmenter | None = None
         if self.settings.segmenter == "auto" and (self.settings.smart_crop or self.settings.abcd):

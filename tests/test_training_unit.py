@@ -634,3 +634,14 @@ def test_an_unreadable_image_stops_training_before_the_run_folder_and_the_first_
                                             r".*img3.png \(UnidentifiedImageError\); .*img5.png.*labels.csv"):
         train(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.data
+def test_model_card_names_the_size_of_every_image_source_it_trained_on(ham_dir, ham224_dir):
+    from dermscreen.manifests import load_labels
+    from dermscreen.training.finish import _source_resolution
+
+    sharp = load_labels(ham224_dir / "HAM10000_metadata.csv").samples[:3]
+    whole = load_labels(ham_dir / "HAM10000_metadata.csv").samples[:3]
+    assert _source_resolution(sharp) == "224x224 px"
+    assert _source_resolution([*sharp, *whole]) == "224x224 px and 200x150 px"  # main data + extra_train

@@ -93,7 +93,7 @@ def predict(
     site: Annotated[Optional[str], typer.Option(help="Anatomical site, e.g. back, face, lower extremity.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average over flipped copies (slower, slightly steadier).")] = False,
     lesion: Annotated[bool, typer.Option("--lesion/--no-lesion", help=(
-        "Outline the lesion (smart crop of a small lesion, ABCD, outline). --no-lesion skips it, nearly twice as "
+        "Outline the lesion (smart crop of a small lesion, ABCD, outline). --no-lesion skips it, ~1.3x as "
         "fast for bulk screening of ordinary dermoscopic photos; a lesion photographed small in a wide frame "
         "is then classified from the whole frame, which is less accurate."))] = True,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime threads per analysis (default: all cores; "
@@ -244,8 +244,9 @@ def _segmenter_line(spec: dict | None) -> str:
     quality = ""
     if "test_dice" in v:
         quality = (f", test Dice {v['test_dice']:.3f} ({v.get('test_dice_ci_low', float('nan')):.3f}-"
-                   f"{v.get('test_dice_ci_high', float('nan')):.3f}), IoU {v.get('test_iou', float('nan')):.3f} "
-                   f"on {v.get('test_n', 0):.0f} held-out images")
+                   f"{v.get('test_dice_ci_high', float('nan')):.3f}), IoU {v.get('test_iou', float('nan')):.3f}"
+                   + (f" ({v['test_iou_ci_low']:.3f}-{v['test_iou_ci_high']:.3f})" if "test_iou_ci_low" in v else "")
+                   + f" on {v.get('test_n', 0):.0f} held-out images")
     return f"segmenter.onnx ({spec.get('backbone')}, {spec.get('image_size')} px{quality})"
 
 

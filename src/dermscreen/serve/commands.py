@@ -61,7 +61,8 @@ def serve(
     helper_process: Annotated[Optional[bool], typer.Option(
         "--helper-process/--no-helper-process",
         help="Also analyse in a second process forked after the model is loaded (shares its memory); "
-             "default: on, on Linux with one worker and more than one CPU core.")] = None,
+             "default: on, on Linux with one worker, more than one CPU core and one onnxruntime thread per "
+             "analysis.")] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:
     """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""

@@ -92,12 +92,20 @@ def _check_batch(dataset: LesionDataset, n: int) -> tuple[np.ndarray, np.ndarray
     return images, meta
 
 
-def _source_resolution(data) -> str | None:
-    try:
-        w, h = load_rgb(data.samples[0].image_path).size
-        return f"{w}x{h} px"
-    except Exception:  # only decorates the model card
-        return None
+def _source_resolution(samples) -> str | None:
+    """'224x224 px', or 'A and B' when the training images come from folders of different sizes (extra_train)."""
+    first = {}
+    for s in samples:  # one image per folder: a copy of a dataset is one size throughout
+        first.setdefault(s.image_path.parent, s.image_path)
+    sizes = []
+    for path in first.values():
+        try:
+            w, h = load_rgb(path).size
+        except Exception:  # only decorates the model card
+            continue
+        if f"{w}x{h} px" not in sizes:
+            sizes.append(f"{w}x{h} px")
+    return " and ".join(sizes) or None
 
 
 def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxonomy, state, ctx, start,
@@ -136,7 +144,8 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
     }
     if ensemble is not None:
         training["ensemble"] = ensemble
-    card = build_card(summary, data.format, taxonomy.name, config.image_size, _source_resolution(data),
+    card = build_card(summary, data.format, taxonomy.name, config.image_size,
+                      _source_resolution([*data.samples, *train_data.samples]),
                       extra_training_sentence(config, len(split["train"]), train_data))
     return Manifest(
         name=config.name, taxonomy=taxonomy, preprocessing=spec,

@@ -110,3 +110,10 @@ def test_cli_prints_before_and_after_and_exits_2_on_a_refusal(tiny_bundle, real_
                                    "--out", str(tmp_path / "new")])
     assert res.exit_code == 2 and "not empty" in res.output and "Traceback" not in res.output
     assert np.isfinite(Bundle.load(tmp_path / "new").manifest.calibration.temperature)
+    # info says the bundle was refit, on what, and that its metrics are still the original validation's
+    res = CliRunner().invoke(app, ["info", "--model", str(tmp_path / "new")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "recalibrated" in text and "on 60 images (30 malignant) of clinic.csv" in text
+    assert "recalibrated" not in " ".join(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle)]).output.split())
+    card = Screener(tmp_path / "new").model_card()
+    assert card["calibration"]["split"] == "recalibrated on 60 images of clinic.csv"

@@ -382,7 +382,7 @@ class Screener:
         return {
             **self.identity.model_dump(), "created": m.created, "classes": m.taxonomy.model_dump()["classes"],
             "image_size": m.preprocessing.image_size, "resize": m.preprocessing.resize,
-            "temperature": m.calibration.temperature,
+            "temperature": m.calibration.temperature, "calibration": m.calibration.model_dump(),
             "operating_points": [o.model_dump() for o in m.operating_points],
             "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
             "uses_metadata": self.metadata_spec is not None, "training": m.training,

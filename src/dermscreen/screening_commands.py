@@ -217,6 +217,15 @@ def _print_card(card: dict, console: Console) -> None:
             f"{ood['validation_kept_both']:.1%})")
         console.print(f"temperature {card['temperature']:.3f}; OOD threshold {ood['threshold']:.3g} "
                       f"(keeps {ood['validation_kept']:.1%} of validation){colour}")
+    from rich.markup import escape
+
+    refits = (card.get("training") or {}).get("recalibrations") or []
+    if refits:  # the thresholds and temperature are no longer the validation split's: say whose they are
+        last = refits[-1]
+        console.print(f"[bold]recalibrated[/] {last['date'][:10]} on {last['images']} images "
+                      f"({last['malignant']} malignant) of {escape(Path(str(last['labels']['source'])).name)} "
+                      f"(dermscreen calibrate; target sensitivity {last['target_sensitivity']:g}); the metrics below "
+                      "are the original validation's", highlight=False)
     scalar = {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float)) and k != "images"}
     if scalar:
         split = card["metrics"].get("split") or "validation"

@@ -17,7 +17,8 @@
 #
 # The environment can point it elsewhere (tests use it for a small smoke build):
 #   DERMSCREEN_BUILD_CONFIG       recipe (default configs/default.yaml)
-#   DERMSCREEN_BUILD_DATA         labels the split is made on (default ../shared/data/ham10000_224/HAM10000_metadata.csv)
+#   DERMSCREEN_BUILD_DATA         labels the split is made on
+#                                 (default ../shared/data/ham10000_224/HAM10000_metadata.csv)
 #   DERMSCREEN_BUILD_EXTRA        second copy: segmenter masks and refit-ood (default ../shared/data/ham10000/...)
 #   DERMSCREEN_BUILD_TRAIN_ARGS   more options for dermscreen train (e.g. --max-images 200)
 #   DERMSCREEN_BUILD_SEGMENTER_ARGS  options for dermscreen train-segmenter (default: the shipped segmenter's)
@@ -30,13 +31,18 @@ CONFIG=${DERMSCREEN_BUILD_CONFIG:-configs/default.yaml}
 DATA=${DERMSCREEN_BUILD_DATA:-../shared/data/ham10000_224/HAM10000_metadata.csv}
 EXTRA=${DERMSCREEN_BUILD_EXTRA:-../shared/data/ham10000/HAM10000_metadata.csv}
 TRAIN_ARGS=${DERMSCREEN_BUILD_TRAIN_ARGS:-}
-SEGMENTER_ARGS=${DERMSCREEN_BUILD_SEGMENTER_ARGS:---max-images 5000 --epochs 5 --image-size 80 --zoom-out 0.5 --threads 1 --num-workers 1}
+SHIPPED_SEGMENTER="--max-images 5000 --epochs 5 --image-size 80 --zoom-out 0.5 --threads 1 --num-workers 1"
+SEGMENTER_ARGS=${DERMSCREEN_BUILD_SEGMENTER_ARGS:-$SHIPPED_SEGMENTER}
 BOOTSTRAP=${DERMSCREEN_BUILD_BOOTSTRAP:-1000}
 
 for f in "$CONFIG" "$DATA" "$EXTRA"; do
-  [ -f "$f" ] || { echo "build-default-model: $f not found (run from a checkout with ../shared/data beside it)." >&2; exit 2; }
+  [ -f "$f" ] || { echo "build-default-model: $f not found (run it in a checkout with ../shared/data beside it)." >&2
+                   exit 2; }
 done
-command -v dermscreen >/dev/null || { echo "build-default-model: install dermscreen with the train extra first (README)." >&2; exit 2; }
+if ! command -v dermscreen >/dev/null; then
+  echo "build-default-model: install dermscreen with the train extra first (README)." >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
 
@@ -66,4 +72,5 @@ step "4/4 held-out test split"
 dermscreen evaluate --model "$OUT/bundle" --labels "$DATA" --split test --bootstrap "$BOOTSTRAP" \
   --out "$OUT/test" --overwrite
 echo
-echo "Built $OUT/bundle (test metrics in $OUT/test/metrics.md). To ship it: cp $OUT/bundle/* src/dermscreen/models/default/"
+echo "Built $OUT/bundle (test metrics in $OUT/test/metrics.md)."
+echo "To ship it: cp $OUT/bundle/* src/dermscreen/models/default/"

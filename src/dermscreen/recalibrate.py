@@ -61,8 +61,8 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     training images, ``out`` not writable or the bundle itself).
     """
     if not 0.5 <= target_sensitivity < 1.0:
-        raise ConfigError(f"--sensitivity {target_sensitivity:g}: give a target sensitivity of at least 0.5 and below 1 "
-                          "(the default, 0.95, refers at least 95 % of malignant lesions).")
+        raise ConfigError(f"--sensitivity {target_sensitivity:g}: give a target sensitivity of at least 0.5 and "
+                          "below 1 (the default, 0.95, refers at least 95 % of malignant lesions).")
     out = Path(out)
     bundle, data, split_info = _load(model, labels, images, split_file, split)
     if split_info and split_info.get("split") == "train":

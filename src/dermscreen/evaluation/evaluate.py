@@ -166,9 +166,11 @@ def training_labels_warning(bundle: Bundle, data: LabelledSet, split_info: dict 
     if data.sha256 is None or data.sha256 not in {main, *extra} - {None}:
         return None
     if data.sha256 == main:
-        seen, how = "its training and validation images are", "Give --split test to score only its held-out test images."
+        seen = "its training and validation images are"
+        how = "Give --split test to score only its held-out test images."
     else:  # an extra_train file: only lesions of the training part were taken from it
-        seen, how = "images the model trained on are", "Evaluate the test split of its main labels for held-out scores."
+        seen = "images the model trained on are"
+        how = "Evaluate the test split of its main labels for held-out scores."
     return (f"{data.source} is a labels file this model was trained from: {seen} among the {len(data)} evaluated, "
             f"so these scores overstate how the model does on new images. {how}")
 
@@ -233,8 +235,9 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
         raise ConfigError(f"This model's training run had no {split} split ({split} fraction 0): nothing to evaluate.")
     how = (f"seed {rule['seed']}, {rule['val_fraction']:g} validation, {rule['test_fraction']:g} test, "
            f"by {selected.group_kind(plural=False)}")
-    info = {"file": f"{data.source} as the model's training run split it (remade: {how})", "split": split, "listed": len(parts[split]), "evaluated": len(parts[split]), "missing_from_labels": 0,
-            "remade": True, "sha256": split_sha256(selected, parts)}
+    info = {"file": f"{data.source} as the model's training run split it (remade: {how})", "split": split,
+            "listed": len(parts[split]), "evaluated": len(parts[split]), "missing_from_labels": 0, "remade": True,
+            "sha256": split_sha256(selected, parts)}
     return selected.subset(parts[split]), info
 
 

@@ -84,6 +84,7 @@ def test_refusals_are_sentences_and_leave_nothing_behind(tiny_bundle, real_label
         (dict(model=tiny_bundle, labels=real_labels, out=tmp_path / "b", target_sensitivity=1.0), "target sensitivity"),
         (dict(model=None, labels=ham224_dir / "HAM10000_metadata.csv", out=tmp_path / "c", split="train"),
          "trained on"),
+        (dict(model=None, labels=ham224_dir / "HAM10000_metadata.csv", out=tmp_path / "d"), "trained on"),
     ]
     for kwargs, words in cases:
         with pytest.raises(ConfigError, match=words):

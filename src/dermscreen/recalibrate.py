@@ -65,9 +65,10 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
                           "below 1 (the default, 0.95, refers at least 95 % of malignant lesions).")
     out = Path(out)
     bundle, data, split_info = _load(model, labels, images, split_file, split)
-    if split_info and split_info.get("split") == "train":
-        raise ConfigError("These are the images the model was trained on: calibrating on them would make it "
-                          "over-confident. Use its test split or new labelled cases.")
+    trained = training_labels_warning(bundle, data, split_info)  # every image of a file the model trained from
+    if trained or (split_info and split_info.get("split") == "train"):
+        raise ConfigError("These are images the model was trained on: calibrating on them would make it "
+                          "over-confident. Use its test split (--split test) or new labelled cases.")
     taxonomy = bundle.manifest.taxonomy
     y = np.asarray(data.labels)
     is_mal = taxonomy.malignant_mask[y]
@@ -81,7 +82,7 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     out = check_output_folder(out)  # before the images are read: a bad --out fails at once
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
-    warnings = [w for w in [training_labels_warning(bundle, data, split_info)] if w]
+    warnings = []
     if split_info and split_info.get("split") == "val":
         warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
                         "it has. Calibrate on new cases from where the model is used.")
@@ -115,6 +116,6 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
                               ece_after=calibration.ece_after, split=description)
     training = {**m.training, "recalibrations": [*m.training.get("recalibrations", []), record]}
     manifest = m.model_copy(update={"calibration": calibration, "operating_points": points, "training": training})
-    Bundle.write(out, manifest, {name: bundle.file(name) for name in m.files})
+    Bundle.write(out, manifest, {file: bundle.file(file) for file in m.files})
     Bundle.load(out)  # re-read and verified, as every bundle we hand out
     return Recalibration(out, record, warnings)

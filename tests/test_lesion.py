@@ -562,3 +562,146 @@ def test_clean_mask_keeps_the_component_the_segmenter_is_surest_of():
     assert L.clean_mask(candidate, smooth=0)[30, 40]  # without confidence: big and central wins
     kept = L.clean_mask(candidate, smooth=0, confidence=confidence)
     assert kept[10, 8] and not kept[30, 40]
+
+
+# ---- the segmenter's two looks: one PIL image, a lazily finished first look, the reducing gap ----------------
+def _shipped_segmenter() -> L.OnnxSegmenter:
+    return L.load_segmenter(Bundle.load(Path(L.__file__).parent / "models" / "default"), threads=1)
+
+
+def _wide_fields(ham_dir, n: int, step: int = 300) -> list[np.ndarray]:
+    """Real 200x150 photographs placed small, off centre, in a 600x450 field of their median edge colour."""
+    ids = [line.split(",")[1] for line in (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1:]][::step][:n]
+    fields = []
+    for k, image_id in enumerate(ids):
+        rgb = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
+        edge = np.concatenate([rgb[:4].reshape(-1, 3), rgb[-4:].reshape(-1, 3)])
+        field = np.empty((450, 600, 3), np.uint8)
+        field[:] = np.median(edge, axis=0).astype(np.uint8)
+        y, x = 40 + 37 * (k % 7), 30 + 53 * (k % 7)
+        field[y:y + 150, x:x + 200] = rgb
+        fields.append(field)
+    return fields
+
+
+def test_a_region_is_segmented_from_the_frames_pil_image_as_its_slice_alone_would_be(ham_dir):
+    # the region is cropped from one PIL image of the frame instead of slicing, copying and converting the array:
+    # the working copy, logits and mask must be exactly those of the sliced region uploaded alone
+    segmenter = _shipped_segmenter()
+    rgb = _wide_fields(ham_dir, 2)[1]  # its lesion lies in each region below
+    image = Image.fromarray(rgb)
+    for left, top, right, bottom in ((100, 0, 550, 450), (0, 0, 320, 320), (70, 60, 190, 180)):  # last: no resize
+        region = segmenter.look(rgb, image, (left, top, right, bottom)).finish()
+        alone = segmenter.segment(np.ascontiguousarray(rgb[top:bottom, left:right]))
+        np.testing.assert_array_equal(region.small, alone.small)
+        np.testing.assert_array_equal(region.mask, alone.mask)
+        assert region.found and alone.found and region.origin == (left, top) and region.frame_size == (600, 450)
+        b = alone.box()
+        assert region.box() == (b[0] + left, b[1] + top, b[2] + left, b[3] + top)
+        assert L.segment_region(segmenter, rgb, (left, top, right, bottom)).mask.tolist() == region.mask.tolist()
+    # the whole frame given as a region: the whole frame's mask, reported as a region (as before)
+    whole = segmenter.look(rgb, image, (0, 0, 600, 450)).finish()
+    assert whole.frame_size == (600, 450) and np.array_equal(whole.mask, segmenter.segment(rgb).mask)
+
+
+def test_the_working_copy_is_resampled_as_before_for_photographs_and_wide_frames(ham_dir):
+    # the segmenter's working copy (its input and ABCD's colours) is Pillow's bilinear with reducing_gap 2.0, as
+    # the outlines, Dice and smart-crop numbers were measured with, whether the frame is converted here or given
+    segmenter = _shipped_segmenter()
+    image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]
+    photo = np.asarray(Image.open(ham_dir / "images" / f"{image_id}.jpg").convert("RGB"))
+    for rgb in (photo, _wide_fields(ham_dir, 1)[0]):
+        expected = np.asarray(Image.fromarray(rgb).resize((128, 96), Image.BILINEAR, reducing_gap=2.0))
+        np.testing.assert_array_equal(segmenter.look(rgb).small, expected)
+        np.testing.assert_array_equal(segmenter.look(rgb, Image.fromarray(rgb)).small, expected)
+
+
+def test_a_looks_box_is_its_finished_segmentations_box():
+    # Look.box() skips filling holes (which cannot move a bounding box) but must agree with finish() exactly,
+    # including a ring whose filled hole makes it big enough to count as a lesion and a choice between components
+    segmenter = _shipped_segmenter()
+    small = np.zeros((96, 128, 3), np.uint8)
+    cases = {}
+    lg = np.full((80, 80), -5.0, np.float32)
+    cases["nothing"] = lg.copy()
+    ring = lg.copy()
+    ring[20:50, 20] = ring[20:50, 49] = ring[20, 20:50] = ring[49, 20:50] = 5.0
+    cases["ring"] = ring
+    tiny = lg.copy()
+    tiny[40:44, 40] = tiny[40:44, 43] = tiny[40, 40:44] = tiny[43, 40:44] = 5.0
+    cases["tiny ring"] = tiny
+    two = lg.copy()
+    two[5:15, 5:15] = 8.0
+    two[40:60, 40:60] = 2.0
+    cases["two"] = two
+    for name, logits in cases.items():
+        lazy = L.Look(segmenter, small, logits, (200, 150))
+        eager = L.Look(segmenter, small, logits, (200, 150)).finish()
+        assert lazy.box() == eager.box(), name
+        finished = lazy.finish()
+        assert np.array_equal(finished.mask, eager.mask) and finished.found == eager.found, name
+        assert lazy.box() == eager.box(), name  # the same after finishing
+    kept = segmenter._kept_mask(small, cases["tiny ring"])
+    assert kept.sum() < L.MIN_AREA_FRACTION * kept.size <= L.fill_holes(kept).sum()  # the case is exercised
+    assert L.Look(segmenter, small, cases["tiny ring"], (200, 150)).box() is not None
+    assert L.Look(segmenter, small, cases["nothing"], (200, 150)).box() is None
+    ring_seg = L.Look(segmenter, small, cases["ring"], (200, 150)).finish()
+    assert ring_seg.mask[48, 64]  # the hole is filled
+
+
+def _eager_lesion(screener: Screener, rgb: np.ndarray):
+    """The lesion stage as it was before the first look became lazy: finish it, then maybe look again."""
+    size = (rgb.shape[1], rgb.shape[0])
+    seg = screener.segmenter.segment(rgb)
+    box = seg.box()
+    crop = screener._crop(box, size)
+    if crop is not None and screener.settings.smart_crop_refine:
+        refined = screener._refine(rgb, crop)
+        refined_box = refined.box()
+        refined_crop = screener._crop(refined_box, size)
+        if refined_crop is not None:
+            seg, box, crop = refined, refined_box, refined_crop
+    return seg, box, crop
+
+
+def test_the_lazy_first_look_gives_the_eager_result_whether_the_closer_look_succeeds_or_fails(ham_dir, monkeypatch):
+    from dermscreen.imaging import DecodedImage
+
+    screener = Screener(None, ScreenerSettings(threads=1, quality_gate=False, ood_refusal=False, heatmap=False))
+    ids = [line.split(",")[1] for line in (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1:]][::500][:12]
+    photos = [np.asarray(Image.open(ham_dir / "images" / f"{i}.jpg").convert("RGB")) for i in ids]
+    images = photos + _wide_fields(ham_dir, 8)
+
+    def check(expect_refined: bool | None) -> int:
+        refined = 0
+        for rgb in images:
+            seg, info = screener._lesion(DecodedImage(rgb, "array", (rgb.shape[1], rgb.shape[0])))
+            ref_seg, ref_box, ref_crop = _eager_lesion(screener, rgb)
+            assert (info.box, info.crop_box) == (ref_box, ref_crop)
+            assert np.array_equal(seg.mask, ref_seg.mask) and seg.origin == ref_seg.origin
+            assert seg.frame_size == ref_seg.frame_size and seg.found == ref_seg.found
+            assert info.abcd == L.abcd(ref_seg, rgb)
+            refined += seg.frame_size is not None
+        return refined
+
+    assert check(None) >= 8  # the closer look replaced the first on (at least) every wide frame
+
+    def failing(rgb, crop, image=None):  # a closer look that finds nothing: the first look must be finished as before
+        h, w = rgb.shape[:2]
+        return L.Segmentation(np.zeros((128, 128), bool), (min(w, h),) * 2, "segmenter", False, origin=(0, 0),
+                              frame_size=(w, h))
+
+    monkeypatch.setattr(screener, "_refine", failing)
+    assert check(None) == 0
+
+
+def test_perimeter_counts_the_edges_of_the_mask_padded_with_background():
+    # perimeter() counts neighbour changes in place; it must equal the plain count on a background-padded copy
+    rng = np.random.default_rng(3)
+    masks = [rng.random((40, 57)) > p for p in (0.2, 0.5, 0.9)] + [np.ones((6, 9), bool), np.zeros((4, 4), bool),
+                                                                   np.ones((1, 5), bool), _disk()[1]]
+    for mask in masks:
+        m = np.pad(mask, 1).astype(np.int8)
+        edges = np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()
+        assert L.perimeter(mask) == float(edges) * math.pi / 4.0
+    assert L.perimeter(np.zeros((0, 3), bool)) == 0.0

@@ -414,15 +414,25 @@ class Screener:
     def _lesion(self, decoded: DecodedImage) -> tuple[Segmentation, LesionInfo]:
         """Segment the lesion and measure it → (mask, LesionInfo with the smart-crop box and ABCD)."""
         rgb = decoded.rgb
-        seg = self.segmenter.segment(rgb) if self.segmenter is not None else segment_classical(rgb)
-        box = seg.box()
-        crop = self._crop(box, decoded.size)
-        if crop is not None and self.segmenter is not None and self.settings.smart_crop_refine:
-            refined = self._refine(rgb, crop)
-            refined_box = refined.box()
-            refined_crop = self._crop(refined_box, decoded.size)
-            if refined_crop is not None:  # the outline, its box, crop and ABCD now come from the closer look
-                seg, box, crop = refined, refined_box, refined_crop
+        if self.segmenter is None:
+            seg = segment_classical(rgb)
+            box = seg.box()
+            crop = self._crop(box, decoded.size)
+        else:
+            image = Image.fromarray(rgb)  # converted once: both looks resample from it
+            # the first look's box decides on a closer look; its mask is only finished if no closer look replaces it
+            first = self.segmenter.look(rgb, image)
+            box = first.box()
+            crop = self._crop(box, decoded.size)
+            seg = None
+            if crop is not None and self.settings.smart_crop_refine:
+                refined = self._refine(rgb, crop, image)
+                refined_box = refined.box()
+                refined_crop = self._crop(refined_box, decoded.size)
+                if refined_crop is not None:  # the outline, its box, crop and ABCD now come from the closer look
+                    seg, box, crop = refined, refined_box, refined_crop
+            if seg is None:
+                seg = first.finish()
         found_by = "the segmentation model" if seg.method == "segmenter" else "colour thresholding"
         if not seg.found:
             message = "No distinct lesion outline was found, so the model saw the usual view and no ABCD was measured."
@@ -442,7 +452,7 @@ class Screener:
         return smart_crop_box(box, size, self.settings.smart_crop_below, self.settings.smart_crop_fill,
                               self.bundle.manifest.preprocessing.image_size)
 
-    def _refine(self, rgb: np.ndarray, crop: Box) -> Segmentation:
+    def _refine(self, rgb: np.ndarray, crop: Box, image: Image.Image | None = None) -> Segmentation:
         """The lesion segmented again in a square region twice the crop's side around it.
 
         A lesion small in a wide frame is a few pixels wide in the segmenter's input, so its first outline is
@@ -453,7 +463,7 @@ class Screener:
         side = min(w, h, 2 * (crop[2] - crop[0]))
         cx, cy = (crop[0] + crop[2]) // 2, (crop[1] + crop[3]) // 2
         x0, y0 = min(max(0, cx - side // 2), w - side), min(max(0, cy - side // 2), h - side)
-        return segment_region(self.segmenter, rgb, (x0, y0, x0 + side, y0 + side))
+        return segment_region(self.segmenter, rgb, (x0, y0, x0 + side, y0 + side), image)
 
     def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
         """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""

@@ -37,6 +37,13 @@ def real_labels(ham224_dir, tmp_path_factory) -> Path:
     return path
 
 
+def _only(labels: Path, dx: str, path: Path) -> Path:
+    """A copy of a plain labels CSV with the rows of one diagnosis only."""
+    lines = labels.read_text().splitlines()
+    path.write_text("\n".join([lines[0], *[line for line in lines[1:] if line.split(",")[1] == dx]]) + "\n")
+    return path
+
+
 def test_refitting_the_shipped_model_on_its_validation_split_gives_back_its_own_numbers(ham224_dir, tmp_path):
     shipped = Bundle.load(DEFAULT).manifest
     result = recalibrate(None, ham224_dir / "HAM10000_metadata.csv", tmp_path / "again", split="val")
@@ -50,6 +57,15 @@ def test_refitting_the_shipped_model_on_its_validation_split_gives_back_its_own_
     assert any("already calibrated this model" in w for w in result.warnings)
     record = m.training["recalibrations"][-1]
     assert record["images"] == 855 and record["labels"]["split"]["remade"] is True
+    assert m.calibration.split == "recalibrated on 855 images of HAM10000_metadata.csv, val split"
+    # evaluating the new bundle on the images it was refit on is flagged; on its test split it is not
+    from dermscreen.evaluation.evaluate import _load, recalibration_warning
+
+    labels = ham224_dir / "HAM10000_metadata.csv"
+    for split, flagged in (("val", True), ("test", False), (None, True)):
+        bundle, data, info = _load(result.out, labels, None, None, split)
+        assert (recalibration_warning(bundle, data, info) is not None) is flagged, split
+    assert recalibration_warning(Bundle.load(DEFAULT), *_load(DEFAULT, labels, None, None, "val")[1:]) is None
     # everything but the calibration, the points and the record is the shipped bundle's
     assert Bundle.load(result.out).file("model.onnx") == Bundle.load(DEFAULT).file("model.onnx")
     assert m.ood == shipped.ood and m.taxonomy == shipped.taxonomy
@@ -79,7 +95,7 @@ def test_refusals_are_sentences_and_leave_nothing_behind(tiny_bundle, real_label
     few = tmp_path / "few.csv"
     few.write_text("\n".join(real_labels.read_text().splitlines()[:21]) + "\n")  # 20 melanomas, no benign
     cases = [
-        (dict(model=tiny_bundle, labels=few, out=tmp_path / "a"), "too few to calibrate on"),
+        (dict(model=tiny_bundle, labels=few, out=tmp_path / "a"), "too few images to calibrate on"),
         (dict(model=tiny_bundle, labels=real_labels, out=tiny_bundle), "never modified in place"),
         (dict(model=tiny_bundle, labels=real_labels, out=tmp_path / "b", target_sensitivity=1.0), "target sensitivity"),
         (dict(model=None, labels=ham224_dir / "HAM10000_metadata.csv", out=tmp_path / "c", split="train"),
@@ -89,12 +105,17 @@ def test_refusals_are_sentences_and_leave_nothing_behind(tiny_bundle, real_label
     for kwargs, words in cases:
         with pytest.raises(ConfigError, match=words):
             recalibrate(**kwargs)
+    with pytest.raises(ConfigError, match="too few malignant"):
+        recalibrate(tiny_bundle, _only(real_labels, "nv", tmp_path / "benign.csv"), tmp_path / "e")
+    with pytest.raises(ConfigError, match="outside the bundle"):
+        recalibrate(tiny_bundle, real_labels, Path(tiny_bundle) / "inside")
+    assert not (Path(tiny_bundle) / "inside").exists()
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         recalibrate(tiny_bundle, real_labels, full)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.csv", "full"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benign.csv", "few.csv", "full"]
     assert (full / "keep.txt").read_text() == "mine"
 
 
@@ -118,3 +139,4 @@ def test_cli_prints_before_and_after_and_exits_2_on_a_refusal(tiny_bundle, real_
     assert "recalibrated" not in " ".join(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle)]).output.split())
     card = Screener(tmp_path / "new").model_card()
     assert card["calibration"]["split"] == "recalibrated on 60 images of clinic.csv"
+    assert "Operating points (recalibrated on 60 images of clinic.csv; measured on those images)" in text

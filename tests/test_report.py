@@ -36,7 +36,8 @@ def test_fhir_report_validates(results):
         assert [r.reference for r in report.result] == [f"#{o.id}" for o in report.contained[1:]]
         assert report.contained[0].identifier[0].value == result.model.sha256
         assert result.risk.label in report.conclusion and "not a diagnosis" in report.conclusion
-        assert f"Licence: {result.model.licence}" in report.contained[0].note[0].text
+        note = report.contained[0].note[0].text
+        assert f"Licence: {result.model.licence.rstrip('.')}." in note and ".." not in note
 
 
 def test_fhir_observations_carry_score_tier_and_diagnoses(results):

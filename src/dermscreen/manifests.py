@@ -85,6 +85,10 @@ class LabelledSet:
         counts = Counter(s.dx for s in self.samples)
         return {code: counts.get(code, 0) for code in self.taxonomy.codes}
 
+    def ids_sha256(self) -> str:
+        """sha256 of the sorted image ids: the same selection of images, whatever the file or row order."""
+        return hashlib.sha256("\n".join(sorted(s.image_id for s in self.samples)).encode("utf-8")).hexdigest()
+
     def group_kind(self, plural: bool = True) -> str:
         """What the split groups are (``Sample.group_id``), in words: 'lesions', 'patients', 'images' or a mix;
         singular ('lesion' ...) with ``plural=False``."""

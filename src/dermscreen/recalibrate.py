@@ -6,8 +6,11 @@ model and re-fit only these numbers on its own labelled images: the ONNX graph, 
 else stay as they are, the new bundle is written beside the old one (never in place) and records what it was
 calibrated on. Core install only (numpy, onnxruntime, scikit-learn): torch is never imported.
 
-The images must be ones the model did not train on (its test split, or new cases): a temperature fitted on
-training images is too low (the model is over-confident there) and thresholds chosen there too lenient.
+The images must be ones the model did not train on (new cases from where it is used): a temperature fitted on
+training images is too low (the model is over-confident there) and thresholds chosen there too lenient. What is
+checked: the labels file(s) the model was trained from (by sha256, unless a split other than train is chosen) and
+its train split are refused; its training images copied into another file cannot be recognised. Images used here
+are no longer held-out for this bundle's calibration: ``dermscreen evaluate`` warns when it meets them again.
 """
 from __future__ import annotations
 
@@ -68,17 +71,20 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     trained = training_labels_warning(bundle, data, split_info)  # every image of a file the model trained from
     if trained or (split_info and split_info.get("split") == "train"):
         raise ConfigError("These are images the model was trained on: calibrating on them would make it "
-                          "over-confident. Use its test split (--split test) or new labelled cases.")
+                          "over-confident. Use new labelled cases from where the model is used.")
     taxonomy = bundle.manifest.taxonomy
     y = np.asarray(data.labels)
     is_mal = taxonomy.malignant_mask[y]
     if len(y) < MIN_IMAGES or is_mal.sum() < MIN_MALIGNANT or (~is_mal).sum() < MIN_MALIGNANT:
+        short = "images" if len(y) < MIN_IMAGES else "malignant ones" if is_mal.sum() < MIN_MALIGNANT else \
+            "benign ones"
         raise ConfigError(
-            f"{len(y)} images ({int(is_mal.sum())} malignant, {int((~is_mal).sum())} benign) are too few to calibrate "
-            f"on: give at least {MIN_IMAGES} images with at least {MIN_MALIGNANT} malignant and {MIN_MALIGNANT} "
-            f"benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
-    if out.exists() and out.resolve() == Path(bundle.source).resolve():
-        raise ConfigError("--out must be a new folder: a bundle is never modified in place.")
+            f"{len(y)} images ({int(is_mal.sum())} malignant, {int((~is_mal).sum())} benign): too few {short} "
+            f"to calibrate on. Give at least {MIN_IMAGES} images with at least {MIN_MALIGNANT} malignant and "
+            f"{MIN_MALIGNANT} benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
+    source = Path(bundle.source).resolve()
+    if out.resolve() == source or source in out.resolve().parents:
+        raise ConfigError("--out must be a new folder outside the bundle: a bundle is never modified in place.")
     out = check_output_folder(out)  # before the images are read: a bad --out fails at once
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
@@ -95,14 +101,18 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
         on_start(len(data))
     preds = predict_samples(bundle, data.samples, batch_size=batch_size, on_batch=on_batch)
     m = bundle.manifest
-    name = Path(str(data.source)).name
+    # named in the card with the split, so a bundle refit on a test split says so wherever it is shown
+    name = Path(str(data.source)).name + (f", {split_info['split']} split" if split_info else "")
     calibration, points = fit_calibration(preds.logits, y, taxonomy, target_sensitivity, f"{name} (recalibration)")
     old_probs = softmax(preds.logits, m.calibration.temperature)
     new_probs = softmax(preds.logits, calibration.temperature)
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "labels": {"source": str(data.source), "manifest_sha256": data.sha256, "split": split_info},
-        "images": int(len(y)), "malignant": int(is_mal.sum()), "class_counts": data.class_counts(),
+        "labels": {"source": str(Path(str(data.source)).resolve()), "manifest_sha256": data.sha256,
+                   "split": split_info},
+        # which images (not their ids): dermscreen evaluate warns when it scores this selection again
+        "images": int(len(y)), "images_sha256": data.ids_sha256(), "malignant": int(is_mal.sum()),
+        "class_counts": data.class_counts(),
         "target_sensitivity": target_sensitivity,
         "temperature": {"before": m.calibration.temperature, "after": calibration.temperature},
         "ece": {"before": expected_calibration_error(old_probs, y), "after": calibration.ece_after,

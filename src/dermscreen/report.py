@@ -155,7 +155,7 @@ def _device(result: ScreeningResult) -> dict[str, Any]:
             "deviceName": [{"name": m.name, "type": "model-name"}],
             "type": _code("Software: AI screening aid for dermoscopic images", "ai-model"),
             "version": [{"value": m.version}],
-            "note": [{"text": f"Backbone {m.backbone}." + (f" Licence: {m.licence}." if m.licence else "")
+            "note": [{"text": f"Backbone {m.backbone}." + (f" Licence: {m.licence.rstrip('.')}." if m.licence else "")
                       + f" {result.disclaimer}"}]}
 
 

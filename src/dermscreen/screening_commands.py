@@ -202,7 +202,9 @@ def _print_card(card: dict, console: Console) -> None:
     console.print(f"[bold]{card['name']}[/] {card['version']}  ({card['backbone']}, {card['image_size']} px)")
     console.print(f"sha256 {card['sha256']}  created {card['created']}")
     console.print("classes: " + ", ".join(f"{c['code']} ({c['group']})" for c in card["classes"]))
-    ops = Table(title="Operating points (validation)")
+    fitted_on = (card.get("calibration") or {}).get("split", "val")
+    ops = Table(title="Operating points (validation)" if fitted_on == "val" else
+                f"Operating points ({fitted_on}; measured on those images)")
     for col in ("name", "threshold P(malignant)", "sensitivity", "specificity"):
         ops.add_column(col)
     for op in card["operating_points"]:
@@ -260,8 +262,10 @@ def _segmenter_line(spec: dict | None) -> str:
 
 
 def calibrate(
-    labels: Annotated[Path, typer.Option(help="Labelled CSV of images the model did not train on (HAM10000 "
-                                              "metadata, ISIC ground truth or plain image,dx).")],
+    labels: Annotated[Path, typer.Option(help="Labelled CSV of new cases the model did not train on (HAM10000 "
+                                              "metadata, ISIC ground truth or plain image,dx). Its training "
+                                              "labels file and train split are refused; its training images in "
+                                              "another file cannot be recognised.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the recalibrated bundle.")],
     model: ModelOpt = None,
     images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,
@@ -269,7 +273,7 @@ def calibrate(
     split: Annotated[Optional[str], typer.Option(help="Which split to use (as for dermscreen evaluate); the "
                                                      "model's train split is refused.")] = None,
     sensitivity: Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating "
-                                                     "point.")] = 0.95,
+                                                     "point, at least 0.5 and below 1.")] = 0.95,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
 ) -> None:
     """Fit a bundle's temperature and referral thresholds again on your own labelled images (new bundle)."""

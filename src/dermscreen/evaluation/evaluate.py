@@ -156,6 +156,22 @@ def held_out_warning(split_info: dict | None) -> str | None:
             "overstate how the model does on new images. Evaluate the test split for held-out scores.")
 
 
+def recalibration_warning(bundle: Bundle, data: LabelledSet, split_info: dict | None) -> str | None:
+    """A sentence when the evaluated images include those a ``dermscreen calibrate`` of this bundle was fitted on:
+    the same selection of images, or the same labels file with the same split (or all of it)."""
+    training = bundle.manifest.training if isinstance(bundle.manifest.training, dict) else {}
+    for record in reversed(training.get("recalibrations") or []):
+        labels = record.get("labels") or {}
+        used = (labels.get("split") or {}).get("split")
+        same_file = labels.get("manifest_sha256") == data.sha256
+        if record.get("images_sha256") == data.ids_sha256() or (
+                same_file and (split_info is None or used == (split_info or {}).get("split"))):
+            return (f"These images include the {record.get('images')} that recalibrated this model on "
+                    f"{str(record.get('date', ''))[:10]} (its temperature and operating points were chosen on them), "
+                    "so its ECE and operating-point numbers here are not held-out. Evaluate other labelled cases.")
+    return None
+
+
 def training_labels_warning(bundle: Bundle, data: LabelledSet, split_info: dict | None) -> str | None:
     """A sentence when all images of a labels file the model was trained from are evaluated (no split chosen)."""
     if split_info is not None or not isinstance(bundle.manifest.training, dict):
@@ -286,7 +302,8 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
         "disclaimer": DISCLAIMER,
         "model": _model_info(bundle),
         "data": {**data.summary(), "split": split_info, "selection": describe_selection(labels, split_info)},
-        "warnings": [w for w in [held_out_warning(split_info), training_labels_warning(bundle, data, split_info)] if w],
+        "warnings": [w for w in [held_out_warning(split_info), training_labels_warning(bundle, data, split_info),
+                                 recalibration_warning(bundle, data, split_info)] if w],
         "settings": {"tta": TTA_MODE if tta else False, "batch_size": batch_size, "min_subgroup": min_subgroup},
         "ood": _ood_summary(bundle, preds),
         **compute_metrics(scored, [s.group_id for s in data.samples], subgroup_columns(data.samples),

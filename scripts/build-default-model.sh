@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the shipped default model from scratch with one command, from the repository root:
 #
-#   bash scripts/build-default-model.sh [OUT]          # OUT defaults to runs/default
+#   bash scripts/build-default-model.sh [OUT]          # OUT defaults to runs/build-default
 #
 # 1. the classifier: dermscreen train --config configs/default.yaml on the sharp 224 px copy (+ the 200x150
 #    copy for training only, as the recipe says): two members, joined, prior-corrected, calibrated, exported;
@@ -24,33 +24,46 @@
 #   DERMSCREEN_BUILD_SEGMENTER_ARGS  options for dermscreen train-segmenter (default: the shipped segmenter's)
 #   DERMSCREEN_BUILD_BOOTSTRAP    bootstrap resamples of the test evaluation (default 1000)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-OUT=${1:-runs/default}
-CONFIG=${DERMSCREEN_BUILD_CONFIG:-configs/default.yaml}
-DATA=${DERMSCREEN_BUILD_DATA:-../shared/data/ham10000_224/HAM10000_metadata.csv}
-EXTRA=${DERMSCREEN_BUILD_EXTRA:-../shared/data/ham10000/HAM10000_metadata.csv}
+# Paths given by the caller are theirs (relative to where the command was typed); the defaults are the repository's.
+here=$(pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+given() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$here/$1" ;; esac; }
+OUT=$( [ -n "${1:-}" ] && given "$1" || printf '%s' "$repo/runs/build-default" )
+CONFIG=$( [ -n "${DERMSCREEN_BUILD_CONFIG:-}" ] && given "$DERMSCREEN_BUILD_CONFIG" \
+          || printf '%s' "$repo/configs/default.yaml" )
+DATA=$( [ -n "${DERMSCREEN_BUILD_DATA:-}" ] && given "$DERMSCREEN_BUILD_DATA" \
+        || printf '%s' "$repo/../shared/data/ham10000_224/HAM10000_metadata.csv" )
+EXTRA=$( [ -n "${DERMSCREEN_BUILD_EXTRA:-}" ] && given "$DERMSCREEN_BUILD_EXTRA" \
+         || printf '%s' "$repo/../shared/data/ham10000/HAM10000_metadata.csv" )
 TRAIN_ARGS=${DERMSCREEN_BUILD_TRAIN_ARGS:-}
 SHIPPED_SEGMENTER="--max-images 5000 --epochs 5 --image-size 80 --zoom-out 0.5 --threads 1 --num-workers 1"
 SEGMENTER_ARGS=${DERMSCREEN_BUILD_SEGMENTER_ARGS:-$SHIPPED_SEGMENTER}
 BOOTSTRAP=${DERMSCREEN_BUILD_BOOTSTRAP:-1000}
+cd "$repo"  # the recipe's relative paths (extra_train) are the repository's
 
+fail() { echo "build-default-model: $*" >&2; exit 2; }
 for f in "$CONFIG" "$DATA" "$EXTRA"; do
-  [ -f "$f" ] || { echo "build-default-model: $f not found (run it in a checkout with ../shared/data beside it)." >&2
-                   exit 2; }
+  [ -f "$f" ] || fail "$f not found. The data lives in ../shared/data beside the repository (see its README); \
+the DERMSCREEN_BUILD_* variables at the top of this script point elsewhere."
 done
-if ! command -v dermscreen >/dev/null; then
-  echo "build-default-model: install dermscreen with the train extra first (README)." >&2
-  exit 2
+command -v dermscreen >/dev/null || fail "install dermscreen with the train extra first (README)."
+[ -e "$OUT" ] && [ ! -d "$OUT" ] && fail "$OUT is a file, not a folder: give another output folder."
+mkdir -p "$OUT" 2>/dev/null && [ -w "$OUT" ] || fail "cannot write to $OUT: give a folder you can write to."
+# Steps below replace what they find in OUT: only in a folder this script made (marked), never in someone's runs
+MARK="$OUT/.build-default-model"
+if [ -n "$(ls -A "$OUT")" ] && [ ! -f "$MARK" ]; then
+  fail "$OUT already holds files this script did not make: give a new folder, or the one an earlier build used."
 fi
-mkdir -p "$OUT"
+touch "$MARK"
 step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
 
 # Each step is skipped when its result is already there, so a rerun continues where the last one stopped.
 if [ ! -f "$OUT/classifier/bundle/manifest.json" ]; then
   resume=()
-  # a split.csv means a run (or an ensemble member) has started: continue it instead of refusing to overwrite
-  if [ -d "$OUT/classifier" ] && find "$OUT/classifier" -name split.csv | grep -q .; then resume=(--resume); fi
+  # a checkpoint means a run (or an ensemble member) got through an epoch: continue it; a run stopped before its
+  # first checkpoint simply starts again
+  if [ -d "$OUT/classifier" ] && find "$OUT/classifier" -name last.pt | grep -q .; then resume=(--resume); fi
   step "1/4 classifier: dermscreen train --config $CONFIG"
   # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
   dermscreen train --config "$CONFIG" --data "$DATA" --out "$OUT/classifier" --no-progress "${resume[@]}" $TRAIN_ARGS
@@ -60,9 +73,11 @@ if [ ! -f "$OUT/segmenter/segmenter.onnx" ]; then
   # shellcheck disable=SC2086
   dermscreen train-segmenter --data "$EXTRA" --out "$OUT/segmenter" $SEGMENTER_ARGS
 fi
-if [ ! -f "$OUT/bundle/manifest.json" ]; then
+# redone whenever the classifier or the segmenter is newer than the finished bundle (or it is missing)
+if [ ! -f "$OUT/bundle/manifest.json" ] || [ "$OUT/classifier/bundle/manifest.json" -nt "$OUT/bundle/manifest.json" ] \
+    || [ "$OUT/segmenter/segmenter.onnx" -nt "$OUT/bundle/manifest.json" ]; then
   step "3/4 attach the segmenter and re-choose the OOD thresholds on both copies"
-  rm -rf "$OUT/bundle-seg"
+  rm -rf "$OUT/bundle-seg" "$OUT/bundle"
   dermscreen add-segmenter --bundle "$OUT/classifier/bundle" --segmenter "$OUT/segmenter" --out "$OUT/bundle-seg"
   dermscreen refit-ood --bundle "$OUT/bundle-seg" --data "$DATA" --split "$OUT/classifier/split.csv" \
     --extra "$EXTRA" --out "$OUT/bundle"
@@ -73,4 +88,4 @@ dermscreen evaluate --model "$OUT/bundle" --labels "$DATA" --split test --bootst
   --out "$OUT/test" --overwrite
 echo
 echo "Built $OUT/bundle (test metrics in $OUT/test/metrics.md)."
-echo "To ship it: cp $OUT/bundle/* src/dermscreen/models/default/"
+printf 'To ship it: cp %q/* src/dermscreen/models/default/\n' "$OUT/bundle"

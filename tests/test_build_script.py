@@ -25,8 +25,14 @@ def test_one_command_builds_a_bundle_with_segmenter_and_ood_checks_and_evaluates
            "DERMSCREEN_BUILD_TRAIN_ARGS": "--max-images 150",
            "DERMSCREEN_BUILD_SEGMENTER_ARGS": "--max-images 100 --epochs 1 --image-size 64 --threads 1 --num-workers 0",
            "DERMSCREEN_BUILD_BOOTSTRAP": "20"}
-    out = tmp_path / "build"
-    done = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    # a relative OUT with a space is the caller's, and a run stopped before its first checkpoint (a split.csv, no
+    # last.pt) starts again instead of failing to resume
+    out = tmp_path / "build out"
+    (out / "classifier").mkdir(parents=True)
+    (out / ".build-default-model").touch()
+    (out / "classifier" / "split.csv").write_text("image_id,split\n")
+    done = subprocess.run(["bash", str(SCRIPT), "build out"], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4/4 held-out test split" in done.stdout and "To ship it" in done.stdout
     m = Bundle.load(out / "bundle").manifest  # verified
@@ -36,6 +42,7 @@ def test_one_command_builds_a_bundle_with_segmenter_and_ood_checks_and_evaluates
     built = {p.name: p.stat().st_mtime_ns for p in (out / "bundle").iterdir()}
 
     again = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    # (an absolute OUT this time: the same folder)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1/4" not in again.stdout and "2/4" not in again.stdout and "3/4" not in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (out / "bundle").iterdir()} == built  # kept, not rebuilt
@@ -45,3 +52,17 @@ def test_missing_data_is_a_sentence(tmp_path):
     env = {**os.environ, "DERMSCREEN_BUILD_DATA": str(tmp_path / "nope.csv")}
     done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "b")], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "nope.csv not found" in done.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.data
+def test_a_folder_it_did_not_make_is_refused_untouched(tmp_path, ham_dir):
+    theirs = tmp_path / "runs"
+    (theirs / "bundle").mkdir(parents=True)
+    (theirs / "bundle" / "manifest.json").write_text("{}")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for out, words in ((theirs, "did not make"), (a_file, "is a file")):
+        done = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+    assert (theirs / "bundle" / "manifest.json").read_text() == "{}" and a_file.read_text() == "x"
+    assert sorted(p.name for p in theirs.iterdir()) == ["bundle"]

@@ -86,6 +86,7 @@ def test_upload_shows_result_with_heatmap_and_disclaimer(page, base, images, tmp
     assert int(page.locator("#result .score .value").inner_text()) in range(0, 101)
     expect(page.locator("#result .diagnoses li")).to_have_count(3)
     assert "not a diagnosis" in page.locator("#result .disclaimer").inner_text()
+    assert "Licence: CC BY-NC-SA" in page.locator("#result .meta").inner_text()  # the tiny bundle's default card
     overlay = page.locator("#result img.overlay")
     assert overlay.get_attribute("src").startswith("data:image/png;base64,")
     assert overlay.evaluate("img => img.naturalWidth") > 0

@@ -232,9 +232,10 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
     if trained_on.get("manifest_sha256") != data.sha256:
         raise ConfigError(
             f"--split {split} without --split-file remakes the model's lesion-grouped split from the labels it was "
-            f"trained on, {trained_on.get('source') or 'its training labels'} ({trained_on.get('images')} images), "
-            f"but {data.source} is a different file (its sha256 differs). Give that labels file, or the training "
-            f"run's split.csv as --split-file{hint}.")
+            f"trained on, {trained_on.get('source') or 'its training labels'} ({trained_on.get('images')} images; "
+            f"the path as given where it was trained), but {data.source} is a different file (its sha256 differs; "
+            "an edited or reordered copy is different too). Give that labels file, or the training run's split.csv "
+            f"as --split-file{hint}.")
     selected = data
     if rule.get("max_images") and rule["max_images"] < len(data):
         selected = subsample(data, int(rule["max_images"]), int(rule["seed"]))

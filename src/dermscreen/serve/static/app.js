@@ -49,7 +49,9 @@ async function loadCard() {
     return;
   }
   const card = state.card;
-  $("model-line").textContent = `Model ${card.name} ${card.version} (${card.sha256.slice(0, 12)}) · ` +
+  // a bundle refit by `dermscreen calibrate` says on what, so its risk tiers are read with that in mind
+  const fitted = card.calibration && card.calibration.split && card.calibration.split !== "val" ? ` · ${card.calibration.split}` : "";
+  $("model-line").textContent = `Model ${card.name} ${card.version} (${card.sha256.slice(0, 12)})${fitted} · ` +
     `${card.licence} · Intended use: ${card.intended_use}`;
   if (card.disclaimer) $("disclaimer-text").textContent = card.disclaimer.replace(/^.*?not a diagnosis\.\s*/, "");
   const site = $("site");
@@ -389,7 +391,7 @@ function metaBlock(r) {
   const m = r.model || {};
   const total = r.timings_ms && (r.timings_ms.total ?? Object.values(r.timings_ms).reduce((a, b) => a + b, 0));
   return el("p", { class: "meta", text: `Model ${m.name} ${m.version} (${(m.sha256 || "").slice(0, 12)})` +
-    (total ? ` · ${Math.round(total)} ms` : "") });
+    (total ? ` · ${Math.round(total)} ms` : "") + (m.licence ? ` · Licence: ${m.licence}` : "") });
 }
 
 // ---- debug mode: client-side what-if -------------------------------------------------------------

@@ -188,6 +188,15 @@ def check_output_folder(folder: str | Path) -> Path:
     return folder
 
 
+def check_new_bundle_folder(out: str | Path, source: str | Path) -> Path:
+    """``out`` as a Path when a bundle derived from the one at ``source`` (refit-ood, add-segmenter, calibrate)
+    can be written there: not the source itself nor a folder inside it, and writable (check_output_folder)."""
+    out, source = Path(out), Path(source).resolve()
+    if out.resolve() == source or source in out.resolve().parents:
+        raise ConfigError("--out must be a new folder outside the bundle: a bundle is never modified in place.")
+    return check_output_folder(out)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from .bundle import SEGMENTER_BATCH_DIM, Bundle, SegmenterSpec, check_output_folder
+from .bundle import SEGMENTER_BATCH_DIM, Bundle, SegmenterSpec, check_new_bundle_folder
 from .errors import BundleError, ConfigError
 from .explain import palette_png
 from .preprocess import fit_within, shrink_within
@@ -501,10 +501,7 @@ def add_segmenter(bundle_dir: str | Path, out: str | Path, onnx_bytes: bytes, sp
 
     The source bundle is verified first and never modified; the result is re-read and verified.
     """
-    out = Path(out)
-    if out.resolve() == Path(bundle_dir).resolve():
-        raise ConfigError("The output folder must differ from the bundle: a bundle is never modified in place.")
-    check_output_folder(out)  # a bad --out fails with a sentence, before anything is read
+    out = check_new_bundle_folder(out, bundle_dir)  # a bad --out fails with a sentence, before anything is read
     source = Bundle.load(bundle_dir)  # verified: never extend a bundle whose files do not match its hashes
     try:
         OnnxSegmenter(onnx_bytes, spec).probabilities(np.zeros((spec.image_size, spec.image_size, 3), np.uint8))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, OODSpec, check_output_folder
+from .bundle import Bundle, OODSpec, check_new_bundle_folder
 from .errors import ConfigError
 from .imaging import read_image_file
 from .manifests import LabelledSet, load_labels
@@ -102,10 +102,7 @@ def refit_ood(bundle_path: str | Path, data_csv: Path, split_csv: Path, out: Pat
     for name, share in (("keep", keep), ("colour keep", colour_keep)):
         if not 0.5 <= share < 1.0:
             raise ConfigError(f"The {name} share {share:g} must be at least 0.5 and below 1.")
-    out = Path(out)
-    if out.exists() and out.resolve() == Path(bundle_path).resolve():
-        raise ConfigError("The output folder must differ from the bundle: a bundle is never modified in place.")
-    check_output_folder(out)  # a bad --out must fail now, not after the images are read
+    out = check_new_bundle_folder(out, bundle_path)  # a bad --out must fail now, not after the images are read
     bundle = Bundle.load(bundle_path)  # verified
     m = bundle.manifest
     if m.ood is None or "ood_mean" not in bundle.arrays:

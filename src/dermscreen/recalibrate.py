@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bundle import Bundle, Calibration, check_output_folder
+from .bundle import Bundle, Calibration, check_new_bundle_folder
 from .calibration import OperatingPoint, expected_calibration_error, softmax
 from .errors import ConfigError
 from .evaluation.evaluate import _load, training_labels_warning
@@ -82,10 +82,7 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
             f"{len(y)} images ({int(is_mal.sum())} malignant, {int((~is_mal).sum())} benign): too few {short} "
             f"to calibrate on. Give at least {MIN_IMAGES} images with at least {MIN_MALIGNANT} malignant and "
             f"{MIN_MALIGNANT} benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
-    source = Path(bundle.source).resolve()
-    if out.resolve() == source or source in out.resolve().parents:
-        raise ConfigError("--out must be a new folder outside the bundle: a bundle is never modified in place.")
-    out = check_output_folder(out)  # before the images are read: a bad --out fails at once
+    out = check_new_bundle_folder(out, bundle.source)  # before the images are read: a bad --out fails at once
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
     warnings = []

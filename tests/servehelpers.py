@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,20 +61,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``python -m dermscreen.serve`` on a free loopback port; returns (process, base URL) once /healthz answers."""
+def start_server(model: Path, *args: str, env: dict[str, str] | None = None,
+                 trust: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m dermscreen.serve`` on a free loopback port; returns (process, base URL) once /healthz answers.
+
+    With ``--tls-cert`` among ``args`` the server speaks HTTPS, checked against ``trust`` (its certificate).
+    """
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "dermscreen.serve", "--model", str(model), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if '--tls-cert' in args else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read().decode(errors='replace')}")
         try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(trust)) if trust else True
+            if httpx.get(base + "/healthz", timeout=1, verify=verify).status_code == 200:
                 return proc, base
         except httpx.TransportError:
             time.sleep(0.05)

@@ -1,7 +1,12 @@
 """``dermscreen serve``: flags, a clear error for a bad model, and multi-worker start-up."""
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
+
 import httpx
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -49,6 +54,55 @@ def test_two_workers_serve_the_same_model(tiny_bundle, tmp_path):
     assert all(a["debug"]["logits"] == answers[0]["debug"]["logits"] for a in answers)
     assert too_big.status_code == 413  # the upload limit reached the workers through the environment
     assert log.count("Started server process") >= 2
+
+
+def _self_signed(folder, name="server"):
+    """A throwaway certificate for 127.0.0.1 and its key, made by the openssl command line."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=dermscreen-test", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command makes the certificates")
+
+
+@needs_openssl
+def test_https_serves_the_api_and_page(tiny_bundle, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    bundle = permissive_bundle(tiny_bundle, tmp_path / "bundle")
+    proc, base = start_server(bundle, "--tls-cert", str(cert), "--tls-key", str(key), trust=cert)
+    try:
+        assert base.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        answer = httpx.post(f"{base}/api/v1/analyze?heatmap=false", content=encode(lesion_rgb()), verify=trusted)
+        page = httpx.get(base + "/", verify=trusted)
+        with pytest.raises(httpx.TransportError):  # the port speaks TLS only: plain HTTP is not answered
+            httpx.get(base.replace("https://", "http://") + "/healthz", timeout=5)
+    finally:
+        log = stop_server(proc)
+    assert answer.status_code == 200 and answer.json()["status"] == "ok"
+    assert page.status_code == 200 and "screening aid" in page.text.lower()
+    assert "open https://127.0.0.1:" in log
+
+
+@needs_openssl
+def test_bad_tls_files_fail_with_a_sentence(tiny_bundle, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    _, other_key = _self_signed(tmp_path, "other")
+    locked = tmp_path / "locked.key"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-out", str(locked), "-aes256", "-passout", "pass:secret"],
+                   check=True, capture_output=True, timeout=60)
+    cases = ((["--tls-cert", str(cert)], "HTTPS needs both a certificate (--tls-cert) and its private key"),
+             (["--tls-cert", str(cert), "--tls-key", str(other_key)], "does not belong to the certificate"),
+             (["--tls-cert", str(cert), "--tls-key", str(locked)], "is protected by a passphrase"),
+             (["--tls-cert", str(key), "--tls-key", str(key)], "as a PEM certificate and its private key"),
+             (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "nope.key")], "nope.key does not exist"))
+    for args, said in cases:
+        result = CliRunner().invoke(_app(), ["--model", str(tiny_bundle), *args], terminal_width=200)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
 
 
 def test_inconsistent_limits_fail_with_a_sentence(tiny_bundle):

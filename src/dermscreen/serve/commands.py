@@ -64,6 +64,10 @@ def serve(
              "default: on, on Linux with one worker, more than one CPU core and one onnxruntime thread per "
              "analysis.")] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+    tls_cert: Annotated[Optional[Path], typer.Option(
+        help="PEM certificate: serve HTTPS (needed to send images over a network, and for the page's camera on a "
+             "phone). See README: 'From a phone on your network'.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert (no passphrase).")] = None,
 ) -> None:
     """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""
     import uvicorn
@@ -81,6 +85,10 @@ def serve(
         overrides["concurrency"] = concurrency
     if helper_process is not None:
         overrides["helper_process"] = helper_process
+    if tls_cert is not None:
+        overrides["tls_cert"] = str(tls_cert)
+    if tls_key is not None:
+        overrides["tls_key"] = str(tls_key)
     try:
         settings = ServeSettings(**overrides)
         app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly
@@ -89,15 +97,18 @@ def serve(
             else str(exc)
         typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    if not _is_loopback(host):
-        typer.secho(f"Listening on {host}: other machines on the network can reach this server. It speaks plain "
-                    "HTTP; put it behind a TLS reverse proxy before sending patient images over a network.",
+    tls = settings.tls_cert is not None
+    if not _is_loopback(host) and not tls:
+        typer.secho(f"Listening on {host}: other machines on the network can reach this server, and it speaks plain "
+                    "HTTP, so images would cross the network unencrypted. Serve HTTPS (--tls-cert and --tls-key) "
+                    "or put it behind a TLS reverse proxy before sending patient images over a network.",
                     fg=typer.colors.YELLOW, err=True)
     card = app.state.screener.bundle.manifest
-    typer.echo(f"dermscreen: model {card.name} {card.version}; open http://{host}:{port}/ "
+    typer.echo(f"dermscreen: model {card.name} {card.version}; open {'https' if tls else 'http'}://{host}:{port}/ "
                "(screening aid, not a diagnosis).", err=True)
     common = dict(host=host, port=port, log_config=log_config(log_level), log_level=log_level,
-                  access_log=False, server_header=False, proxy_headers=False)
+                  access_log=False, server_header=False, proxy_headers=False,
+                  ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     if workers == 1:
         uvicorn.run(app, **common)
     else:

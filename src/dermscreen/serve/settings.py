@@ -43,6 +43,9 @@ class ServeSettings(BaseSettings):
                                         "the model is loaded (it shares the model's memory); empty = on, on Linux "
                                         "with one worker, more than one CPU core and one thread per analysis.")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; needs tls_key. "
+                                 "Without it the server speaks plain HTTP, fit for this machine only.")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert (not protected by a passphrase).")
 
     @model_validator(mode="after")
     def _share_the_cores(self) -> "ServeSettings":
@@ -74,6 +77,16 @@ class ServeSettings(BaseSettings):
                              f"({self.max_upload_mb:g}), or no upload of the largest allowed size could be received")
         return self
 
+    @model_validator(mode="after")
+    def _tls_loads(self) -> "ServeSettings":
+        # Checked here, before the model loads and before uvicorn starts, so a wrong file is one sentence
+        # rather than a traceback from inside uvicorn (and uvicorn would prompt on the terminal for a passphrase).
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HTTPS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.tls_cert is not None:
+            check_tls_files(self.tls_cert, self.tls_key)
+        return self
+
     @property
     def max_buffered_bytes(self) -> int:
         """The all-requests in-memory body budget in bytes."""
@@ -98,3 +111,25 @@ class ServeSettings(BaseSettings):
             if value is not None:
                 env[f"DERMSCREEN_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Raise ValueError with a sentence unless ``cert`` and ``key`` are a PEM certificate and its unencrypted key."""
+    import ssl
+
+    for name, path in (("certificate", cert), ("private key", key)):
+        if not os.path.isfile(path):
+            raise ValueError(f"the TLS {name} file {path} does not exist")
+
+    def no_passphrase() -> bytes:
+        raise ValueError(f"the private key {key} is protected by a passphrase; serve with an unencrypted copy "
+                         "(e.g. `openssl pkey -in KEY -out plain.key`, readable only by the server's user)")
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"the private key {key} does not belong to the certificate {cert}") from None
+        raise ValueError(f"could not read {cert} and {key} as a PEM certificate and its private key") from None
+    except OSError as exc:
+        raise ValueError(f"could not read the TLS files: {exc.strerror or exc}") from None

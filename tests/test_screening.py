@@ -100,6 +100,16 @@ def test_tta_averages_flipped_logits(screener):
     assert tta.debug.tta and not screener.analyze_image(rgb).debug.tta
 
 
+def test_tta_keeps_the_ood_score_its_threshold_was_chosen_on(tiny_bundle):
+    # The threshold was chosen on single (unflipped) views; the mean embedding of four views lies nearer the
+    # training mean, so scoring it would let out-of-distribution images through when TTA is on.
+    judge = Screener(tiny_bundle)
+    rgb = _lesion(2, 64, 64)
+    plain, tta = judge.analyze_image(rgb, heatmap=False), judge.analyze_image(rgb, heatmap=False, tta=True)
+    assert plain.ood.score is not None and tta.ood.score == pytest.approx(plain.ood.score, rel=1e-5)
+    assert tta.ood.in_distribution == plain.ood.in_distribution
+
+
 def test_metadata_reaches_models_that_take_it(tiny_bundle_meta, screener):
     meta_screener = Screener(tiny_bundle_meta, ScreenerSettings(ood_refusal=False))
     data = _jpeg(_lesion())

@@ -474,8 +474,10 @@ class Screener:
             meta = np.repeat(meta, len(batch), axis=0)
         t1 = time.perf_counter()
         out = self.bundle.run(batch, meta, threads=self.settings.threads)
-        if tta:  # average logits (not probabilities) so the bundle's temperature keeps its meaning
-            return out["logits"].mean(0), out["embedding"].mean(0), _unflip_mean(out["features"]), (t1 - t0) * 1000
+        if tta:  # average logits (not probabilities) so the bundle's temperature keeps its meaning; the OOD check
+            # scores the unflipped view's embedding, as its threshold was chosen on (an average of four views
+            # lies nearer the training mean and would let out-of-distribution images through)
+            return out["logits"].mean(0), out["embedding"][0], _unflip_mean(out["features"]), (t1 - t0) * 1000
         return out["logits"][0], out["embedding"][0], out["features"][0], (t1 - t0) * 1000
 
     def _colour(self, rgb: np.ndarray) -> float | None:

@@ -169,3 +169,47 @@ def test_scores_well_above_chance_on_200_heldout_images(bundle, ham224_dir):
     assert mal_auc >= 0.85, f"malignant-vs-benign AUC {mal_auc:.3f}"
     assert mel_auc >= 0.85, f"melanoma AUC {mel_auc:.3f}"
     assert np.allclose(pred.probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_the_models_own_images_are_recognised_in_any_split_or_labels_file(bundle, ham224_dir, ham_dir, tmp_path,
+                                                                          monkeypatch):
+    """Training or validation images listed as "test" in a foreign split file, or copied into another labels file,
+    are found by id: evaluate warns with counts, calibrate refuses (and writes nothing)."""
+    from dermscreen.errors import ConfigError
+    from dermscreen.evaluation.evaluate import _load, _warnings
+    from dermscreen.manifests import load_labels
+    from dermscreen.recalibrate import recalibrate
+
+    labels = ham224_dir / "HAM10000_metadata.csv"
+    parts = {name: [s.image_id for s in _load(DEFAULT, labels, None, None, name)[1].samples]
+             for name in ("train", "val", "test")}
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("image_id,split\n" + "".join(f"{i},test\n" for i in
+                                                        parts["train"][:30] + parts["val"][:5] + parts["test"][:25]))
+    b, data, info = _load(DEFAULT, labels, None, split_file, "test")
+    said = _warnings(b, data, info)
+    assert len(said) == 1 and said[0].startswith("35 of the 60 images evaluated are this model's own (30 from its "
+                                                 "training split and 5 from its validation split")
+    with pytest.raises(ConfigError, match="30 of these 60 images are images the model was trained on"):
+        recalibrate(None, labels, tmp_path / "refit", split_file=split_file, split="test")
+    assert not (tmp_path / "refit").exists()
+    # the held-out test images alone: no warning
+    split_file.write_text("image_id,split\n" + "".join(f"{i},test\n" for i in parts["test"][:60]))
+    assert _warnings(*_load(DEFAULT, labels, None, split_file, "test")) == []
+
+    # a clinic's own CSV holding copies of training images: found through the training labels the manifest names
+    # (a path relative to the repository, where the model was trained)
+    monkeypatch.chdir(REPO)
+    if not Path(bundle.manifest.training["data"]["source"]).resolve().samefile(labels):
+        pytest.skip("the shared data is not where the shipped manifest says (DERMSCREEN_DATA elsewhere)")
+    copied = tmp_path / "clinic.csv"
+    rows = [(i, "train") for i in parts["train"][:40]] + [(i, "test") for i in parts["test"][:40]]
+    everything = {s.image_id: s for s in load_labels(labels).samples}
+    copied.write_text("image,dx\n" + "".join(
+        f"{ham_dir / 'images' / (i + '.jpg')},{everything[i].dx}\n"
+        for i, _ in rows))
+    b, data, info = _load(DEFAULT, copied, None, None, None)
+    assert _warnings(b, data, info)[0].startswith("40 of the 80 images evaluated are this model's own (40 from its "
+                                                  "training split")
+    with pytest.raises(ConfigError, match="40 of these 80 images are images the model was trained on"):
+        recalibrate(None, copied, tmp_path / "refit2")

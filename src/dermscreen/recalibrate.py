@@ -24,7 +24,7 @@ import numpy as np
 from .bundle import Bundle, Calibration, check_new_bundle_folder
 from .calibration import OperatingPoint, expected_calibration_error, softmax
 from .errors import ConfigError
-from .evaluation.evaluate import _load, training_labels_warning
+from .evaluation.evaluate import _load, seen_images_warning, training_labels_warning
 from .inference import predict_samples
 from .training.calibrate import calibrate as fit_calibration
 
@@ -69,8 +69,11 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     out = Path(out)
     bundle, data, split_info = _load(model, labels, images, split_file, split)
     trained = training_labels_warning(bundle, data, split_info)  # every image of a file the model trained from
-    if trained or (split_info and split_info.get("split") == "train"):
-        raise ConfigError("These are images the model was trained on: calibrating on them would make it "
+    _, seen = seen_images_warning(bundle, data)  # its own images, found by id in any labels or split file
+    if trained or (split_info and split_info.get("split") == "train") or seen.get("train"):
+        some = f"{seen['train']} of these {len(data)} images are" if seen.get("train") and not trained else \
+            "These are"
+        raise ConfigError(f"{some} images the model was trained on: calibrating on them would make it "
                           "over-confident. Use new labelled cases from where the model is used.")
     taxonomy = bundle.manifest.taxonomy
     y = np.asarray(data.labels)
@@ -89,6 +92,10 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     if split_info and split_info.get("split") == "val":
         warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
                         "it has. Calibrate on new cases from where the model is used.")
+    elif seen.get("val"):
+        warnings.append(f"{seen['val']} of these {len(data)} images are the model's validation images, which already "
+                        "calibrated it: they pull the refit towards the numbers it has. Calibrate on new cases from "
+                        "where the model is used.")
     if len(y) < ADVISED_IMAGES or is_mal.sum() < ADVISED_MALIGNANT:
         warnings.append(f"Only {len(y)} images ({int(is_mal.sum())} malignant): the operating points will move "
                         f"noticeably with a few cases more or less; {ADVISED_IMAGES}+ images with "

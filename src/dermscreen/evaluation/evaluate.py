@@ -216,11 +216,8 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
     looks held-out and is not.
     """
     training = bundle.manifest.training if isinstance(bundle.manifest.training, dict) else {}
-    recipe = training.get("recipe") or {}
     trained_on = training.get("data") or {}
-    rule = training.get("split") or {
-        "seed": training.get("split_seed"), "val_fraction": recipe.get("val_fraction"),
-        "test_fraction": recipe.get("test_fraction"), "max_images": recipe.get("max_images")}
+    rule = _split_rule(training)
     recorded = training.get("split_file")
     # a path on the machine that trained the model; named only where it exists (a shipped model's does not)
     hint = f" (this model's training run wrote {recorded})" if recorded and Path(recorded).is_file() else ""
@@ -236,18 +233,9 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
             f"the path as given where it was trained), but {data.source} is a different file (its sha256 differs; "
             "an edited or reordered copy is different too). Give that labels file, or the training run's split.csv "
             f"as --split-file{hint}.")
-    selected = data
-    if rule.get("max_images") and rule["max_images"] < len(data):
-        selected = subsample(data, int(rule["max_images"]), int(rule["seed"]))
-    parts = grouped_split(selected, float(rule["val_fraction"]), float(rule["test_fraction"]), int(rule["seed"]))
+    selected, parts = _remake_parts(training, rule, data, hint)
     if split not in parts:
         raise ConfigError(f"Unknown split {split!r}: use one of {', '.join(SPLIT_NAMES)}.")
-    compare = ("val", "test") if training.get("extra_train") else SPLIT_NAMES
-    if not _same_split(selected, parts, rule.get("sha256"), training.get("splits") or {}, compare):
-        raise ConfigError(
-            f"The split remade from {data.source} does not match the one this model was trained with (another "
-            "scikit-learn version may split differently); give the training run's split.csv as --split-file"
-            f"{hint}.")
     if not parts[split]:
         raise ConfigError(f"This model's training run had no {split} split ({split} fraction 0): nothing to evaluate.")
     how = (f"seed {rule['seed']}, {rule['val_fraction']:g} validation, {rule['test_fraction']:g} test, "
@@ -256,6 +244,106 @@ def remade_split(bundle: Bundle, data: LabelledSet, split: str) -> tuple[Labelle
             "listed": len(parts[split]), "evaluated": len(parts[split]), "missing_from_labels": 0, "remade": True,
             "sha256": split_sha256(selected, parts)}
     return selected.subset(parts[split]), info
+
+
+def _split_rule(training: dict) -> dict:
+    """How the model's training run split its labels: seed, fractions, subsample (older manifests: from the recipe)."""
+    recipe = training.get("recipe") or {}
+    return training.get("split") or {
+        "seed": training.get("split_seed"), "val_fraction": recipe.get("val_fraction"),
+        "test_fraction": recipe.get("test_fraction"), "max_images": recipe.get("max_images")}
+
+
+_REMADE: dict[tuple, dict[str, list[int]]] = {}  # the last split remade: (labels sha256, size, rule) → parts
+
+
+def _remake_parts(training: dict, rule: dict, data: LabelledSet, hint: str = "") -> tuple[LabelledSet, dict]:
+    """(the images split, their train/val/test indices) as the training run made them from ``data``, its
+    training labels; ConfigError when the remade split does not match the one the manifest records."""
+    selected = data
+    if rule.get("max_images") and rule["max_images"] < len(data):
+        selected = subsample(data, int(rule["max_images"]), int(rule["seed"]))
+    key = (selected.sha256, len(selected), json.dumps(rule, sort_keys=True, default=str))
+    if selected.sha256 is None or key not in _REMADE:  # the split takes ~2.5 s on HAM10000; asked for twice
+        _REMADE.clear()
+        _REMADE[key] = grouped_split(selected, float(rule["val_fraction"]), float(rule["test_fraction"]),
+                                     int(rule["seed"]))
+    parts = _REMADE[key]
+    compare = ("val", "test") if training.get("extra_train") else SPLIT_NAMES
+    if not _same_split(selected, parts, rule.get("sha256"), training.get("splits") or {}, compare):
+        raise ConfigError(
+            f"The split remade from {data.source} does not match the one this model was trained with (another "
+            "scikit-learn version may split differently); give the training run's split.csv as --split-file"
+            f"{hint}.")
+    return selected, parts
+
+
+def _training_file(record: dict, given: LabelledSet, taxonomy) -> LabelledSet | None:
+    """The whole labels file a manifest ``record`` describes, when it is here unchanged: the file ``given`` was
+    selected from, else the recorded path (as given where the model was trained, usually relative to the
+    repository); None otherwise."""
+    want = record.get("manifest_sha256")
+    source = given.source if given.sha256 == want else record.get("source")
+    if not want or not source or not Path(source).is_file():
+        return None
+    try:  # only ids, labels and groups are needed: the images are not looked for
+        found = load_labels(source, record.get("images_folder"), taxonomy=taxonomy, check_files=False)
+    except ManifestError:
+        return None
+    return found if found.sha256 == want else None
+
+
+def model_seen_images(bundle: Bundle, given: LabelledSet) -> dict[str, str] | None:
+    """Image id → 'train' or 'val' for every image that trained this model or chose and calibrated it, found by
+    remaking its split from its training labels (the file ``given`` comes from, or the files the manifest names,
+    when they are here unchanged); None when they cannot be found or the split cannot be remade.
+
+    By image id, so the model's own images are recognised in any labels file or split file they were copied to.
+    """
+    training = bundle.manifest.training if isinstance(bundle.manifest.training, dict) else {}
+    rule = _split_rule(training)
+    if None in (rule.get("seed"), rule.get("val_fraction"), rule.get("test_fraction")):
+        return None
+    taxonomy = bundle.manifest.taxonomy
+    main = _training_file(training.get("data") or {}, given, taxonomy)
+    if main is None:
+        return None
+    try:
+        selected, parts = _remake_parts(training, rule, main)
+    except ConfigError:
+        return None
+    seen = {selected.samples[i].image_id: name for name in ("train", "val") for i in parts[name]}
+    held_out = {selected.samples[i].group_id for name in ("val", "test") for i in parts[name]}
+    known = {s.image_id for s in main.samples}
+    for record in training.get("extra_train") or []:  # as training.fit.training_data took their images
+        extra = _training_file(record, given, taxonomy) if isinstance(record, dict) else None
+        if extra is None:
+            continue
+        for sample in extra.samples:
+            if sample.image_id not in known and sample.group_id not in held_out:
+                seen.setdefault(sample.image_id, "train")
+        known.update(s.image_id for s in extra.samples)
+    return seen
+
+
+def seen_images_warning(bundle: Bundle, data: LabelledSet) -> tuple[str | None, dict[str, int]]:
+    """(a sentence, counts per part) when the images ``data`` holds include some that trained or calibrated this
+    model (``model_seen_images``); (None, {}) when they include none or that cannot be told."""
+    seen = model_seen_images(bundle, data)
+    if not seen:
+        return None, {}
+    counts: dict[str, int] = {}
+    for sample in data.samples:
+        part = seen.get(sample.image_id)
+        if part:
+            counts[part] = counts.get(part, 0) + 1
+    if not counts:
+        return None, {}
+    how = " and ".join(f"{n} from its {'training' if part == 'train' else 'validation'} split"
+                       for part, n in sorted(counts.items(), key=lambda kv: kv[0] != "train"))
+    return (f"{sum(counts.values())} of the {len(data)} images evaluated are this model's own ({how}: they trained "
+            "it or chose and calibrated it), so these scores overstate how the model does on new images. Leave "
+            "them out for held-out scores."), counts
 
 
 def _same_split(data: LabelledSet, parts: dict[str, list[int]], sha256: str | None, recorded: dict,
@@ -303,8 +391,7 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
         "disclaimer": DISCLAIMER,
         "model": _model_info(bundle),
         "data": {**data.summary(), "split": split_info, "selection": describe_selection(labels, split_info)},
-        "warnings": [w for w in [held_out_warning(split_info), training_labels_warning(bundle, data, split_info),
-                                 recalibration_warning(bundle, data, split_info)] if w],
+        "warnings": _warnings(bundle, data, split_info),
         "settings": {"tta": TTA_MODE if tta else False, "batch_size": batch_size, "min_subgroup": min_subgroup},
         "ood": _ood_summary(bundle, preds),
         **compute_metrics(scored, [s.group_id for s in data.samples], subgroup_columns(data.samples),
@@ -312,6 +399,14 @@ def evaluate(model: str | Path | None, labels: str | Path, images: str | Path | 
     }
     progress.phase("Drawing plots and writing the report")
     return _write_outputs(out, data, preds, scored, metrics)
+
+
+def _warnings(bundle: Bundle, data: LabelledSet, split_info: dict | None) -> list[str]:
+    """Every reason these scores are not held-out: a seen split by name, all of a training labels file, the
+    model's own images found by id (said once: the first that applies), and a recalibration on these images."""
+    seen = held_out_warning(split_info) or training_labels_warning(bundle, data, split_info) \
+        or seen_images_warning(bundle, data)[0]
+    return [w for w in (seen, recalibration_warning(bundle, data, split_info)) if w]
 
 
 def _write_outputs(out: Path, data: LabelledSet, preds: Predictions, scored: EvalData,

@@ -214,3 +214,21 @@ def test_no_lesion_skips_the_outline_and_abcd(app, ham_dir):
         assert answers[flag]["status"] == "ok"
     assert answers["--lesion"]["lesion"]["found"] and answers["--lesion"]["lesion"]["abcd"] is not None
     assert answers["--no-lesion"]["lesion"] is None and "lesion" not in answers["--no-lesion"]["timings_ms"]
+
+
+def test_brackets_in_names_are_printed_as_they_are(app, tiny_bundle, tmp_path):
+    # rich reads "[...]" as markup: two lesions "[left]" and "[right]" must not both print as "lesion.jpg",
+    # and "[/x]" (a closing tag nothing opened) must not end in a traceback
+    folder = tmp_path / "d[/x]"  # the folder "x]" inside "d[": its path holds a closing tag
+    folder.mkdir(parents=True)
+    rgb = np.random.default_rng(1).integers(0, 255, (150, 200, 3), np.uint8)
+    for name in ("lesion[left].png", "lesion[right].png"):
+        Image.fromarray(rgb).save(folder / name)
+    (folder / "broken[red].jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    res = CliRunner().invoke(app, ["predict", str(folder), "--model", str(tiny_bundle)], env={"COLUMNS": "250"})
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output  # one bad file; no traceback
+    assert "lesion[left].png" in res.output and "lesion[right].png" in res.output
+    assert "d[/x]/broken[red].jpg" in res.output
+    bundle = tmp_path / "b[/x]"
+    res = CliRunner().invoke(app, ["info", "--model", str(bundle)], env={"COLUMNS": "250"})
+    assert res.exit_code == 2 and "b[/x]" in res.output, res.output

@@ -8,6 +8,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import DISCLAIMER
@@ -76,9 +77,10 @@ def _row(table: Table, path: Path, result: dict) -> None:
     top = result["top_diagnoses"][0] if result.get("top_diagnoses") else None
     notes = "; ".join(list(result.get("reasons") or []) + list((result.get("quality") or {}).get("warnings") or []))
     score = result.get("malignancy_score")
-    table.add_row(path.name, f"[{_TIER_STYLE[risk['tier']]}] {risk['label']} [/]",
+    # file names and the bundle's words are text, not rich markup: "lesion[left].jpg" must print as it is
+    table.add_row(escape(path.name), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
                   "—" if score is None else f"{score:.0f}",
-                  f"{top['name']} ({100 * top['probability']:.0f} %)" if top else "—", notes)
+                  escape(f"{top['name']} ({100 * top['probability']:.0f} %)") if top else "—", escape(notes))
 
 
 def predict(
@@ -122,7 +124,7 @@ def predict(
         screener = Screener(model, settings)
         screener._metadata_vector(age, sex, site)
     except DermscreenError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print("[red]error:[/]", escape(str(exc)), highlight=False)
         raise typer.Exit(2)
     if screener.metadata_spec is None and (age is not None or sex or site):
         err.print("[yellow]note:[/] this model does not use age, sex or site; they were checked, not used, and are "
@@ -154,13 +156,13 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
         for outcome in outcomes:
             if outcome.fatal:
                 outcomes.close()
-                progress.console.print(f"[red]error:[/] {outcome.error}")
+                progress.console.print("[red]error:[/]", escape(outcome.error), highlight=False)
                 raise typer.Exit(2)
             if outcome.error is not None:
                 failures += 1
                 # the message names the file itself (Screener errors start "name: "); the path says where it is
                 message = outcome.error.removeprefix(f"{outcome.path.name}: ")
-                progress.console.print(f"[red]{outcome.path}:[/] {message}")
+                progress.console.print(f"[red]{escape(str(outcome.path))}:[/]", escape(message), highlight=False)
                 if as_json:
                     print(json.dumps({"file": str(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
@@ -171,8 +173,8 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                     _row(table, outcome.path, outcome.result)
                 if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
                     # said, so a folder of heatmaps with gaps is not mistaken for files lost
-                    progress.console.print(f"[dim]{outcome.path}: no heatmap written: the image was not assessed "
-                                           "(see its reasons).[/]")
+                    progress.console.print(f"[dim]{escape(str(outcome.path))}: no heatmap written: the image was "
+                                           "not assessed (see its reasons).[/]")
             progress.advance(task)
     if not as_json and table.row_count:
         Console().print(table)
@@ -189,7 +191,7 @@ def info(
     try:
         card = Screener(model).model_card()
     except DermscreenError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        Console(stderr=True).print("[red]error:[/]", escape(str(exc)), highlight=False)
         raise typer.Exit(2)
     if as_json:
         print(json.dumps(card, indent=2, default=str))
@@ -199,16 +201,20 @@ def info(
 
 def _print_card(card: dict, console: Console) -> None:
     """Human-readable model card summary."""
-    console.print(f"[bold]{card['name']}[/] {card['version']}  ({card['backbone']}, {card['image_size']} px)")
-    console.print(f"sha256 {card['sha256']}  created {card['created']}")
-    console.print("classes: " + ", ".join(f"{c['code']} ({c['group']})" for c in card["classes"]))
+    # everything printed here comes from the bundle's manifest: text, never rich markup (escape)
+    console.print(f"[bold]{escape(card['name'])}[/] " + escape(f"{card['version']}  ({card['backbone']}, "
+                                                            f"{card['image_size']} px)"), highlight=False)
+    console.print(escape(f"sha256 {card['sha256']}  created {card['created']}"), highlight=False)
+    console.print(escape("classes: " + ", ".join(f"{c['code']} ({c['group']})" for c in card["classes"])),
+                  highlight=False)
     fitted_on = (card.get("calibration") or {}).get("split", "val")
     ops = Table(title="Operating points (validation)" if fitted_on == "val" else
                 f"Operating points ({fitted_on}; measured on those images)")
     for col in ("name", "threshold P(malignant)", "sensitivity", "specificity"):
         ops.add_column(col)
     for op in card["operating_points"]:
-        ops.add_row(op["name"], f"{op['threshold']:.3f}", f"{op['sensitivity']:.3f}", f"{op['specificity']:.3f}")
+        ops.add_row(escape(op["name"]), f"{op['threshold']:.3f}", f"{op['sensitivity']:.3f}",
+                    f"{op['specificity']:.3f}")
     console.print(ops)
     ood = card["ood"]
     if ood is None:
@@ -219,8 +225,6 @@ def _print_card(card: dict, console: Console) -> None:
             f"{ood['validation_kept_both']:.1%})")
         console.print(f"temperature {card['temperature']:.3f}; OOD threshold {ood['threshold']:.3g} "
                       f"(keeps {ood['validation_kept']:.1%} of validation){colour}")
-    from rich.markup import escape
-
     refits = (card.get("training") or {}).get("recalibrations") or []
     if refits:  # the thresholds and temperature are no longer the validation split's: say whose they are
         last = refits[-1]
@@ -241,10 +245,10 @@ def _print_card(card: dict, console: Console) -> None:
     console.print(f"lesion outline: {_segmenter_line(card.get('segmenter'))}")
     for label, key in (("intended use", "intended_use"), ("training data", "training_data"), ("licence", "licence")):
         if card.get(key):
-            console.print(f"[bold]{label}:[/] {card[key]}")
+            console.print(f"[bold]{label}:[/]", escape(str(card[key])), highlight=False)
     for item in card.get("limitations") or []:
-        console.print(f"  • {item}")
-    console.print(f"[dim]{card['disclaimer']}[/]")
+        console.print("  •", escape(str(item)), highlight=False)
+    console.print(f"[dim]{escape(card['disclaimer'])}[/]")
 
 
 def _segmenter_line(spec: dict | None) -> str:
@@ -277,7 +281,6 @@ def calibrate(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
 ) -> None:
     """Fit a bundle's temperature and referral thresholds again on your own labelled images (new bundle)."""
-    from rich.markup import escape
     from rich.progress import Progress
 
     from .recalibrate import recalibrate
@@ -344,7 +347,7 @@ def refit_ood(
             folder = run(bundle, data, split, out, extra=extra or [], images=images, keep=keep,
                          colour_keep=colour_keep, threads=threads, progress=progress)
     except DermscreenError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        Console(stderr=True).print("[red]error:[/]", escape(str(exc)), highlight=False)
         raise typer.Exit(2)
     from .bundle import Bundle
 

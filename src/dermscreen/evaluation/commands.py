@@ -12,10 +12,11 @@ import typer
 
 def _summary_table(metrics: dict):
     """A short rich table of the headline metrics and operating points."""
+    from rich.markup import escape
     from rich.table import Table
 
     overall = metrics["overall"]
-    table = Table(title=f"{metrics['model']['name']} on {overall['n']} images", title_justify="left")
+    table = Table(title=escape(f"{metrics['model']['name']} on {overall['n']} images"), title_justify="left")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
     table.add_column("95% CI", justify="right", style="dim")
@@ -23,7 +24,7 @@ def _summary_table(metrics: dict):
     def add(name: str, entry: dict | None) -> None:
         if entry:
             ci = entry.get("ci95")
-            table.add_row(name, f"{entry['value']:.3f}", f"{ci[0]:.3f} - {ci[1]:.3f}" if ci else "")
+            table.add_row(escape(name), f"{entry['value']:.3f}", f"{ci[0]:.3f} - {ci[1]:.3f}" if ci else "")
 
     for key, entry in overall["headline"].items():
         add(key.replace("_", " "), entry)
@@ -113,7 +114,8 @@ def evaluate(
     for warning in result.metrics.get("warnings", []):
         console.print("[bold yellow]Warning:[/bold yellow]", escape(warning), highlight=False, soft_wrap=True)
     if result.metrics["classes_absent"]:
-        stdout.print(f"Evaluated on the classes present only: {', '.join(result.metrics['classes_evaluated'])} "
-                      f"(absent: {', '.join(result.metrics['classes_absent'])}).")
-    stdout.print(f"Wrote {result.out}/: predictions.csv, metrics.json, metrics.md (tables for a model card), report.html and plots.")
+        stdout.print(escape(f"Evaluated on the classes present only: {', '.join(result.metrics['classes_evaluated'])} "
+                            f"(absent: {', '.join(result.metrics['classes_absent'])})."), highlight=False)
+    stdout.print(escape(f"Wrote {result.out}/: predictions.csv, metrics.json, metrics.md (tables for a model card), "
+                        "report.html and plots."), highlight=False)
     stdout.print("[dim]Screening aid, not a diagnosis.[/dim]")

@@ -232,3 +232,17 @@ def test_brackets_in_names_are_printed_as_they_are(app, tiny_bundle, tmp_path):
     bundle = tmp_path / "b[/x]"
     res = CliRunner().invoke(app, ["info", "--model", str(bundle)], env={"COLUMNS": "250"})
     assert res.exit_code == 2 and "b[/x]" in res.output, res.output
+
+
+def test_a_model_onnxruntime_cannot_load_is_a_sentence(app, tiny_bundle, tmp_path):
+    # its hash is right (e.g. exported with a newer opset than this onnxruntime knows), so only loading it fails
+    from dermscreen.bundle import MANIFEST, Bundle, Manifest
+
+    files = {p.name: p.read_bytes() for p in tiny_bundle.iterdir() if p.is_file() and p.name != MANIFEST}
+    manifest = Manifest.model_validate_json((tiny_bundle / MANIFEST).read_bytes())
+    files[manifest.model.file] = files[manifest.model.file][:200]
+    broken = Bundle.write(tmp_path / "broken", manifest, files)
+    for args in (["info"], ["predict", str(tiny_bundle / MANIFEST)]):
+        res = CliRunner().invoke(app, [*args, "--model", str(broken)], env={"COLUMNS": "250"})
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+        assert "could not be loaded by onnxruntime" in res.output and "export the model again" in res.output

@@ -323,9 +323,16 @@ class Bundle:
             # stages (decoding, quality, heatmap) need on small machines: measured 10.8 ms vs 6.3 ms.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._sessions[key] = ort.InferenceSession(
-                self.file(self.manifest.model.file), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            try:
+                self._sessions[key] = ort.InferenceSession(
+                    self.file(self.manifest.model.file), sess_options=opts, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises several types for a graph it cannot load
+                # e.g. a bundle exported with a newer ONNX opset than this onnxruntime knows: its hash is fine
+                raise BundleError(
+                    f"{self.source}: {self.manifest.model.file} could not be loaded by onnxruntime {ort.__version__} "
+                    f"({str(exc).strip()[:300]}); a newer onnxruntime may read it (pip install -U onnxruntime), or "
+                    "export the model again.") from None
         return self._sessions[key]
 
     def run(self, images: np.ndarray, metadata: np.ndarray | None = None, threads: int | None = None,

@@ -119,6 +119,27 @@ def test_a_bad_flag_value_names_the_flag(tiny_bundle):
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
 
 
+def test_environment_variables_set_what_no_flag_gives(tiny_bundle):
+    def run(args, env):
+        return CliRunner().invoke(_app(), ["--model", str(tiny_bundle), *args], env=env, terminal_width=200)
+
+    # before, every flag's default overrode its variable: DERMSCREEN_PORT=99999 passed silently
+    result = run([], {"DERMSCREEN_PORT": "99999", "DERMSCREEN_MAX_UPLOAD_MB": "-1"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--port (or DERMSCREEN_PORT)" in said
+    assert "--max-upload-mb (or DERMSCREEN_MAX_UPLOAD_MB)" in said
+    # a flag given wins over its variable
+    result = run(["--port", "0", "--max-upload-mb", "5", "--max-buffered-mb", "10"],
+                 {"DERMSCREEN_PORT": "99999", "DERMSCREEN_MAX_UPLOAD_MB": "-1", "DERMSCREEN_LOG_LEVEL": "loud"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "DERMSCREEN_PORT" not in said and "MAX_UPLOAD" not in said
+    assert "--log-level (or DERMSCREEN_LOG_LEVEL): use one of" in said
+    # a setting with no flag is named by its variable only (there is no --threads to suggest)
+    result = run([], {"DERMSCREEN_THREADS": "0"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "DERMSCREEN_THREADS: Input should be greater" in said and "--threads" not in said
+
+
 def test_python_m_dermscreen_is_the_command():
     import subprocess
     import sys

@@ -32,44 +32,59 @@ def _is_loopback(host: str) -> bool:
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# the settings `dermscreen serve` has a flag for; the others are set by their DERMSCREEN_* variable only
+FLAGS = ("host", "port", "model", "workers", "max_upload_mb", "max_buffered_mb", "concurrency", "tta",
+         "helper_process", "log_level", "tls_cert", "tls_key")
 
 
 def _setting_error(error: dict) -> str:
-    """One pydantic error on ServeSettings as a sentence naming the flag (or variable) it came from."""
+    """One pydantic error on ServeSettings as a sentence naming the flag (and variable) it came from."""
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:
         return message
     name = str(error["loc"][0])
     if name == "log_level":
         message = "use one of " + ", ".join(LOG_LEVELS)
+    if name not in FLAGS:  # a setting only its environment variable sets
+        return f"DERMSCREEN_{name.upper()}: {message}"
     return f"--{name.replace('_', '-')} (or DERMSCREEN_{name.upper()}): {message}"
 
 
 def serve(
-    host: Annotated[str, typer.Option(
-        help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    # None = not given: the setting then comes from its DERMSCREEN_* variable, else the default shown
+    host: Annotated[Optional[str], typer.Option(
+        help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.",
+        show_default="127.0.0.1")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port.", show_default="8000")] = None,
     model: Annotated[Optional[Path], typer.Option(
         help="Model bundle (folder or zip); default: $DERMSCREEN_MODEL or the shipped model.")] = None,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes, each with its own model copy.")] = 1,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload in MiB.")] = 20.0,
-    max_buffered_mb: Annotated[float, typer.Option(
-        help="Uploads held in memory by all requests together, in MiB; more are answered 503.")] = 256.0,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, max=64, help="Server processes, each with its own model copy.", show_default="1")] = None,
+    max_upload_mb: Annotated[Optional[float], typer.Option(
+        help="Largest accepted upload in MiB.", show_default="20")] = None,
+    max_buffered_mb: Annotated[Optional[float], typer.Option(
+        help="Uploads held in memory by all requests together, in MiB; more are answered 503.",
+        show_default="256")] = None,
     concurrency: Annotated[Optional[int], typer.Option(
         help="Analyses run at once per worker (default: CPU cores / workers).")] = None,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation by default.")] = False,
+    tta: Annotated[Optional[bool], typer.Option(
+        "--tta/--no-tta", help="Test-time augmentation by default.", show_default="no-tta")] = None,
     helper_process: Annotated[Optional[bool], typer.Option(
         "--helper-process/--no-helper-process",
         help="Also analyse in a second process forked after the model is loaded (shares its memory); "
              "default: on, on Linux with one worker, more than one CPU core and one onnxruntime thread per "
              "analysis.")] = None,
-    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+    log_level: Annotated[Optional[str], typer.Option(
+        help="critical, error, warning, info or debug.", show_default="info")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
         help="PEM certificate: serve HTTPS (needed to send images over a network, and for the page's camera on a "
              "phone). See README: 'From a phone on your network'.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key of --tls-cert (no passphrase).")] = None,
 ) -> None:
-    """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs)."""
+    """Start the screening web page and REST API (POST /api/v1/analyze, GET /api/v1/model, /docs).
+
+    Every option can also be set by its DERMSCREEN_* environment variable (e.g. DERMSCREEN_PORT); a flag wins.
+    """
     import uvicorn
 
     from pydantic import ValidationError
@@ -77,18 +92,12 @@ def serve(
     from ..errors import DermscreenError
     from .app import create_app
 
-    overrides = {"host": host, "port": port, "workers": workers, "max_upload_mb": max_upload_mb,
-                 "max_buffered_mb": max_buffered_mb, "tta": tta, "log_level": log_level}
-    if model is not None:
-        overrides["model"] = str(model)
-    if concurrency is not None:
-        overrides["concurrency"] = concurrency
-    if helper_process is not None:
-        overrides["helper_process"] = helper_process
-    if tls_cert is not None:
-        overrides["tls_cert"] = str(tls_cert)
-    if tls_key is not None:
-        overrides["tls_key"] = str(tls_key)
+    given = {"host": host, "port": port, "workers": workers, "max_upload_mb": max_upload_mb,
+             "max_buffered_mb": max_buffered_mb, "tta": tta, "log_level": log_level, "model": model,
+             "concurrency": concurrency, "helper_process": helper_process, "tls_cert": tls_cert, "tls_key": tls_key}
+    # only flags given override: the others come from DERMSCREEN_* variables (ServeSettings), else the defaults
+    overrides = {name: str(value) if isinstance(value, Path) else value
+                 for name, value in given.items() if value is not None}
     try:
         settings = ServeSettings(**overrides)
         app = create_app(settings)  # loads and verifies the model now, so a bad bundle fails here, clearly
@@ -97,6 +106,7 @@ def serve(
             else str(exc)
         typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    host, port, workers, log_level = settings.host, settings.port, settings.workers, settings.log_level
     tls = settings.tls_cert is not None
     if not _is_loopback(host) and not tls:
         typer.secho(f"Listening on {host}: other machines on the network can reach this server, and it speaks plain "

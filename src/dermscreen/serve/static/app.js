@@ -9,13 +9,14 @@ const TIER_WORDS = { high: "High", moderate: "Moderate", low: "Low", cannot_asse
 
 const state = {
   card: null,          // GET /api/v1/model
-  lastBlob: null,      // the image of the last analysis, for "Analyse again"
-  lastName: null,
-  entries: [],         // timeline: {id, when, name, url (null: the browser cannot show the file), result}
-  current: null,       // the entry shown in the result card
+  // timeline: {id, when, name, blob (the image itself, for "Analyse again"), url (null: the browser cannot show
+  // the file), result, picked (ticked for comparison)}
+  entries: [],
+  current: null,       // the entry shown in the result card: "Analyse again" re-analyses its image
   nextId: 1,
-  busy: false,
+  inFlight: null,      // {controller, name} of the analysis under way (null: none); "Forget all" aborts it
 };
+const UNREACHABLE = "The server could not be reached; check the connection and try again.";
 
 // ---- small DOM helpers --------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -86,40 +87,81 @@ function canDisplay(url) {
   });
 }
 
-async function analyze(blob, name) {
-  if (state.busy) return;
-  state.busy = true;
-  state.lastBlob = blob;
-  state.lastName = name;
-  $("analyze").disabled = true;
-  setStatus(`Analysing ${name || "the image"}…`);
+// note: said after each status line of this analysis (e.g. that other dropped files were left out)
+async function analyze(blob, name, note = "") {
+  name = name || "the image";
+  if (state.inFlight) {  // one at a time: a second image would race the first for the result card
+    setStatus(`Still analysing ${state.inFlight.name}: add ${name} again when it is done.`, true);
+    return;
+  }
+  const controller = new AbortController();
+  state.inFlight = { controller, name };
+  updateAnalyseButton();
+  setStatus(`Analysing ${name}…${note}`);
   let url = URL.createObjectURL(blob);
   try {
     if (!(await canDisplay(url))) {
       URL.revokeObjectURL(url);
       url = null;
     }
-    const res = await fetch("/api/v1/analyze", {
-      method: "POST", body: formFor(blob, name, !url), cache: "no-store", credentials: "omit",
-    });
+    const res = await post(formFor(blob, name, !url), controller.signal);
     const body = await res.json().catch(() => ({ message: `The server answered HTTP ${res.status}.` }));
+    // "Forget all" while the answer was on its way: it must leave no trace
+    if (controller.signal.aborted) return;
     if (!res.ok) throw new Error(body.message || `The server answered HTTP ${res.status}.`);
-    const entry = addEntry(url, name, body);
+    const entry = addEntry(blob, url, name, body);
     url = null;  // the entry owns it now
     showEntry(entry, true);
-    setStatus(`Done: ${TIER_WORDS[body.risk.tier] || body.risk.tier}.`);
+    setStatus(`Done: ${summary(body)}${note}`);
   } catch (err) {
-    setStatus(err.message || String(err), true);
+    if (!controller.signal.aborted) setStatus(err.message || String(err), true);
   } finally {
     if (url) URL.revokeObjectURL(url);
-    state.busy = false;
-    $("analyze").disabled = !state.lastBlob;
+    if (state.inFlight && state.inFlight.controller === controller) state.inFlight = null;
+    updateAnalyseButton();
   }
 }
 
-function acceptFile(file) {
+// fetch rejects with a bare TypeError ("Failed to fetch") when the server cannot be reached: say it in words
+async function post(form, signal) {
+  try {
+    return await fetch("/api/v1/analyze", {
+      method: "POST", body: form, cache: "no-store", credentials: "omit", signal,
+    });
+  } catch (err) {
+    if (signal.aborted) throw err;
+    throw new Error(UNREACHABLE);
+  }
+}
+
+// The status line's short account of a result: screen readers hear this, not the whole (long) result card.
+function summary(r) {
+  const tier = r.risk.label || TIER_WORDS[r.risk.tier] || r.risk.tier;
+  if (r.status !== "ok") return `${tier}. ${(r.reasons || [])[0] || ""}`.trim();
+  const top = (r.top_diagnoses || [])[0];
+  return `${tier}, malignancy score ${Math.round(r.malignancy_score)} of 100` +
+    (top ? `; most likely ${top.name} (${pct(top.probability)}).` : ".");
+}
+
+// "Analyse again" appears once there is a result, and re-analyses the image of the result on screen.
+function updateAnalyseButton() {
+  $("analyze").hidden = !state.current;
+  $("analyze").disabled = !!state.inFlight;
+}
+
+// A drop may hold several files: one is analysed, and the status says so rather than losing the others silently.
+function acceptFiles(files) {
+  const images = [...files];
+  if (!images.length) return;
+  const rest = images.length - 1;
+  const note = rest ? ` One image at a time: ${rest} other file${rest > 1 ? "s were" : " was"} not analysed; ` +
+    "add them one by one." : "";
+  acceptFile(images[0], note);
+}
+
+function acceptFile(file, note = "") {
   if (!file) return;
-  analyze(file, file.name || "pasted image");
+  analyze(file, file.name || "pasted image", note);
 }
 
 // ---- inputs: file, drag-and-drop, paste, camera ----------------------------------------------
@@ -127,12 +169,16 @@ function wireInputs() {
   $("file").addEventListener("change", (e) => { acceptFile(e.target.files[0]); e.target.value = ""; });
   $("camera-fallback").addEventListener("change", (e) => { acceptFile(e.target.files[0]); e.target.value = ""; });
   const zone = $("dropzone");
-  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragover", (e) => { if (hasFiles(e)) zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (e) => {
+  // a file dropped anywhere on the page counts as dropped on the zone: left to the browser, it would open the
+  // file in place of this page and lose the timeline
+  document.addEventListener("dragover", (e) => { if (hasFiles(e)) e.preventDefault(); });
+  document.addEventListener("drop", (e) => {
+    if (!hasFiles(e)) return;  // text dragged into a field keeps its default
     e.preventDefault();
     zone.classList.remove("over");
-    acceptFile(e.dataTransfer.files[0]);
+    acceptFiles(e.dataTransfer.files);
   });
   document.addEventListener("paste", (e) => {
     const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file" && i.type.startsWith("image/"));
@@ -141,11 +187,14 @@ function wireInputs() {
     const file = item.getAsFile();
     acceptFile(new File([file], file.name && file.name !== "image.png" ? file.name : "pasted image", { type: file.type }));
   });
-  $("analyze").addEventListener("click", () => state.lastBlob && analyze(state.lastBlob, state.lastName));
+  $("analyze").addEventListener("click", () => state.current && analyze(state.current.blob, state.current.name));
   $("camera-open").addEventListener("click", openCamera);
   $("camera-close").addEventListener("click", closeCamera);
   $("camera-snap").addEventListener("click", snapCamera);
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("camera").hidden) closeCamera(); });
 }
+
+function hasFiles(e) { return [...(e.dataTransfer?.types || [])].includes("Files"); }
 
 let cameraStream = null;
 
@@ -181,8 +230,8 @@ function snapCamera() {
 }
 
 // ---- timeline (page memory only) --------------------------------------------------------------
-function addEntry(url, name, result) {
-  const entry = { id: state.nextId++, when: new Date(), name, url, result };
+function addEntry(blob, url, name, result) {
+  const entry = { id: state.nextId++, when: new Date(), name, blob, url, result, picked: false };
   state.entries.push(entry);
   renderTimeline();
   return entry;
@@ -200,23 +249,38 @@ function timelineItem(entry) {
   const r = entry.result;
   const label = `${entry.name}, ${entry.when.toLocaleTimeString()}, ${TIER_WORDS[r.risk.tier]}`;
   const src = imageSrc(entry);
-  const open = el("button", { type: "button", class: "entry", "aria-label": `Show ${label}`, onclick: () => showEntry(entry, true) },
+  const open = el("button", { type: "button", class: "entry", "aria-label": `Show ${label}`, onclick: () => revisit(entry) },
     src ? el("img", { src, alt: "" }) : el("span", { class: "no-preview", text: "No preview" }),
     el("span", { class: `badge tier-${r.risk.tier}`, text: TIER_WORDS[r.risk.tier] }), " ",
     el("span", { text: r.status === "ok" ? `${Math.round(r.malignancy_score)}/100` : "—" }),
     el("div", { class: "when", text: `${entry.when.toLocaleTimeString()} · ${entry.name}` }));
-  const pick = el("input", { type: "checkbox", id: `pick-${entry.id}`, "data-id": entry.id, onchange: updateCompareButton });
+  // the tick lives in the entry: the list is rebuilt whenever an entry is shown or added
+  const pick = el("input", { type: "checkbox", id: `pick-${entry.id}`, "data-id": entry.id, checked: entry.picked,
+    "aria-label": `Compare: ${entry.name}, ${entry.when.toLocaleTimeString()}`,
+    onchange: (e) => { entry.picked = e.target.checked; picksChanged(); } });
   const item = el("li", { class: state.current === entry ? "current" : "" }, open,
     el("label", { for: `pick-${entry.id}` }, pick, " compare"));
   return item;
 }
 
-function selectedEntries() {
-  const ids = [...document.querySelectorAll("#timeline input:checked")].map((c) => Number(c.dataset.id));
-  return state.entries.filter((e) => ids.includes(e.id));
-}
+function selectedEntries() { return state.entries.filter((e) => e.picked); }
 
 function updateCompareButton() { $("compare").disabled = selectedEntries().length !== 2; }
+
+// The compare view shows the ticked pair: once the ticks change it would show something else, so it closes.
+function picksChanged() {
+  updateCompareButton();
+  const view = $("compare-view");
+  const shown = view.dataset.ids || "";
+  if (!view.hidden && shown !== selectedEntries().map((e) => e.id).join(",")) closeCompare();
+}
+
+function closeCompare() {
+  const view = $("compare-view");
+  view.hidden = true;
+  view.replaceChildren();
+  delete view.dataset.ids;
+}
 
 function showCompare() {
   const view = $("compare-view");
@@ -225,6 +289,7 @@ function showCompare() {
     box.append(...resultCard(e));
     return box;
   }));
+  view.dataset.ids = selectedEntries().map((e) => e.id).join(",");
   view.hidden = false;
   const first = view.querySelector(".compare-title");
   first.setAttribute("tabindex", "-1");
@@ -232,17 +297,22 @@ function showCompare() {
 }
 
 function forgetAll() {
+  if (state.inFlight) state.inFlight.controller.abort();  // its answer must not come back as a new entry
+  state.inFlight = null;
   for (const e of state.entries) if (e.url) URL.revokeObjectURL(e.url);
-  state.entries = [];
+  state.entries = [];  // the entries hold the images' Blobs: dropping them lets the browser free the images
   state.current = null;
-  state.lastBlob = null;
-  $("analyze").disabled = true;
+  for (const id of ["age", "sex", "site"]) $(id).value = "";  // the patient details go with the images
+  updateAnalyseButton();
   $("result").hidden = true;
+  $("result-body").replaceChildren();
   $("skip").hidden = true;
   $("debug").hidden = true;
-  $("compare-view").hidden = true;
+  closeCompare();
   renderTimeline();
   setStatus("Forgotten: this page holds no image or result any more.");
+  // the button pressed is gone with the timeline: focus goes to the first control, choosing a new image
+  $("file").focus();
 }
 
 // ---- result card -------------------------------------------------------------------------------
@@ -252,8 +322,25 @@ function showEntry(entry, focus) {
   $("result").hidden = false;
   $("skip").hidden = false;
   renderTimeline();
+  updateAnalyseButton();
   if (DEBUG) showDebug(entry.result);
-  if (focus) $("result").focus();
+  if (focus) focusTop($("result"));
+}
+
+// Revisiting an earlier analysis replaces the card without a word: the status line says which one is shown.
+function revisit(entry) {
+  showEntry(entry, true);
+  setStatus(`Showing ${entry.name}, ${entry.when.toLocaleTimeString()}: ${summary(entry.result)}`);
+}
+
+// Chromium scrolls a focused element taller than the viewport so that its top is cut off, yet the top (tier
+// and recommendation) is what must be seen first: focus without scrolling, then bring the top into view.
+function focusTop(section) {
+  section.focus({ preventScroll: true });
+  const head = section.querySelector(".recommendation") || section;
+  if (section.getBoundingClientRect().top < 0 || head.getBoundingClientRect().bottom > window.innerHeight) {
+    section.scrollIntoView({ block: "start" });
+  }
 }
 
 function resultCard(entry) {
@@ -264,8 +351,10 @@ function resultCard(entry) {
       el("span", { text: r.status === "ok" ? "risk tier" : "the model cannot assess this image" })),
     el("p", { class: "recommendation", text: r.risk.recommendation }),
   ];
+  // the image checks come right after the tier: a quality warning must be read with it, not a screen below
+  parts.push(messagesBlock(r));
   if (r.status === "ok") parts.push(scoreBlock(r), diagnosesBlock(r));
-  parts.push(viewerBlock(entry), messagesBlock(r), el("p", { class: "disclaimer", text: r.disclaimer }), metaBlock(r));
+  parts.push(viewerBlock(entry), el("p", { class: "disclaimer", text: r.disclaimer }), metaBlock(r));
   return parts;
 }
 

@@ -19,14 +19,20 @@ from test_web_e2e import ARGS, CHROMIUM, playwright_api  # noqa: F401 (skips the
 
 
 def _network_address() -> str | None:
-    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    """This machine's IPv4 address on its default route (a UDP connect sends nothing), else any non-loopback
+    address its host name resolves to, or None."""
+    candidates = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect(("192.0.2.1", 9))
-            address = s.getsockname()[0]
+            candidates.append(s.getsockname()[0])
         except OSError:
-            return None
-    return None if ipaddress.ip_address(address).is_loopback else address
+            pass
+    try:
+        candidates += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    except OSError:
+        pass
+    return next((a for a in candidates if not ipaddress.ip_address(a).is_loopback), None)
 
 
 ADDRESS = _network_address()

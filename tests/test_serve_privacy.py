@@ -189,3 +189,30 @@ def test_fastapi_opentelemetry_stays_off_even_when_the_environment_asks_for_it(t
         assert client.get("/healthz").status_code == 200
         assert client.post("/api/v1/analyze", content=b"not an image").status_code in (415, 422)
     assert asked == []
+
+
+def test_the_model_card_names_no_folder_of_the_machines_that_made_the_model():
+    # the shipped manifest records where it was trained (a run folder, the data's relative paths); the card any
+    # client gets keeps the file names only
+    from dermscreen.screening import without_paths
+
+    card = TestClient(create_app(ServeSettings(warm_up=False))).get("/api/v1/model").json()
+    found = []
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, f"{where}[{i}]")
+        elif isinstance(value, str) and ("/work/" in value or "../" in value or "/home/" in value):
+            found.append(where)
+
+    walk(card, "card")
+    assert not found, found
+    assert card["training"]["data"]["source"] == "HAM10000_metadata.csv" and card["training"]["split_file"] == "split.csv"
+    record = {"labels": {"source": "/home/dr-x/patients 2026.csv", "split": {"file": "C:\\shares\\x\\split.csv"}},
+              "images": 40}
+    assert without_paths(record) == {"labels": {"source": "patients 2026.csv", "split": {"file": "split.csv"}},
+                                     "images": 40}

@@ -112,7 +112,8 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     new_probs = softmax(preds.logits, calibration.temperature)
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "labels": {"source": str(Path(str(data.source)).resolve()), "manifest_sha256": data.sha256,
+        # the file's name only: its folder (a user's home, a clinic's share) would travel with the bundle
+        "labels": {"source": Path(str(data.source)).name, "manifest_sha256": data.sha256,
                    "split": split_info},
         # which images (not their ids): dermscreen evaluate warns when it scores this selection again
         "images": int(len(y)), "images_sha256": data.ids_sha256(), "malignant": int(is_mal.sum()),

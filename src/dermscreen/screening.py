@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +73,21 @@ TIERS: dict[str, dict[str, str]] = {
 
 
 # ---- settings --------------------------------------------------------------------------------------
+# Manifest keys whose values are file paths on the machine that trained or recalibrated a model
+PATH_KEYS = {"source", "images_folder", "split_file", "file", "data", "images", "taxonomy", "init_from", "resume"}
+
+
+def without_paths(value: Any) -> Any:
+    """A copy of a manifest's ``training`` record with every path reduced to its file name: the card goes to any
+    API client, and a folder name (a user's home, a clinic's share) says nothing about the model."""
+    if isinstance(value, dict):
+        return {k: (re.split(r"[\\/]", v)[-1] if k in PATH_KEYS and isinstance(v, str) else without_paths(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    return value
+
+
 class ScreenerSettings(BaseModel):
     """How a Screener behaves; every front end builds one of these from its flags or environment."""
 
@@ -385,7 +401,7 @@ class Screener:
             "temperature": m.calibration.temperature, "calibration": m.calibration.model_dump(),
             "operating_points": [o.model_dump() for o in m.operating_points],
             "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
-            "uses_metadata": self.metadata_spec is not None, "training": m.training,
+            "uses_metadata": self.metadata_spec is not None, "training": without_paths(m.training),
             "segmenter": m.segmenter.model_dump() if m.segmenter and self.bundle.has_segmenter else None,
             "lesion_segmentation": "segmenter" if self.segmenter is not None else "classical",
             **m.card.model_dump(), "disclaimer": DISCLAIMER,

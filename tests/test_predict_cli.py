@@ -246,3 +246,23 @@ def test_a_model_onnxruntime_cannot_load_is_a_sentence(app, tiny_bundle, tmp_pat
         res = CliRunner().invoke(app, [*args, "--model", str(broken)], env={"COLUMNS": "250"})
         assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
         assert "could not be loaded by onnxruntime" in res.output and "export the model again" in res.output
+
+
+def test_a_report_that_cannot_be_written_is_said_so_and_its_result_kept(app, folder, tiny_bundle, tmp_path,
+                                                                        monkeypatch):
+    # before, a full disk was reported as "cannot read the file" and the analysis thrown away
+    import errno
+
+    def full_disk(self, path, stem, result, rgb):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "html" / f"{stem}.html"))
+
+    monkeypatch.setattr(screening_commands._Outputs, "__call__", full_disk)
+    res = CliRunner().invoke(app, ["predict", str(folder / "a" / "lesion.png"), "--model", str(tiny_bundle),
+                                   "--html", str(tmp_path / "html"), "--json", "--workers", "1"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    assert "could not write the report" in said and "lesion.html (No space left on device)" in said
+    assert "cannot read the file" not in said
+    results = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["risk"]["tier"]  # the analysis itself is printed

@@ -60,13 +60,19 @@ def analyze_file(screener, index: int, path: Path, stem: str, writer: Optional[W
     """Analyse one file with ``screener``; a bad file becomes an error outcome, never an exception."""
     try:
         result = screener.analyze(path.read_bytes(), filename=path.name, **options)
-        written = tuple(writer(path, stem, result, result.image_rgb)) if writer else ()
-        return FileOutcome(index, path, result.to_json(), written=written)
     except (ImageError, OSError) as exc:
         message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
         return FileOutcome(index, path, error=message, error_type=type(exc).__name__)
     except DermscreenError as exc:  # e.g. an unknown --site: it fails every file alike
         return FileOutcome(index, path, error=str(exc), error_type=type(exc).__name__, fatal=True)
+    try:
+        written = tuple(writer(path, stem, result, result.image_rgb)) if writer else ()
+    except OSError as exc:  # a full disk or a folder made read-only: every next report would fail alike
+        where = f" {exc.filename}" if exc.filename else ""
+        return FileOutcome(index, path, result.to_json(), error_type=type(exc).__name__, fatal=True,
+                           error=f"could not write the report{where} ({exc.strerror or exc}); this image's result "
+                                 "is above, the images after it were not analysed.")
+    return FileOutcome(index, path, result.to_json(), written=written)
 
 
 def _work_chunk(jobs: list[tuple[int, Path, str]]) -> list[FileOutcome]:

@@ -83,6 +83,14 @@ def _row(table: Table, path: Path, result: dict) -> None:
                   escape(f"{top['name']} ({100 * top['probability']:.0f} %)") if top else "—", escape(notes))
 
 
+def _show(outcome, table: Table, as_json: bool) -> None:
+    """A result as a JSON line (printed now) or as a row of the table (printed at the end)."""
+    if as_json:
+        print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
+    else:
+        _row(table, outcome.path, outcome.result)
+
+
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.", exists=True)],
     model: ModelOpt = None,
@@ -156,6 +164,10 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
         for outcome in outcomes:
             if outcome.fatal:
                 outcomes.close()
+                if outcome.result is not None:  # analysed, but its report could not be written: show it
+                    _show(outcome, table, as_json)
+                    if not as_json and table.row_count:
+                        Console().print(table)
                 progress.console.print("[red]error:[/]", escape(outcome.error), highlight=False)
                 raise typer.Exit(2)
             if outcome.error is not None:
@@ -167,10 +179,7 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                     print(json.dumps({"file": str(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
             else:
-                if as_json:
-                    print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
-                else:
-                    _row(table, outcome.path, outcome.result)
+                _show(outcome, table, as_json)
                 if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
                     # said, so a folder of heatmaps with gaps is not mistaken for files lost
                     progress.console.print(f"[dim]{escape(str(outcome.path))}: no heatmap written: the image was "

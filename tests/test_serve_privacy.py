@@ -216,3 +216,26 @@ def test_the_model_card_names_no_folder_of_the_machines_that_made_the_model():
               "images": 40}
     assert without_paths(record) == {"labels": {"source": "patients 2026.csv", "split": {"file": "split.csv"}},
                                      "images": 40}
+
+
+def test_the_header_filter_drops_cookies_and_caching_hints_a_route_would_send():
+    # no dermscreen route sets a cookie today; this proves the filter would stop one that did (a library, a
+    # future route), and that API answers get no-store whatever the route says
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from dermscreen.serve.middleware import PrivacyHeadersMiddleware
+
+    def chatty(request):
+        response = PlainTextResponse("hello", headers={"cache-control": "max-age=60"})
+        response.set_cookie("visitor", "42")
+        return response
+
+    app = PrivacyHeadersMiddleware(Starlette(routes=[Route("/api/v1/x", chatty), Route("/page", chatty)]))
+    client = TestClient(app)
+    api, page = client.get("/api/v1/x"), client.get("/page")
+    assert api.text == page.text == "hello"
+    assert "set-cookie" not in api.headers and "set-cookie" not in page.headers and not client.cookies
+    assert api.headers["cache-control"] == "no-store" and page.headers["cache-control"] == "max-age=60"
+    assert "default-src 'self'" in page.headers["content-security-policy"]

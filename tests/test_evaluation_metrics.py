@@ -205,11 +205,11 @@ def test_model_card_claims_the_ham10000_licence_only_for_ham10000_data(data_form
     from dermscreen.training.export import HAM_CITATION, build_card
 
     summary = {"source": source, "images": 40, "groups": 20, "class_counts": {"mel": 20, "nv": 20}}
-    card = build_card(summary, data_format, "ham10000", 96)
+    card = build_card(summary, data_format, 96)
     assert ("CC BY-NC-SA" in card.licence) is ham and ("HAM10000" in card.licence) is ham
     assert (card.citation == HAM_CITATION) is ham
     if not ham:
         assert card.citation == "" and "owner" in card.licence and "Fill it in" in card.licence
     assert "40 images of 20 lesions" in card.training_data  # a summary without grouped_by: HAM-style lesions
-    card = build_card({**summary, "grouped_by": "images", "groups": 40}, data_format, "ham10000", 96)
+    card = build_card({**summary, "grouped_by": "images", "groups": 40}, data_format, 96)
     assert "lesions" not in card.training_data and "each image was split on its own" in card.training_data

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 import tempfile
 import zipfile
@@ -362,7 +361,3 @@ class Bundle:
             "operating_points": [o.model_dump() for o in m.operating_points],
             "metrics": m.metrics, "licence": m.card.licence,
         }
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,4 +1,5 @@
-"""``dermscreen predict`` and ``dermscreen info``: the Screener from the command line (no torch imported)."""
+"""The torch-free commands around a bundle: ``predict`` and ``info`` (the Screener from the command line),
+``calibrate`` (refit temperature and referral thresholds) and ``refit-ood`` (refit the "cannot assess" checks)."""
 from __future__ import annotations
 
 import json

@@ -68,9 +68,6 @@ class Taxonomy(BaseModel):
             f"Unknown diagnosis code {code!r}; this taxonomy ({self.name}) knows: {', '.join(self.codes)}."
         )
 
-    def name_of(self, code: str) -> str:
-        return self.classes[self.index(code)].name
-
     @property
     def malignant_mask(self) -> np.ndarray:
         """Boolean vector over classes: True where the class is malignant."""

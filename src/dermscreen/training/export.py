@@ -133,7 +133,7 @@ HAM_CITATION = ("Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a l
                 "dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018).")
 
 
-def build_card(data_summary: dict, data_format: str, taxonomy_name: str, image_size: int,
+def build_card(data_summary: dict, data_format: str, image_size: int,
                source_resolution: str | None = None, extra_training: str | None = None) -> ModelCard:
     """The model card for a model trained on the data described by ``data_summary`` (+ ``extra_training``, a
     sentence on training-only images from other manifests)."""

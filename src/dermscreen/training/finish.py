@@ -144,7 +144,7 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
     }
     if ensemble is not None:
         training["ensemble"] = ensemble
-    card = build_card(summary, data.format, taxonomy.name, config.image_size,
+    card = build_card(summary, data.format, config.image_size,
                       _source_resolution([*data.samples, *train_data.samples]),
                       extra_training_sentence(config, len(split["train"]), train_data))
     return Manifest(

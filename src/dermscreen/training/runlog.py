@@ -13,8 +13,8 @@ from .config import TrainConfig, data_seed
 
 log = logging.getLogger("dermscreen.training")
 
-# settings that may change when a run is resumed; anything else would make it a different run
-# settings a resumed run may change; "name" only labels the exported bundle (an ensemble names its members)
+# settings a resumed run may change (anything else would make it a different run); "name" only labels the
+# exported bundle (an ensemble names its members)
 RESUMABLE_CHANGES = {"name", "epochs", "patience", "device", "num_workers", "threads", "export", "export_check_images",
                      "amp", "onnx_exporter"}
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_balanced_accuracy_corrected",

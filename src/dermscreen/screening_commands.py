@@ -102,7 +102,9 @@ def predict(
     age: Annotated[Optional[float], typer.Option(help="Patient age in years (used by models that take metadata).")] = None,
     sex: Annotated[Optional[str], typer.Option(help="male | female | unknown.")] = None,
     site: Annotated[Optional[str], typer.Option(help="Anatomical site, e.g. back, face, lower extremity.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over flipped copies (slower, slightly steadier).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help=(
+        "Average over 4 flipped copies (4x slower). The referral thresholds were set without it; for the default "
+        "model it was no better on validation."))] = False,
     lesion: Annotated[bool, typer.Option("--lesion/--no-lesion", help=(
         "Outline the lesion (smart crop of a small lesion, ABCD, outline). --no-lesion skips it, ~1.3x as "
         "fast for bulk screening of ordinary dermoscopic photos; a lesion photographed small in a wide frame "

@@ -51,7 +51,8 @@ class AnalyzeOptions(BaseModel):
     sex: Literal["male", "female", "unknown"] | None = Field(None, description="male, female or unknown.")
     site: str | None = Field(None, description="Anatomical site, e.g. 'back' (see GET /api/v1/model for the list).")
     heatmap: bool = Field(True, description="Include the heatmap overlay as a PNG data URL.")
-    tta: bool | None = Field(None, description="Test-time augmentation (flips); empty = the server's default.")
+    tta: bool | None = Field(None, description="Test-time augmentation (flips; 4x slower; the referral thresholds "
+                             "were set without it); empty = the server's default.")
     preview: bool = Field(False, description="Include the analysed image (upright, sRGB, at the overlays' size) "
                                              "as a JPEG data URL in preview_jpeg, for clients that cannot display "
                                              "the upload's format (TIFF, HEIC, DICOM).")

@@ -103,6 +103,26 @@ def _dicom(pixels: np.ndarray, photometric: str = "RGB", bits: int = 8, frames: 
     return buf.getvalue()
 
 
+def test_invalid_values_in_a_dicom_file_reach_no_warning_or_log(caplog):
+    # the server's log must not quote what an uploaded file holds (here a malformed transfer syntax UID)
+    pytest.importorskip("pydicom")
+    import logging
+    import warnings
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:  # explicit VR little endian, short form
+        return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+
+    meta = element(0x00020010, b"UI", b"jane-doe")  # Transfer Syntax UID: not a valid UI value
+    data = b"\0" * 128 + b"DICM" + element(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises((CorruptImageError, UnsupportedImageError)):  # it holds no image
+            decode_image(data)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "jane" in line], said
+
+
 def test_dicom_rgb_with_pixel_spacing():
     pytest.importorskip("pydicom")
     rgb = _pattern()

@@ -146,6 +146,8 @@ def test_patient_metadata_is_accepted_from_form_or_query(client, jpeg):
 @pytest.mark.parametrize("fields, words", [
     ({"age": "200"}, ["age"]), ({"age": "old"}, ["age"]), ({"sex": "x"}, ["sex"]),
     ({"site": "moon"}, ["moon", "back"]), ({"heatmap": "maybe"}, ["heatmap"]),
+    ({"age": "nan"}, ["age", "finite"]), ({"hetmap": "false"}, ["Unknown form field 'hetmap'", "heatmap"]),
+    ({"patient_age": "54", "Age": "3"}, ["'Age', 'patient_age'"]),
 ])
 def test_invalid_options_are_422_with_a_message(client, jpeg, fields, words):
     assert_error(analyze(client, jpeg, **fields), 422, *words)
@@ -347,6 +349,12 @@ def test_healthz(client, open_bundle):
     body = client.get("/healthz").json()
     assert body["status"] == "ok" and body["model"]["name"] == "tiny-test-model"
     assert len(body["model"]["sha256"]) == 64
+    head = client.head("/healthz")  # what uptime monitors often send
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_404_says_where_things_are(client):
+    assert_error(client.get("/api/v1/analyse"), 404, "/api/v1/analyze", "/docs")
 
 
 EXTERNAL_URL = re.compile(r"(?:https?:)?//(?!127\.0\.0\.1|localhost)[a-z0-9.-]+\.[a-z]{2,}", re.I)

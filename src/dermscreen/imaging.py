@@ -289,6 +289,11 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         from pydicom.errors import InvalidDicomError
     except ImportError:  # pragma: no cover - pydicom is a core dependency
         raise UnsupportedImageError("This is a DICOM file, but pydicom is not installed: pip install pydicom.") from None
+    import pydicom.config
+
+    # pydicom warns and logs about invalid values it reads, quoting them: an uploaded file's contents must not
+    # reach a server's log (dermscreen checks the few elements it uses itself)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:

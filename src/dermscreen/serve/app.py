@@ -47,7 +47,7 @@ class AnalyzeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    age: float | None = Field(None, ge=0, le=120, description="Age in years.")
+    age: float | None = Field(None, ge=0, le=120, allow_inf_nan=False, description="Age in years.")
     sex: Literal["male", "female", "unknown"] | None = Field(None, description="male, female or unknown.")
     site: str | None = Field(None, description="Anatomical site, e.g. 'back' (see GET /api/v1/model for the list).")
     heatmap: bool = Field(True, description="Include the heatmap overlay as a PNG data URL.")
@@ -172,8 +172,11 @@ def _split_body(body: bytes, content_type: str) -> Upload:
 
 def parse_options(query: AnalyzeOptions, fields: dict[str, str]) -> AnalyzeOptions:
     """Query options overridden by form fields, validated (the Screener checks the site against its model)."""
-    form = {k: v for k, v in fields.items() if k in AnalyzeOptions.model_fields}
-    merged = {**query.model_dump(exclude_unset=True), **form}
+    unknown = sorted(set(fields) - set(AnalyzeOptions.model_fields))
+    if unknown:  # a misspelt option ("hetmap") silently ignored would answer with settings the client did not ask
+        raise UploadError(422, f"Unknown form field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                               f"the form takes image, {', '.join(AnalyzeOptions.model_fields)}.")
+    merged = {**query.model_dump(exclude_unset=True), **fields}
     try:
         options = AnalyzeOptions.model_validate(merged)
     except ValidationError as exc:
@@ -215,6 +218,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         allow = (exc.headers or {}).get("Allow")
         if exc.status_code == 405 and allow:
             message = f"{request.method} is not allowed on {request.url.path}; use {allow.replace(', ', ' or ')}."
+        elif exc.status_code == 404:
+            message = (f"Not found: {request.url.path}. The web page is at /, the API at {API}/analyze and "
+                       f"{API}/model, its documentation at /docs.")
         response = error_response(exc.status_code, message)
         response.headers.update(exc.headers or {})  # e.g. Allow, which a 405 must carry
         return response
@@ -290,6 +296,10 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
     async def healthz() -> Health:
         """Whether the server is up, and the model it serves."""
         return Health(status="ok", version=__version__, model=identity)
+
+    @app.head("/healthz", include_in_schema=False)  # uptime monitors and load balancers often probe with HEAD
+    async def healthz_head() -> Response:
+        return Response(status_code=200)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

@@ -262,3 +262,15 @@ def test_a_small_lesion_in_a_large_photo_is_cropped_and_its_boxes_scaled(ham_dir
         assert np.abs(np.array(a) - 4 * np.array(b)).max() <= 0.02 * 4000
         assert 0 <= a[0] < a[2] <= 4000 and 0 <= a[1] < a[3] <= 3000
     assert big.to_json(include_heatmap=True)["heatmap"]["overlay_png"].startswith("data:image/png")
+
+
+def test_the_model_card_says_how_each_tier_is_reached(screener):
+    card = screener.model_card()
+    rules = {r["tier"]: r for r in card["risk_tiers"]}
+    assert list(rules) == ["high", "moderate", "low", "cannot_assess"]
+    high, moderate = sorted((o["threshold"] for o in card["operating_points"]), reverse=True)[:2]
+    assert f">= {high:.4g}" in rules["high"]["rule"] and f"< {moderate:.4g}" in rules["low"]["rule"]
+    for p_malignant, tier in ((high, "high"), (high - 1e-6, "moderate"), (moderate, "moderate"),
+                              (moderate - 1e-6, "low")):
+        assert screener._tier(p_malignant) == tier  # the rule the card states is the rule applied
+    assert rules["low"]["recommendation"].startswith("No referral suggested")

@@ -399,7 +399,7 @@ class Screener:
             **self.identity.model_dump(), "created": m.created, "classes": m.taxonomy.model_dump()["classes"],
             "image_size": m.preprocessing.image_size, "resize": m.preprocessing.resize,
             "temperature": m.calibration.temperature, "calibration": m.calibration.model_dump(),
-            "operating_points": [o.model_dump() for o in m.operating_points],
+            "operating_points": [o.model_dump() for o in m.operating_points], "risk_tiers": self._tier_rules(),
             "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
             "uses_metadata": self.metadata_spec is not None, "training": without_paths(m.training),
             "segmenter": m.segmenter.model_dump() if m.segmenter and self.bundle.has_segmenter else None,
@@ -513,6 +513,17 @@ class Screener:
         return OODFinding(checked=True, score=score, threshold=self.ood_threshold, in_distribution=inside, **colours,
                           message=None if inside else "This image does not look like the dermoscopic skin-lesion "
                           "images the model was trained on, so the model gives no answer for it.")
+
+    def _tier_rules(self) -> list[dict[str, Any]]:
+        """How each tier is reached (the rule ``_tier`` applies), for clients and the model card."""
+        high, moderate = self.tier_points
+        rules = {"high": f"P(malignant) >= {high.threshold:.4g} (operating point {high.name})",
+                 "moderate": f"{moderate.threshold:.4g} <= P(malignant) < {high.threshold:.4g} (operating point "
+                             f"{moderate.name})",
+                 "low": f"P(malignant) < {moderate.threshold:.4g}",
+                 "cannot_assess": "refused by the quality gate or the out-of-distribution checks: no probabilities"}
+        return [{"tier": tier, "label": TIERS[tier]["label"], "rule": rule,
+                 "recommendation": TIERS[tier]["recommendation"]} for tier, rule in rules.items()]
 
     def _tier(self, p_malignant: float) -> Tier:
         """Risk tier of an assessable image from the bundle's operating points."""

@@ -186,3 +186,14 @@ def test_out_holding_the_bundle_is_refused_before_training(tiny_bundle, tmp_path
     shutil.copytree(tiny_bundle, tmp_path / "run" / "bundle")
     with pytest.raises(ConfigError, match="never modified in place"):
         train_segmenter(tmp_path / "none.csv", tmp_path / "run", bundle=tmp_path / "run" / "bundle", image_size=64)
+
+
+def test_a_diverged_segmenter_is_not_exported(ham_dir, tmp_path, monkeypatch):
+    # as the classifier's loop: a loss gone NaN stops training with a sentence instead of exporting a broken model
+    from dermscreen.training import segmenter
+
+    monkeypatch.setattr(segmenter, "dice_bce_loss", lambda logits, masks: logits.mean() * float("nan"))
+    with pytest.raises(ConfigError, match="diverged"):
+        segmenter.train_segmenter(ham_dir / "HAM10000_metadata.csv", tmp_path / "seg", max_images=24, epochs=1,
+                                  image_size=64, batch_size=8, threads=1, weights="none")
+    assert not (tmp_path / "seg" / SEGMENTER_FILE).exists()

@@ -317,6 +317,8 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
         losses = []
         for x, m, _ in loader:
             loss = dice_bce_loss(model(x.to(dev)), m.to(dev))
+            if not torch.isfinite(loss):  # as the classifier's loop: a diverged model must not be exported
+                raise ConfigError("Segmenter training diverged (the loss became NaN or infinite): lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

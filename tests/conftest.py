@@ -76,3 +76,11 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if NO_SKIPS and report.skipped:  # a whole module skipped (e.g. chromium not found)
         _as_failure(report, collector.nodeid)
+
+
+def pytest_collection_modifyitems(items):
+    # every test that reads the real data is marked `data` (so `-m "not data"` leaves it out), whether or not it
+    # says so itself: it is known from the fixtures it takes
+    for item in items:
+        if {"ham_dir", "ham224_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)

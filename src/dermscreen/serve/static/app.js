@@ -255,7 +255,7 @@ function timelineItem(entry) {
     el("span", { text: r.status === "ok" ? `${Math.round(r.malignancy_score)}/100` : "—" }),
     el("div", { class: "when", text: `${entry.when.toLocaleTimeString()} · ${entry.name}` }));
   // the tick lives in the entry: the list is rebuilt whenever an entry is shown or added
-  const pick = el("input", { type: "checkbox", id: `pick-${entry.id}`, "data-id": entry.id, checked: entry.picked,
+  const pick = el("input", { type: "checkbox", id: `pick-${entry.id}`, checked: entry.picked,
     "aria-label": `Compare: ${entry.name}, ${entry.when.toLocaleTimeString()}`,
     onchange: (e) => { entry.picked = e.target.checked; picksChanged(); } });
   const item = el("li", { class: state.current === entry ? "current" : "" }, open,
@@ -509,25 +509,40 @@ function showDebug(r) {
   if (!r.debug) return;
   $("debug").hidden = false;
   const d = r.debug;
-  const t = $("dbg-temperature");
-  t.value = d.temperature;
+  setExact($("dbg-temperature"), d.temperature);
   const ood = $("dbg-ood");
   const oodMax = Math.max(1, (d.ood_threshold || 0) * 3, (d.ood_score || 0) * 1.5);
   ood.max = oodMax.toPrecision(3);
   ood.step = (oodMax / 200).toPrecision(2);
-  ood.value = d.ood_threshold ?? 0;
+  setExact(ood, d.ood_threshold ?? 0);
   ood.disabled = d.ood_threshold === null || d.ood_threshold === undefined;
   const box = $("dbg-op-sliders");
   box.replaceChildren();
   for (const op of r.debug.operating_points) {
     const id = `dbg-op-${op.name}`;
-    box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })),
-      el("input", { type: "range", id, min: "0", max: "1", step: "0.01", value: String(op.threshold), "data-op": op.name, oninput: recompute }));
+    const slider = el("input", { type: "range", id, min: "0", max: "1", step: "0.01", "data-op": op.name, oninput: moved });
+    setExact(slider, op.threshold);
+    box.append(el("label", { for: id }, `Threshold “${op.name}” `, el("output", { id: `${id}-out` })), slider);
   }
   const colour = d.colour_threshold === null || d.colour_threshold === undefined ? "" :
     `, colour check ${fmt(d.colour_score)} (threshold ${fmt(d.colour_threshold)})`;
   $("dbg-facts").textContent = `Server: temperature ${fmt(d.temperature)}, OOD score ${fmt(d.ood_score)} ` +
     `(threshold ${fmt(d.ood_threshold)})${colour}, tier ${r.risk.tier}.`;
+  recompute();
+}
+
+// A range input snaps its value to its step (temperature 0.732 → 0.75, threshold 0.0710 → 0.07), which could
+// change the tier: until the user moves a slider, the what-if uses the server's exact value, so the untouched
+// what-if is the server's own answer.
+function setExact(slider, value) {
+  slider.value = value;
+  slider.dataset.exact = String(value);
+}
+
+function sliderValue(slider) { return Number(slider.dataset.exact ?? slider.value); }
+
+function moved(e) {
+  delete e.target.dataset.exact;
   recompute();
 }
 
@@ -539,13 +554,13 @@ function fmt(v) {
 function recompute() {
   const r = state.current && state.current.result;
   if (!r || !r.debug) return;
-  const T = Number($("dbg-temperature").value);
+  const T = sliderValue($("dbg-temperature"));
   $("dbg-temperature-out").textContent = T.toFixed(2);
-  const oodThr = $("dbg-ood").disabled ? null : Number($("dbg-ood").value);
+  const oodThr = $("dbg-ood").disabled ? null : sliderValue($("dbg-ood"));
   $("dbg-ood-out").textContent = fmt(oodThr);
   const ops = [...document.querySelectorAll("#dbg-op-sliders input")].map((s) => {
-    $(`${s.id}-out`).textContent = Number(s.value).toFixed(2);
-    return { name: s.dataset.op, threshold: Number(s.value) };
+    $(`${s.id}-out`).textContent = sliderValue(s).toFixed(2);
+    return { name: s.dataset.op, threshold: sliderValue(s) };
   });
   if (!r.debug.logits.length) {
     $("dbg-tier").textContent = "no model output: the image was refused before the model ran";
@@ -574,8 +589,8 @@ function renderLogits(r, probs, cls) {
 }
 
 function wireDebug() {
-  $("dbg-temperature").addEventListener("input", recompute);
-  $("dbg-ood").addEventListener("input", recompute);
+  $("dbg-temperature").addEventListener("input", moved);
+  $("dbg-ood").addEventListener("input", moved);
 }
 
 // ---- start --------------------------------------------------------------------------------------

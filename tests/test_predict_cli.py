@@ -266,3 +266,21 @@ def test_a_report_that_cannot_be_written_is_said_so_and_its_result_kept(app, fol
     assert "cannot read the file" not in said
     results = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["risk"]["tier"]  # the analysis itself is printed
+
+
+@pytest.mark.skipif(__import__("shutil").which("script") is None, reason="needs util-linux's script (a terminal)")
+def test_json_lines_reach_stdout_when_run_in_a_terminal(folder, tiny_bundle, tmp_path):
+    # in a terminal the progress bar is live, and rich used to send what was printed meanwhile (the JSON lines)
+    # to its own console, stderr: `dermscreen predict FOLDER --json > out.jsonl` wrote an empty file
+    import shlex
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.jsonl"
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "dermscreen", "predict", str(folder / "a"),
+                                                str(folder / "b" / "lesion.png"), "--model", str(tiny_bundle),
+                                                "--json", "--workers", "1"]) + f" > {shlex.quote(str(out))}"
+    done = subprocess.run(["script", "-q", "-c", command, "/dev/null"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 and all(line["file"].endswith("lesion.png") for line in lines)

@@ -161,7 +161,8 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
     for col in ("image", "risk", "score", "top diagnosis", "notes"):
         table.add_column(col, overflow="fold")
     failures = 0
-    with Progress(console=err, transient=True, disable=len(files) < 2) as progress:
+    # redirect_stdout off: rich would otherwise send the --json lines printed meanwhile to its console (stderr)
+    with Progress(console=err, transient=True, disable=len(files) < 2, redirect_stdout=False) as progress:
         task = progress.add_task("Screening", total=len(files))
         outcomes = screen_files(files, model, settings, workers=workers, writer=writer, screener=screener, **options)
         for outcome in outcomes:

@@ -213,3 +213,28 @@ def test_the_models_own_images_are_recognised_in_any_split_or_labels_file(bundle
                                                   "training split")
     with pytest.raises(ConfigError, match="40 of these 80 images are images the model was trained on"):
         recalibrate(None, copied, tmp_path / "refit2")
+
+
+def test_refit_ood_takes_only_the_models_own_labels_and_split(bundle, ham224_dir, ham_dir, tmp_path):
+    """Thresholds chosen on another file's images, or on a split whose 'val' holds training or test images, would
+    be reported as 'keeps X % of validation' and be wrong: refused before any image is read."""
+    from dermscreen.errors import ConfigError
+    from dermscreen.evaluation.evaluate import _load, check_training_split
+    from dermscreen.manifests import load_labels
+    from dermscreen.ood_fit import refit_ood
+
+    labels = ham224_dir / "HAM10000_metadata.csv"
+    own = {s.image_id: name for name in ("train", "val", "test")
+           for s in _load(DEFAULT, labels, None, None, name)[1].samples}
+    data = load_labels(labels, taxonomy=bundle.manifest.taxonomy)
+    check_training_split(bundle, data, own, "x")  # the model's own split: accepted
+    foreign = dict(own)
+    moved = [i for i, part in own.items() if part == "train"][:35]
+    foreign.update({i: "val" for i in moved})  # training images called validation
+    with pytest.raises(ConfigError, match="not the split this model's training run made"):
+        check_training_split(bundle, data, foreign, "x")
+    split_csv = tmp_path / "split.csv"
+    split_csv.write_text("image_id,split\n" + "".join(f"{i},{p}\n" for i, p in own.items()))
+    with pytest.raises(ConfigError, match="not the labels file this model was trained on"):
+        refit_ood(DEFAULT, ham_dir / "HAM10000_metadata.csv", split_csv, tmp_path / "refit")
+    assert not (tmp_path / "refit").exists()

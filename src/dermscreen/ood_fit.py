@@ -107,10 +107,15 @@ def refit_ood(bundle_path: str | Path, data_csv: Path, split_csv: Path, out: Pat
     m = bundle.manifest
     if m.ood is None or "ood_mean" not in bundle.arrays:
         raise ConfigError(f"{bundle.source} has no embedding OOD statistics to keep; re-export it from training.")
+    from .evaluation.evaluate import check_training_split  # (imports matplotlib: only when needed)
+
     split = read_split_file(split_csv)
     # the CSVs use the model's own classes (a custom taxonomy is not HAM10000's)
-    train, val = ood_images(load_labels(data_csv, images, taxonomy=m.taxonomy), split,
-                            [load_labels(p, taxonomy=m.taxonomy) for p in extra])
+    data = load_labels(data_csv, images, taxonomy=m.taxonomy)
+    # thresholds chosen on other images than the model's own validation split (its training or test images, or
+    # another file's) would be reported as "keeps X % of validation" and be wrong
+    check_training_split(bundle, data, split, "refit-ood chooses the thresholds on the model's own validation split")
+    train, val = ood_images(data, split, [load_labels(p, taxonomy=m.taxonomy) for p in extra])
     tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: None)
     train_colour = file_colours(train, tick("training images", len(train)))  # the model is not needed for these
     val_colour, val_emb = _features(bundle, val, threads, tick("validation images", len(val)))

@@ -346,6 +346,30 @@ def seen_images_warning(bundle: Bundle, data: LabelledSet) -> tuple[str | None, 
             "them out for held-out scores."), counts
 
 
+def check_training_split(bundle: Bundle, data: LabelledSet, split: dict[str, str], why: str) -> None:
+    """ConfigError unless ``data`` is the labels file the model was trained on and ``split`` (image id → part) is
+    its training run's split, as far as the manifest records them (nothing is checked for a model without a
+    training record). ``why``: what the caller needs them for, said in the error."""
+    training = bundle.manifest.training if isinstance(bundle.manifest.training, dict) else {}
+    trained_on = (training.get("data") or {}).get("manifest_sha256")
+    if trained_on and data.sha256 != trained_on:
+        raise ConfigError(
+            f"{data.source} is not the labels file this model was trained on (its sha256 differs; an edited or "
+            f"reordered copy differs too): {why}, so give the labels it was trained on "
+            f"({Path(str((training.get('data') or {}).get('source', ''))).name or 'see dermscreen info --json'}).")
+    parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    for i, sample in enumerate(data.samples):
+        part = split.get(sample.image_id)
+        if part in parts:
+            parts[part].append(i)
+    recorded = (training.get("split") or {}).get("sha256")
+    compare = ("val", "test") if training.get("extra_train") else SPLIT_NAMES
+    if (recorded or training.get("splits")) and not _same_split(data, parts, recorded, training.get("splits") or {},
+                                                                 compare):
+        raise ConfigError(f"This split file is not the split this model's training run made (its parts differ from "
+                          f"those the manifest records): {why}, so give the run's own split.csv.")
+
+
 def _same_split(data: LabelledSet, parts: dict[str, list[int]], sha256: str | None, recorded: dict,
                 compare: tuple[str, ...]) -> bool:
     """Whether a remade split is the recorded one: by its hash when the manifest has it, else by the image and

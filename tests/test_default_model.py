@@ -198,10 +198,9 @@ def test_the_models_own_images_are_recognised_in_any_split_or_labels_file(bundle
     assert _warnings(*_load(DEFAULT, labels, None, split_file, "test")) == []
 
     # a clinic's own CSV holding copies of training images: found through the training labels the manifest names
-    # (a path relative to the repository, where the model was trained)
-    monkeypatch.chdir(REPO)
-    if not Path(bundle.manifest.training["data"]["source"]).resolve().samefile(labels):
-        pytest.skip("the shared data is not where the shipped manifest says (DERMSCREEN_DATA elsewhere)")
+    # (a path relative to the repository, where the model was trained), from any folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DERMSCREEN_DATA", str(ham224_dir.parent))  # where the data is when not beside the repo
     copied = tmp_path / "clinic.csv"
     rows = [(i, "train") for i in parts["train"][:40]] + [(i, "test") for i in parts["test"][:40]]
     everything = {s.image_id: s for s in load_labels(labels).samples}
@@ -213,6 +212,21 @@ def test_the_models_own_images_are_recognised_in_any_split_or_labels_file(bundle
                                                   "training split")
     with pytest.raises(ConfigError, match="40 of these 80 images are images the model was trained on"):
         recalibrate(None, copied, tmp_path / "refit2")
+
+    # where the training labels cannot be found, calibrate says it could not check (and goes on: new cases)
+    import dermscreen.evaluation.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "REPOSITORY", tmp_path)
+    monkeypatch.delenv("DERMSCREEN_DATA")
+    test_only = tmp_path / "new_cases.csv"
+    mal = {"mel", "bcc", "akiec"}
+    chosen = [i for i in parts["test"] if everything[i].dx in mal][:12] + \
+        [i for i in parts["test"] if everything[i].dx not in mal][:28]
+    test_only.write_text("image,dx\n" + "".join(f"{ham_dir / 'images' / (i + '.jpg')},{everything[i].dx}\n"
+                                                  for i in chosen))
+    result = recalibrate(None, test_only, tmp_path / "refit3")
+    assert any("could not be checked: its training labels (HAM10000_metadata.csv) were not found" in w
+               for w in result.warnings), result.warnings
 
 
 def test_refit_ood_takes_only_the_models_own_labels_and_split(bundle, ham224_dir, ham_dir, tmp_path):

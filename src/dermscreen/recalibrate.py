@@ -8,8 +8,10 @@ calibrated on. Core install only (numpy, onnxruntime, scikit-learn): torch is ne
 
 The images must be ones the model did not train on (new cases from where it is used): a temperature fitted on
 training images is too low (the model is over-confident there) and thresholds chosen there too lenient. What is
-checked: the labels file(s) the model was trained from (by sha256, unless a split other than train is chosen) and
-its train split are refused; its training images copied into another file cannot be recognised. Images used here
+checked: the labels file(s) the model was trained from (by sha256, unless a split other than train is chosen), its
+train split, and its training images copied into any other file or split (by image id: the model's split is remade
+from its training labels, found where the manifest says, from here or the repository's root; when they cannot be
+found, a warning says the check was not made) are refused. Images used here
 are no longer held-out for this bundle's calibration: ``dermscreen evaluate`` warns when it meets them again.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from .bundle import Bundle, Calibration, check_new_bundle_folder
 from .calibration import OperatingPoint, expected_calibration_error, softmax
 from .errors import ConfigError
-from .evaluation.evaluate import _load, seen_images_warning, training_labels_warning
+from .evaluation.evaluate import _load, model_seen_images, seen_images_warning, training_labels_warning
 from .inference import predict_samples
 from .training.calibrate import calibrate as fit_calibration
 
@@ -89,6 +91,11 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
     warnings = []
+    if not seen and not trained and model_seen_images(bundle, data) is None and \
+            ((bundle.manifest.training or {}).get("data") or {}).get("manifest_sha256"):
+        source = Path(str(bundle.manifest.training["data"].get("source") or "its training labels")).name
+        warnings.append(f"Whether these images include the model's own training images could not be checked: its "
+                        f"training labels ({source}) were not found from here. Make sure they are new cases.")
     if split_info and split_info.get("split") == "val":
         warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
                         "it has. Calibrate on new cases from where the model is used.")

@@ -280,9 +280,9 @@ def _segmenter_line(spec: dict | None) -> str:
 
 def calibrate(
     labels: Annotated[Path, typer.Option(help="Labelled CSV of new cases the model did not train on (HAM10000 "
-                                              "metadata, ISIC ground truth or plain image,dx). Its training "
-                                              "labels file and train split are refused; its training images in "
-                                              "another file cannot be recognised.")],
+                                              "metadata, ISIC ground truth or plain image,dx). The model's own "
+                                              "training images are refused, in any file, where its training "
+                                              "labels are found.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the recalibrated bundle.")],
     model: ModelOpt = None,
     images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,

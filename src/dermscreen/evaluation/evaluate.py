@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,14 +284,33 @@ def _training_file(record: dict, given: LabelledSet, taxonomy) -> LabelledSet | 
     selected from, else the recorded path (as given where the model was trained, usually relative to the
     repository); None otherwise."""
     want = record.get("manifest_sha256")
-    source = given.source if given.sha256 == want else record.get("source")
-    if not want or not source or not Path(source).is_file():
+    if not want:
+        return None
+    source = given.source if given.sha256 == want else _find_recorded(record.get("source"))
+    if source is None or not Path(source).is_file():
         return None
     try:  # only ids, labels and groups are needed: the images are not looked for
-        found = load_labels(source, record.get("images_folder"), taxonomy=taxonomy, check_files=False)
+        found = load_labels(source, None, taxonomy=taxonomy, check_files=False)
     except ManifestError:
         return None
     return found if found.sha256 == want else None
+
+
+REPOSITORY = Path(__file__).resolve().parents[3]  # the source checkout, when dermscreen is installed from one
+
+
+def _find_recorded(source: str | None) -> Path | None:
+    """A path recorded where a model was trained (usually relative to the repository it was run from), looked up
+    from here, from this repository's root, and under $DERMSCREEN_DATA (by the part after a 'data' folder)."""
+    if not source:
+        return None
+    recorded = Path(source)
+    candidates = [recorded] if recorded.is_absolute() else [Path.cwd() / recorded, REPOSITORY / recorded]
+    parts = recorded.parts
+    if os.environ.get("DERMSCREEN_DATA") and "data" in parts:
+        tail = parts[len(parts) - 1 - parts[::-1].index("data") + 1:]
+        candidates.append(Path(os.environ["DERMSCREEN_DATA"]).joinpath(*tail))
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def model_seen_images(bundle: Bundle, given: LabelledSet) -> dict[str, str] | None:

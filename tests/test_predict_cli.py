@@ -56,7 +56,8 @@ def test_reports_are_written_where_asked(app, folder, tiny_bundle, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["predict", str(folder / "a"), str(folder / "b" / "lesion.png"),
                                    "--model", str(tiny_bundle), "--html", str(out / "html"),
-                                   "--fhir", str(out / "fhir"), "--heatmap", str(out / "heat")])
+                                   "--fhir", str(out / "fhir"), "--heatmap", str(out / "heat")],
+                             env={"COLUMNS": "250"})  # wide enough for the paths in the table
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (out / "html").iterdir()) == ["lesion-2.html", "lesion.html"]
     fhir = json.loads((out / "fhir" / "lesion.fhir.json").read_text())
@@ -284,3 +285,38 @@ def test_json_lines_reach_stdout_when_run_in_a_terminal(folder, tiny_bundle, tmp
     assert done.returncode == 0, done.stdout[-2000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 2 and all(line["file"].endswith("lesion.png") for line in lines)
+
+
+def test_two_files_of_one_name_are_told_apart_and_earlier_reports_are_not_replaced(app, folder, tiny_bundle,
+                                                                                   tmp_path):
+    # folder/a/lesion.png and folder/b/lesion.png: the table shows where each is, JSON names the reports written
+    reports = folder / "reports"  # inside the screened folder: a later run must not screen its heatmaps
+    args = ["predict", str(folder / "a"), str(folder / "b"), "--model", str(tiny_bundle), "--workers", "1"]
+    res = CliRunner().invoke(app, [*args, "--html", str(reports), "--heatmap", str(reports)], env={"COLUMNS": "250"})
+    assert res.exit_code == 1, res.output  # broken.jpg
+    assert f"{folder / 'a' / 'lesion.png'}" in res.output and f"{folder / 'b' / 'lesion.png'}" in res.output
+    assert "score /100" in res.output
+    assert "Cannot assess The model cannot assess this image" in " ".join(res.output.split())  # what the tier asks
+    again = CliRunner().invoke(app, [*args, "--html", str(reports), "--json"], env={"COLUMNS": "250"})
+    assert again.exit_code == 2 and "report file(s) of an earlier run would be replaced" in again.output
+    assert "--overwrite" in again.output
+    again = CliRunner().invoke(app, [*args, "--html", str(reports), "--json", "--overwrite"], env={"COLUMNS": "250"})
+    lines = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
+    assert sorted(Path(r).name for line in lines for r in line.get("reports", [])) == ["lesion-2.html", "lesion.html"]
+    html = (reports / "lesion-2.html").read_text()
+    assert str(folder / "b" / "lesion.png") in html  # the report says which file it is about
+    walked = CliRunner().invoke(app, ["predict", str(folder), "--model", str(tiny_bundle), "--json"])
+    assert not [line for line in walked.stdout.splitlines() if ".heatmap.png" in line or "reports" in line]
+
+
+def test_what_is_not_a_regular_file_or_far_too_large_is_refused_unread(app, tiny_bundle, tmp_path):
+    from dermscreen import batch
+
+    big = tmp_path / "huge.tif"
+    with open(big, "wb") as f:
+        f.truncate(batch.MAX_FILE_BYTES + 1)  # sparse: no disk used
+    res = CliRunner().invoke(app, ["predict", str(big), "/dev/zero", "--model", str(tiny_bundle)],
+                             env={"COLUMNS": "250"})
+    said = " ".join(res.output.split())
+    assert res.exit_code == 1 and "image files over 300 MB are not read" in said
+    assert "/dev/zero: this is not a regular file" in said

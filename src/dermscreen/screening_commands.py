@@ -23,11 +23,23 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Bundle 
                                                   "$DERMSCREEN_MODEL, then the installed default model).")]
 
 
-def iter_images(paths: list[Path]) -> Iterator[Path]:
-    """Files given directly, and image files (by suffix, sorted, recursive) inside given folders."""
+# what predict itself writes (--heatmap): never screened as a lesion when a later run walks the same folder
+GENERATED_SUFFIXES = (".heatmap.png",)
+
+
+def iter_images(paths: list[Path], skip: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Files given directly, and image files (by suffix, sorted, recursive) inside given folders, leaving out
+    the folders in ``skip`` (this run's report folders) and heatmaps an earlier run wrote."""
+    skip = tuple(s.resolve() for s in skip)
+
+    def wanted(p: Path) -> bool:
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.endswith(GENERATED_SUFFIXES):
+            return False
+        return not any(p.resolve().is_relative_to(folder) for folder in skip)
+
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            yield from sorted(p for p in path.rglob("*") if wanted(p))
         else:
             yield path
 
@@ -51,6 +63,11 @@ class _Outputs:
     def __bool__(self) -> bool:
         return any(d is not None for d in self.dirs.values())
 
+    def planned(self, stems: list[str]) -> list[Path]:
+        """Every file this run may write for images of these stems."""
+        suffix = {"html": ".html", "fhir": ".fhir.json", "heatmap": ".heatmap.png"}
+        return [d / f"{stem}{suffix[kind]}" for kind, d in self.dirs.items() if d is not None for stem in stems]
+
     def __call__(self, path: Path, stem: str, result, rgb) -> list[Path]:
         """Write the HTML / FHIR / heatmap files for one result under ``stem``; returns the paths written."""
         from .report import to_fhir, to_html
@@ -59,7 +76,7 @@ class _Outputs:
         written = []
         if self.dirs["html"]:
             out = self.dirs["html"] / f"{stem}.html"
-            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {path.name}"), encoding="utf-8")
+            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {path}"), encoding="utf-8")
             written.append(out)
         if self.dirs["fhir"]:
             out = self.dirs["fhir"] / f"{stem}.fhir.json"
@@ -78,16 +95,18 @@ def _row(table: Table, path: Path, result: dict) -> None:
     top = result["top_diagnoses"][0] if result.get("top_diagnoses") else None
     notes = "; ".join(list(result.get("reasons") or []) + list((result.get("quality") or {}).get("warnings") or []))
     score = result.get("malignancy_score")
-    # file names and the bundle's words are text, not rich markup: "lesion[left].jpg" must print as it is
-    table.add_row(escape(path.name), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
+    # the path as found (two folders may hold an x.jpg); text, not rich markup: "lesion[left].jpg" prints as it is
+    table.add_row(escape(str(path)), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
                   "—" if score is None else f"{score:.0f}",
                   escape(f"{top['name']} ({100 * top['probability']:.0f} %)") if top else "—", escape(notes))
 
 
 def _show(outcome, table: Table, as_json: bool) -> None:
-    """A result as a JSON line (printed now) or as a row of the table (printed at the end)."""
+    """A result as a JSON line (printed now, with the reports written for it) or as a row of the table (printed
+    at the end)."""
     if as_json:
-        print(json.dumps({"file": str(outcome.path), **outcome.result}), flush=True)
+        reports = {"reports": [str(p) for p in outcome.written]} if outcome.written else {}
+        print(json.dumps({"file": str(outcome.path), **reports, **outcome.result}), flush=True)
     else:
         _row(table, outcome.path, outcome.result)
 
@@ -113,6 +132,8 @@ def predict(
                                                    "1 per worker when several workers run).", min=1)] = None,
     workers: Annotated[Optional[int], typer.Option(
         help="Processes analysing many files, this one included (default: one per core).", min=1)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace reports an earlier run left in the --html/--fhir/--heatmap folders.")] = False,
 ) -> None:
     """Screen dermoscopic images: a risk tier, malignancy score and top diagnoses per image."""
     from .screening import Screener, ScreenerSettings
@@ -120,7 +141,8 @@ def predict(
     from .batch import default_workers
 
     err = Console(stderr=True)
-    files = list(iter_images(images))
+    report_dirs = tuple(d for d in (html_dir, fhir_dir, heatmap_dir) if d is not None)
+    files = list(iter_images(images, skip=report_dirs))
     if not files:
         err.print("[red]error:[/] no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
         raise typer.Exit(2)
@@ -128,8 +150,14 @@ def predict(
     parallel = workers > 1 and len(files) > workers
     settings = ScreenerSettings(tta=tta, threads=threads if threads or not parallel else 1, smart_crop=lesion,
                                 abcd=lesion)
+    from .batch import unique_stems
+
     try:
         outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)  # before the model loads: a bad folder fails at once
+        clash = [p for p in outputs.planned(unique_stems(files)) if p.exists()] if not overwrite else []
+        if clash:  # another image's (another patient's) report must not be replaced without a word
+            raise DermscreenError(f"{len(clash)} report file(s) of an earlier run would be replaced (e.g. "
+                                  f"{clash[0]}): give an empty folder, or --overwrite to replace them.")
         # loaded here even when workers will load their own copy: a missing or tampered bundle and bad
         # age/sex/site fail once, with one message, before any worker starts
         screener = Screener(model, settings)
@@ -158,9 +186,10 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
     from .batch import screen_files
 
     table = Table(title="dermscreen — screening aid, not a diagnosis")
-    for col in ("image", "risk", "score", "top diagnosis", "notes"):
+    for col in ("image", "risk", "score /100", "top diagnosis", "notes"):
         table.add_column(col, overflow="fold")
     failures = 0
+    tiers_seen: list[str] = []
     # redirect_stdout off: rich would otherwise send the --json lines printed meanwhile to its console (stderr)
     with Progress(console=err, transient=True, disable=len(files) < 2, redirect_stdout=False) as progress:
         task = progress.add_task("Screening", total=len(files))
@@ -172,6 +201,7 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                     _show(outcome, table, as_json)
                     if not as_json and table.row_count:
                         Console().print(table)
+                        _print_recommendations(tiers_seen + [outcome.result["risk"]["tier"]])
                 progress.console.print("[red]error:[/]", escape(outcome.error), highlight=False)
                 raise typer.Exit(2)
             if outcome.error is not None:
@@ -184,6 +214,7 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
             else:
                 _show(outcome, table, as_json)
+                tiers_seen.append(outcome.result["risk"]["tier"])
                 if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
                     # said, so a folder of heatmaps with gaps is not mistaken for files lost
                     progress.console.print(f"[dim]{escape(str(outcome.path))}: no heatmap written: the image was "
@@ -191,7 +222,18 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
             progress.advance(task)
     if not as_json and table.row_count:
         Console().print(table)
+        _print_recommendations(tiers_seen)
     return failures
+
+
+def _print_recommendations(tiers: list[str]) -> None:
+    """What each risk tier in the table recommends, once per tier (the table has no room for it)."""
+    from .screening import TIERS
+
+    console = Console()
+    for tier in [t for t in TIERS if t in tiers]:
+        console.print(f"[{_TIER_STYLE[tier]}] {TIERS[tier]['label']} [/] {escape(TIERS[tier]['recommendation'])}",
+                      highlight=False)
 
 
 def info(

@@ -73,6 +73,26 @@ def test_missing_and_unlisted_files_are_refused(tiny_bundle, tmp_path):
         Bundle.load(copy)
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["calibration"].update(temperature=-3), "calibration.temperature: Input should be greater than 0"),
+    (lambda m: m["operating_points"][0].update(threshold=5), "operating_points.0.threshold: Input should be less"),
+    (lambda m: m["ood"].update(threshold=-1), "ood.threshold: Input should be greater than or equal to 0"),
+])
+def test_a_hand_edited_manifest_with_impossible_values_is_refused(tiny_bundle, tmp_path, edit, says):
+    # the manifest holds the hashes, so it is not hashed itself: its values are checked instead (a negative
+    # temperature used to load and invert every probability)
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    edit(manifest)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not match the bundle schema") as refused:
+        Bundle.load(copy)
+    assert says in str(refused.value) and "pydantic.dev" not in str(refused.value)
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="not found"):
         Bundle.load(tmp_path / "nothing")

@@ -63,7 +63,7 @@ class SegmenterSpec(BaseModel):
     image_size: int = 256
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    threshold: float = Field(0.5, description="probability above which a pixel is lesion")
+    threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel is lesion")
     # input "image" (N,3,S,S) float32 (whole frame squashed to S x S) → output "logits" (N,1,S,S)
     input: str = "image"
     output: str = "logits"
@@ -74,8 +74,9 @@ class OODSpec(BaseModel):
     """Out-of-distribution detection: method, threshold, and how the threshold was chosen."""
 
     method: str = "mahalanobis"
-    threshold: float
-    validation_kept: float = Field(description="share of in-distribution validation images with score <= threshold")
+    threshold: float = Field(ge=0)  # a distance
+    validation_kept: float = Field(ge=0, le=1, description="share of in-distribution validation images with score "
+                                   "<= threshold")
     colour_threshold: float | None = Field(None, description="threshold of the colour-statistics check "
                                            "(ood.ColourOOD); None: the bundle has no colour check")
     colour_validation_kept: float | None = Field(None, description="share of validation images the colour check keeps")
@@ -83,7 +84,9 @@ class OODSpec(BaseModel):
 
 
 class Calibration(BaseModel):
-    temperature: float = 1.0
+    # checked when a bundle is read: the manifest is not hashed (it holds the hashes), so a hand edit that made
+    # the temperature negative would invert every probability and still load
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     ece_before: float | None = None
     ece_after: float | None = None
     split: str = "val"
@@ -232,7 +235,10 @@ class Bundle:
         try:
             manifest = Manifest.model_validate_json(files[MANIFEST])
         except ValidationError as exc:
-            raise BundleError(f"{path}/{MANIFEST} does not match the bundle schema: {exc}") from None
+            # one line per problem, without pydantic's links: "where: what"
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
+            raise BundleError(f"{path}/{MANIFEST} does not match the bundle schema ({problems}): it is damaged or "
+                              "was edited by hand; use the bundle as exported.") from None
         if manifest.schema_version > SCHEMA_VERSION:
             raise BundleError(f"{path} needs a newer dermscreen (bundle schema {manifest.schema_version}).")
         bundle = cls(manifest, files, str(path))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 # scipy and sklearn are imported inside the two fitting functions: the serving path imports this
 # module (OperatingPoint, softmax) and must start fast; importing them costs seconds on 2 cores.
@@ -54,9 +54,9 @@ class OperatingPoint(BaseModel):
     """A threshold on P(malignant) with the sensitivity/specificity it achieved on validation."""
 
     name: str
-    threshold: float
-    sensitivity: float
-    specificity: float
+    threshold: float = Field(ge=0, le=1, allow_inf_nan=False)  # a probability (checked when a bundle is read)
+    sensitivity: float = Field(ge=0, le=1)
+    specificity: float = Field(ge=0, le=1)
     description: str = ""
 
 

@@ -187,3 +187,22 @@ def test_add_segmenter_refuses_an_unwritable_out(tiny_bundle, tmp_path):
     (tmp_path / "afile").write_text("hi")
     with pytest.raises(ConfigError, match="is a file"):
         add_segmenter(tiny_bundle, tmp_path / "afile", b"x", None)
+
+
+def test_derived_bundles_are_written_only_into_new_or_empty_folders(tiny_bundle, tmp_path):
+    # a folder holding another bundle (its segmenter.onnx would stay behind, unlisted) or a user's images is refused
+    from dermscreen.bundle import check_new_bundle_folder
+    from dermscreen.errors import ConfigError
+    from dermscreen.lesion import add_segmenter
+    from dermscreen.ood_fit import refit_ood
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "segmenter.onnx").write_bytes(b"an older bundle's file")
+    with pytest.raises(ConfigError, match="is not empty"):
+        refit_ood(tiny_bundle, tmp_path / "data.csv", tmp_path / "split.csv", busy)
+    with pytest.raises(ConfigError, match="is not empty"):
+        add_segmenter(tiny_bundle, busy, b"", None)
+    (tmp_path / "empty").mkdir()
+    assert check_new_bundle_folder(tmp_path / "empty", tiny_bundle) == tmp_path / "empty"
+    assert (busy / "segmenter.onnx").read_bytes() == b"an older bundle's file"

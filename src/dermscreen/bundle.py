@@ -192,10 +192,13 @@ def check_output_folder(folder: str | Path) -> Path:
 
 def check_new_bundle_folder(out: str | Path, source: str | Path) -> Path:
     """``out`` as a Path when a bundle derived from the one at ``source`` (refit-ood, add-segmenter, calibrate)
-    can be written there: not the source itself nor a folder inside it, and writable (check_output_folder)."""
+    can be written there: not the source itself nor a folder inside it, new or empty, and writable
+    (check_output_folder)."""
     out, source = Path(out), Path(source).resolve()
     if out.resolve() == source or source in out.resolve().parents:
         raise ConfigError("--out must be a new folder outside the bundle: a bundle is never modified in place.")
+    if out.is_dir() and any(out.iterdir()):  # another bundle's files (a stale segmenter.onnx) would be mixed in
+        raise ConfigError(f"{out} is not empty; give a new or empty folder for the new bundle.")
     return check_output_folder(out)
 
 

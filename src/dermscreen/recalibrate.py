@@ -88,8 +88,6 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
             f"to calibrate on. Give at least {MIN_IMAGES} images with at least {MIN_MALIGNANT} malignant and "
             f"{MIN_MALIGNANT} benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
     out = check_new_bundle_folder(out, bundle.source)  # before the images are read: a bad --out fails at once
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; give a new or empty folder for the recalibrated bundle.")
     warnings = []
     if not seen and not trained and model_seen_images(bundle, data) is None and \
             ((bundle.manifest.training or {}).get("data") or {}).get("manifest_sha256"):

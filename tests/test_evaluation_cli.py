@@ -124,6 +124,7 @@ def test_three_manifest_formats_evaluate_identically(tmp_path, ham_dir, tiny_bun
     assert set(overall["operating_points"]) == {"sensitivity_first", "balanced"}
     assert 0.0 <= overall["headline"]["balanced_accuracy"]["value"] <= 1.0
     md = (tmp_path / "ham" / "metrics.md").read_text()
+    assert f"bootstrap resamples by {metrics['bootstrap']['unit']}." in md
     bacc = overall["headline"]["balanced_accuracy"]
     assert f"| balanced_accuracy | {bacc['value']:.3f} ({bacc['ci95'][0]:.3f}–{bacc['ci95'][1]:.3f}) |" in md
     mel = overall["per_class"]["mel"]
@@ -320,3 +321,5 @@ def test_metrics_md_carries_the_disclaimer(tmp_path, tiny_bundle):
     labels = _synthetic_set(tmp_path)
     assert _run("--model", tiny_bundle, "--labels", labels, "--out", tmp_path / "o", "--bootstrap", 0).exit_code == 0
     assert DISCLAIMER in (tmp_path / "o" / "metrics.md").read_text()
+    # it says how its CIs were made, as they were made: here none (it used to claim "0 bootstrap resamples by lesion")
+    assert "no confidence intervals (bootstrap off)" in (tmp_path / "o" / "metrics.md").read_text()

@@ -145,6 +145,11 @@ def test_info(app, tiny_bundle):
     assert res.exit_code == 0 and "tiny-test-model" in res.stdout and "sensitivity_first" in res.stdout
     card = json.loads(CliRunner().invoke(app, ["info", "--model", str(tiny_bundle), "--json"]).stdout)
     assert card["classes"][0]["code"] == "akiec" and card["ood"]["threshold"] > 0 and "licence" in card
+    # docs/model-card.md describes the shipped model only: another bundle is pointed at evaluate instead
+    said = " ".join(res.stdout.split())
+    assert "docs/model-card.md" not in said and "dermscreen evaluate --split test" in said
+    shipped = " ".join(CliRunner().invoke(app, ["info"], env={"COLUMNS": "200"}).stdout.split())
+    assert "docs/model-card.md" in shipped
 
 
 def test_info_says_which_split_its_metrics_come_from(tiny_bundle):
@@ -158,7 +163,7 @@ def test_info_says_which_split_its_metrics_come_from(tiny_bundle):
     screening_commands._print_card(card, console)
     said = console.export_text()
     assert "validation metrics (855 images): balanced_accuracy 0.713, malignant_auc 0.908" in said
-    assert "855.000" not in said and "the model card" in said
+    assert "855.000" not in said and "dermscreen evaluate --split test" in said  # not the shipped model's card
 
 
 def test_worker_processes_give_the_serial_answers_in_order(app, folder, tiny_bundle, ham_dir, tmp_path):

@@ -146,3 +146,7 @@ def test_python_m_dermscreen_is_the_command():
 
     out = subprocess.run([sys.executable, "-m", "dermscreen", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "predict" in out.stdout and "serve" in out.stdout
+    from dermscreen import __version__
+
+    out = subprocess.run([sys.executable, "-m", "dermscreen", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"dermscreen {__version__}"

@@ -18,6 +18,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"dermscreen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print dermscreen's version and exit.")) -> None:
+    """Screening aid for skin lesions in dermoscopic images: train, evaluate, export and use classifiers.
+    Outputs are screening aids, not diagnoses."""
+
+
 def _register() -> None:
     # Each subsystem exposes plain functions with typer annotations; registering them here keeps
     # one command tree while the code stays next to what it drives.

@@ -294,8 +294,12 @@ def _print_card(card: dict, console: Console) -> None:
         count = card["metrics"].get("images")
         console.print(f"{split} metrics" + (f" ({count:.0f} images)" if count else "") + ": "
                       + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
+    if card["sha256"] == _shipped_sha256():
         console.print("  held-out test results, subgroups and the targets met or missed: the model card "
                       "(docs/model-card.md in the source repository)")
+    else:  # docs/model-card.md describes the shipped model, not this one
+        console.print("  held-out test results: dermscreen evaluate --split test (on its training labels), "
+                      "or on other labelled cases", highlight=False)
     console.print(f"uses patient metadata: {'yes' if card['uses_metadata'] else 'no'}")
     console.print(f"lesion outline: {_segmenter_line(card.get('segmenter'))}")
     for label, key in (("intended use", "intended_use"), ("training data", "training_data"), ("licence", "licence")):
@@ -304,6 +308,16 @@ def _print_card(card: dict, console: Console) -> None:
     for item in card.get("limitations") or []:
         console.print("  •", escape(str(item)), highlight=False)
     console.print(f"[dim]{escape(card['disclaimer'])}[/]")
+
+
+def _shipped_sha256() -> str | None:
+    """The shipped default model's sha256 (None if it is not installed)."""
+    from .bundle import DEFAULT_BUNDLE_DIR, MANIFEST, sha256_bytes
+
+    try:
+        return sha256_bytes((Path(DEFAULT_BUNDLE_DIR) / MANIFEST).read_bytes())
+    except OSError:
+        return None
 
 
 def _segmenter_line(spec: dict | None) -> str:

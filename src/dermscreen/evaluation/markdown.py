@@ -33,8 +33,7 @@ def to_markdown(metrics: dict) -> str:
     parts = [f"Model `{model.get('name')}` {model.get('version', '')} (sha256 {str(model.get('sha256', ''))[:12]}), "
              f"{overall['n']} images" + (f" of split `{split.get('split')}` ({split.get('file')})" if split
                                          else f" ({data['selection']})" if data.get("selection") else "")
-             + f", TTA {'on' if metrics.get('settings', {}).get('tta') else 'off'}; 95 % CIs from "
-             f"{metrics.get('bootstrap', {}).get('resamples', '?')} bootstrap resamples by lesion."]
+             + f", TTA {'on' if metrics.get('settings', {}).get('tta') else 'off'}; " + _ci_method(metrics)]
     parts += [f"> **Warning:** {w}" for w in metrics.get("warnings", [])]
     parts.append(f"*{DISCLAIMER}*")
     parts.append(_table(["metric", "value (95 % CI)"],
@@ -64,3 +63,11 @@ def to_markdown(metrics: dict) -> str:
         parts.append(f"In distribution (OOD score ≤ threshold {ood['threshold']:.4g}): {ood['in_distribution']} of "
                      f"{overall['n']} ({100 * ood['share_in_distribution']:.1f} %).")
     return "\n\n".join(parts) + "\n"
+
+
+def _ci_method(metrics: dict[str, Any]) -> str:
+    """How the CIs were made, as the evaluation made them (resampled unit; none when the bootstrap was off)."""
+    boot = metrics.get("bootstrap", {})
+    if not boot.get("resamples"):
+        return "no confidence intervals (bootstrap off)."
+    return f"95 % CIs from {boot['resamples']} bootstrap resamples by {boot.get('unit', 'image')}."

@@ -98,3 +98,22 @@ def test_one_bit_palette_png_is_read_back_exactly_by_pillow():
         assert np.array_equal(rgba[..., 3], alpha[index]) and np.array_equal(rgba[..., :3], palette[index])
     with pytest.raises(ValueError):
         palette_png(np.full((2, 2), 2, np.uint8), palette, alpha, bit_depth=1)
+
+
+def test_a_map_with_no_positive_evidence_is_said_to_be_empty(tiny_bundle):
+    # a map where no cell raises P(malignant) draws nothing: the report must say so, not show the bare image under
+    # "Evidence for a malignant lesion" as if it were a map
+    from dermscreen.report import to_html
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    against = -np.ones((5, 5), np.float32)
+    maps = Heatmaps("nv", np.ones((5, 5), np.float32), against, box=(0, 0, 200, 150), image_size=(200, 150))
+    assert not maps.has_evidence("malignant") and maps.has_evidence("top_class")
+    assert not maps.overlay("malignant")[..., 3].any()
+    rgb = np.full((150, 200, 3), 180, np.uint8)
+    result = Screener(tiny_bundle, ScreenerSettings(ood_refusal=False, quality_gate=False)).analyze_image(rgb)
+    assert result.to_json()["heatmap"]["malignant_evidence"] == result.heatmaps.has_evidence("malignant")
+    result._heatmaps = maps  # the analysis, with the empty map
+    html = to_html(result, rgb)
+    assert "Evidence for a malignant lesion (heatmap): no area of the image raised it, so the map is empty" in html
+    assert "Evidence for nv (heatmap)</figcaption>" in html

@@ -181,6 +181,11 @@ class Heatmaps:
             self._cache[key] = frame
         return self._cache[key]
 
+    def has_evidence(self, which: str = "malignant") -> bool:
+        """Whether any cell raised ``which`` ("malignant" | "top_class"): when none did, the map is empty."""
+        raw = self.raw_malignant if which == "malignant" else self.raw_top_class
+        return bool(raw.size) and float(raw.max()) > 0
+
     def overlay(self, which: str = "malignant") -> np.ndarray:
         """(H, W, 4) uint8 colour-mapped overlay with alpha at display size."""
         return overlay_rgba(self.heat(which), self.max_alpha)

@@ -57,8 +57,10 @@ def _figures(result: ScreeningResult, image_rgb: np.ndarray | None) -> str:
                 blended = maps.blended(image_rgb, which)
                 if seg is not None:
                     blended = draw_outline(blended, seg)
+                # an empty map looks like the plain image: say so rather than leave the reader to wonder
+                empty = "" if maps.has_evidence(which) else ": no area of the image raised it, so the map is empty"
                 figs.append(f'<figure><img src="{_jpeg_url(blended)}" alt="{e(caption)}">'
-                            f"<figcaption>{e(caption)} (heatmap)</figcaption></figure>")
+                            f"<figcaption>{e(caption)} (heatmap){e(empty)}</figcaption></figure>")
     return f'<div class="figs">{"".join(figs)}</div>' if figs else ""
 
 

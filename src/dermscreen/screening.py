@@ -183,6 +183,8 @@ class HeatmapInfo(BaseModel):
     box: tuple[int, int, int, int] = Field(description="(left, top, right, bottom) image region the model saw, "
                                            "in the upload's pixels")
     size: tuple[int, int] = Field(description="(width, height) of the overlays; they cover the whole image")
+    malignant_evidence: bool = Field(True, description="false: no area raised P(malignant), so its map is empty")
+    top_class_evidence: bool = Field(True, description="false: no area raised the top class, so its map is empty")
     overlay_png: str | None = Field(None, description="data:image/png URL, colour map with alpha, malignant group")
     top_class_overlay_png: str | None = Field(None, description="data:image/png URL, same for the top class")
 
@@ -607,7 +609,9 @@ class Screener:
             maps = self._heatmaps(features, probs, int(np.argmax(probs)), decoded.size, box)
             maps.heat("malignant"), maps.heat("top_class")  # upsample now, so the cost is timed here
             result._heatmaps = maps
-            result.heatmap = HeatmapInfo(top_class=maps.top_class, box=_to_upload(box, decoded), size=maps.display_size)
+            result.heatmap = HeatmapInfo(top_class=maps.top_class, box=_to_upload(box, decoded), size=maps.display_size,
+                                         malignant_evidence=maps.has_evidence("malignant"),
+                                         top_class_evidence=maps.has_evidence("top_class"))
             timings["heatmap"] = (time.perf_counter() - t) * 1000
         return result
 

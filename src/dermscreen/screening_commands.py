@@ -215,6 +215,10 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
             else:
                 _show(outcome, table, as_json)
                 tiers_seen.append(outcome.result["risk"]["tier"])
+                heat = outcome.result.get("heatmap") or {}
+                if writer is not None and writer.dirs["heatmap"] and heat and not heat.get("malignant_evidence", True):
+                    progress.console.print(f"[dim]{escape(str(outcome.path))}: no area of the image raised the "
+                                           "malignancy score, so its heatmap shows the image alone.[/]")
                 if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
                     # said, so a folder of heatmaps with gaps is not mistaken for files lost
                     progress.console.print(f"[dim]{escape(str(outcome.path))}: no heatmap written: the image was "

@@ -325,3 +325,33 @@ def test_what_is_not_a_regular_file_or_far_too_large_is_refused_unread(app, tiny
     said = " ".join(res.output.split())
     assert res.exit_code == 1 and "image files over 300 MB are not read" in said
     assert "/dev/zero: this is not a regular file" in said
+
+
+def test_a_file_name_that_is_not_utf8_is_analysed_and_reported(app, folder, tiny_bundle, tmp_path):
+    # a name from another system's encoding (b"caf\xe9.png") used to end in a UnicodeEncodeError traceback, a
+    # 0-byte report and the rest of the folder unanalysed
+    import os
+
+    (tmp_path / "odd").mkdir()
+    name = os.fsdecode(b"caf\xe9.png")
+    (tmp_path / "odd" / name).write_bytes((folder / "a" / "lesion.png").read_bytes())
+    (tmp_path / "odd" / "good.png").write_bytes((folder / "a" / "lesion.png").read_bytes())
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "odd"), "--model", str(tiny_bundle), "--json",
+                                   "--html", str(tmp_path / "reports"), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [Path(line["file"]).name for line in lines] == ["caf\ufffd.png", "good.png"]
+    reports = sorted((tmp_path / "reports").iterdir())
+    assert len(reports) == 2 and all(p.stat().st_size > 1000 for p in reports)
+
+
+def test_a_labels_path_that_is_not_utf8_is_refused_with_a_sentence(tmp_path):
+    import os
+
+    from dermscreen.errors import ManifestError
+    from dermscreen.manifests import load_labels
+
+    path = tmp_path / os.fsdecode(b"lab\xe9ls.csv")
+    path.write_text("image,dx\nx.png,nv\n")
+    with pytest.raises(ManifestError, match="is not valid UTF-8"):
+        load_labels(path)

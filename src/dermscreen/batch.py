@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .errors import DermscreenError, ImageError
+from .errors import DermscreenError, ImageError, printable
 
 # what one file costs a worker to send back is small; chunks amortise the inter-process round trip
 CHUNK = 4
@@ -60,7 +60,7 @@ def _init(model, settings, writer, options) -> None:
 def analyze_file(screener, index: int, path: Path, stem: str, writer: Optional[Writer], options: dict) -> FileOutcome:
     """Analyse one file with ``screener``; a bad file becomes an error outcome, never an exception."""
     try:
-        result = screener.analyze(_read_image_bytes(path), filename=path.name, **options)
+        result = screener.analyze(_read_image_bytes(path), filename=printable(path.name), **options)
     except (ImageError, OSError) as exc:
         message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
         return FileOutcome(index, path, error=message, error_type=type(exc).__name__)

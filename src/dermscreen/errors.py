@@ -58,3 +58,9 @@ class InputError(DermscreenError, ValueError):
     """A request parameter other than the image (age, sex, site, an option) is invalid (HTTP 422)."""
 
     http_status = 422
+
+
+def printable(path) -> str:
+    """A path as text that can be printed or written anywhere, in messages and reports: bytes that are not UTF-8
+    (a file named on another system) become U+FFFD instead of making the output fail."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")

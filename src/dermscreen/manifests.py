@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ManifestError, TaxonomyError
+from .errors import ManifestError, TaxonomyError, printable
 from .taxonomy import HAM10000, Taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -207,7 +207,12 @@ def load_labels(
     taxonomy = taxonomy or HAM10000
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise ManifestError(f"Labels file not found: {csv_path}.")
+        raise ManifestError(f"Labels file not found: {printable(csv_path)}.")
+    try:  # its path is written into reports and manifests (UTF-8 text): refused now, not after the work
+        str(csv_path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"The path of the labels file {printable(csv_path)} is not valid UTF-8 (a name from "
+                            "another system's encoding): rename the file or its folder.") from None
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import DISCLAIMER
-from .errors import DermscreenError
+from .errors import DermscreenError, printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".dcm", ".dicom"}
 _TIER_STYLE = {"high": "bold white on red3", "moderate": "bold black on dark_orange",
@@ -76,7 +76,7 @@ class _Outputs:
         written = []
         if self.dirs["html"]:
             out = self.dirs["html"] / f"{stem}.html"
-            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {path}"), encoding="utf-8")
+            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {printable(path)}"), encoding="utf-8")
             written.append(out)
         if self.dirs["fhir"]:
             out = self.dirs["fhir"] / f"{stem}.fhir.json"
@@ -96,7 +96,7 @@ def _row(table: Table, path: Path, result: dict) -> None:
     notes = "; ".join(list(result.get("reasons") or []) + list((result.get("quality") or {}).get("warnings") or []))
     score = result.get("malignancy_score")
     # the path as found (two folders may hold an x.jpg); text, not rich markup: "lesion[left].jpg" prints as it is
-    table.add_row(escape(str(path)), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
+    table.add_row(escape(printable(path)), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
                   "—" if score is None else f"{score:.0f}",
                   escape(f"{top['name']} ({100 * top['probability']:.0f} %)") if top else "—", escape(notes))
 
@@ -106,7 +106,7 @@ def _show(outcome, table: Table, as_json: bool) -> None:
     at the end)."""
     if as_json:
         reports = {"reports": [str(p) for p in outcome.written]} if outcome.written else {}
-        print(json.dumps({"file": str(outcome.path), **reports, **outcome.result}), flush=True)
+        print(json.dumps({"file": printable(outcome.path), **reports, **outcome.result}), flush=True)
     else:
         _row(table, outcome.path, outcome.result)
 
@@ -208,9 +208,9 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                 failures += 1
                 # the message names the file itself (Screener errors start "name: "); the path says where it is
                 message = outcome.error.removeprefix(f"{outcome.path.name}: ")
-                progress.console.print(f"[red]{escape(str(outcome.path))}:[/]", escape(message), highlight=False)
+                progress.console.print(f"[red]{escape(printable(outcome.path))}:[/]", escape(message), highlight=False)
                 if as_json:
-                    print(json.dumps({"file": str(outcome.path),
+                    print(json.dumps({"file": printable(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
             else:
                 _show(outcome, table, as_json)

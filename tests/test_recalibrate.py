@@ -91,6 +91,16 @@ def test_new_bundle_records_the_fit_and_the_screener_uses_its_thresholds(tiny_bu
         old.calibration.model_dump()  # the source bundle is untouched
 
 
+def test_calibrating_on_a_test_split_says_it_spends_it(tiny_bundle, real_labels, tmp_path):
+    import csv as _csv
+
+    ids = [Path(row["image"]).stem for row in _csv.DictReader(open(real_labels, newline=""))]
+    split = tmp_path / "split.csv"
+    split.write_text("image_id,split\n" + "".join(f"{i},test\n" for i in ids))
+    result = recalibrate(tiny_bundle, real_labels, tmp_path / "refit", split_file=split, split="test")
+    assert any("spends the model's test split" in w for w in result.warnings), result.warnings
+
+
 def test_refusals_are_sentences_and_leave_nothing_behind(tiny_bundle, real_labels, ham224_dir, tmp_path):
     few = tmp_path / "few.csv"
     few.write_text("\n".join(real_labels.read_text().splitlines()[:21]) + "\n")  # 20 melanomas, no benign

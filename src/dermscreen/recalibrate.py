@@ -97,6 +97,9 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     if split_info and split_info.get("split") == "val":
         warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
                         "it has. Calibrate on new cases from where the model is used.")
+    elif split_info and split_info.get("split") == "test":
+        warnings.append("This spends the model's test split: the new bundle's temperature and thresholds are chosen "
+                        "on it, so its test scores are no longer held-out. Report held-out numbers on other cases.")
     elif seen.get("val"):
         warnings.append(f"{seen['val']} of these {len(data)} images are the model's validation images, which already "
                         "calibrated it: they pull the refit towards the numbers it has. Calibrate on new cases from "

@@ -86,6 +86,9 @@ fi
 step "4/4 held-out test split"
 dermscreen evaluate --model "$OUT/bundle" --labels "$DATA" --split test --bootstrap "$BOOTSTRAP" \
   --out "$OUT/test" --overwrite
+# the test results travel beside the bundle, keyed by its sha256 (the model card shows them: API, info)
+python -m dermscreen.evaluation.held_out "$OUT/test/metrics.json" > "$OUT/held-out.json"
 echo
 echo "Built $OUT/bundle (test metrics in $OUT/test/metrics.md)."
-printf 'To ship it: cp %q/* src/dermscreen/models/default/\n' "$OUT/bundle"
+printf 'To ship it: cp %q/* src/dermscreen/models/default/ && python -m dermscreen.evaluation.held_out %q --into %s\n' \
+  "$OUT/bundle" "$OUT/test/metrics.json" "src/dermscreen/models/held-out.json"

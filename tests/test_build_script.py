@@ -2,6 +2,7 @@
 (the tiny recipe, a 1-epoch 64 px segmenter) on real images; a rerun keeps the finished steps."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def test_one_command_builds_a_bundle_with_segmenter_and_ood_checks_and_evaluates
     assert m.segmenter is not None and m.ood is not None and m.ood.colour_threshold is not None
     assert (out / "test" / "metrics.md").is_file() and not (out / "bundle-seg").exists()
     assert "images of split `test`" in (out / "test" / "metrics.md").read_text()
+    held = json.loads((out / "held-out.json").read_text())  # the test results, keyed by the bundle they measured
+    sha = Bundle.load(out / "bundle").sha256
+    assert list(held) == [sha] and held[sha]["split"] == "test" and held[sha]["images"] > 0
     built = {p.name: p.stat().st_mtime_ns for p in (out / "bundle").iterdir()}
 
     again = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=600)

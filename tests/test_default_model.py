@@ -252,3 +252,21 @@ def test_refit_ood_takes_only_the_models_own_labels_and_split(bundle, ham224_dir
     with pytest.raises(ConfigError, match="not the labels file this model was trained on"):
         refit_ood(DEFAULT, ham_dir / "HAM10000_metadata.csv", split_csv, tmp_path / "refit")
     assert not (tmp_path / "refit").exists()
+
+
+def test_the_held_out_results_shipped_beside_the_model_are_its_test_split_scores(bundle, ham224_dir, tmp_path):
+    """models/held-out.json (shown by the model card: API, info) holds what evaluate measures on the test split."""
+    from dermscreen.evaluation.evaluate import evaluate
+    from dermscreen.evaluation.held_out import held_out_for
+    from dermscreen.screening import Screener
+
+    held = held_out_for(bundle.sha256)
+    assert held is not None and held["split"] == "test" and held["images"] == 855 and not held["warnings"]
+    again = evaluate(None, ham224_dir / "HAM10000_metadata.csv", None, tmp_path / "test", split="test", bootstrap=0)
+    for name, entry in again.metrics["overall"]["headline"].items():
+        assert held["metrics"][name]["value"] == pytest.approx(entry["value"], abs=1e-9), name
+    for name, op in again.metrics["overall"]["operating_points"].items():
+        assert held["operating_points"][name]["sensitivity"]["value"] == pytest.approx(op["sensitivity"]["value"])
+        assert held["operating_points"][name]["specificity"]["value"] == pytest.approx(op["specificity"]["value"])
+    assert Screener().model_card()["held_out"] == held
+    assert held_out_for("0" * 64) is None  # another bundle: nothing claimed for it

@@ -25,6 +25,7 @@ from . import DISCLAIMER
 from .bundle import Bundle, resolve_bundle_path
 from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
+from .evaluation.held_out import held_out_for
 from .explain import Heatmaps, cam, data_url, malignant_direction
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, limit_side
 from .lesion import (
@@ -403,6 +404,8 @@ class Screener:
             "temperature": m.calibration.temperature, "calibration": m.calibration.model_dump(),
             "operating_points": [o.model_dump() for o in m.operating_points], "risk_tiers": self._tier_rules(),
             "ood": m.ood.model_dump() if m.ood else None, "metrics": m.metrics,
+            # measured after the bundle was sealed, recorded beside it for exactly this sha256 (None: not known)
+            "held_out": held_out_for(self.bundle.sha256),
             "uses_metadata": self.metadata_spec is not None, "training": without_paths(m.training),
             "segmenter": m.segmenter.model_dump() if m.segmenter and self.bundle.has_segmenter else None,
             "lesion_segmentation": "segmenter" if self.segmenter is not None else "classical",

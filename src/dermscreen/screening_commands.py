@@ -298,10 +298,23 @@ def _print_card(card: dict, console: Console) -> None:
         count = card["metrics"].get("images")
         console.print(f"{split} metrics" + (f" ({count:.0f} images)" if count else "") + ": "
                       + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scalar.items())))
+    held = card.get("held_out")
+    if held:  # measured after the bundle was sealed, recorded beside it for this sha256
+        def ci(entry: dict) -> str:
+            low_high = entry.get("ci95")
+            return f"{entry['value']:.3f}" + (f" ({low_high[0]:.3f}-{low_high[1]:.3f})" if low_high else "")
+
+        shown = ("balanced_accuracy", "malignant_auc", "melanoma_auc", "ece")
+        console.print(f"held-out {held['split'] or 'test'} results ({held['images']} images, "
+                      f"{str(held['evaluated'])[:10]}): " + ", ".join(
+                          f"{k} {ci(held['metrics'][k])}" for k in shown if held["metrics"].get(k)), highlight=False)
+        for name, op in held["operating_points"].items():
+            console.print(f"  {name} (P(malignant) >= {op['threshold']:.3f}): sensitivity {ci(op['sensitivity'])}, "
+                          f"specificity {ci(op['specificity'])}", highlight=False)
     if card["sha256"] == _shipped_sha256():
-        console.print("  held-out test results, subgroups and the targets met or missed: the model card "
+        console.print("  per class, subgroups and the targets met or missed: the model card "
                       "(docs/model-card.md in the source repository)")
-    else:  # docs/model-card.md describes the shipped model, not this one
+    elif not held:  # docs/model-card.md describes the shipped model, not this one
         console.print("  held-out test results: dermscreen evaluate --split test (on its training labels), "
                       "or on other labelled cases", highlight=False)
     console.print(f"uses patient metadata: {'yes' if card['uses_metadata'] else 'no'}")

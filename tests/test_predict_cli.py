@@ -355,3 +355,15 @@ def test_a_labels_path_that_is_not_utf8_is_refused_with_a_sentence(tmp_path):
     path.write_text("image,dx\nx.png,nv\n")
     with pytest.raises(ManifestError, match="is not valid UTF-8"):
         load_labels(path)
+
+
+def test_linked_folders_are_screened_once_and_a_loop_ends(app, folder, tiny_bundle, tmp_path):
+    import os
+
+    top = tmp_path / "top"
+    top.mkdir()
+    os.symlink(folder / "a", top / "patient-a")  # a linked folder: its image is screened
+    os.symlink(top, top / "patient-a-again")  # a link back up: walked once, no loop
+    res = CliRunner().invoke(app, ["predict", str(top), "--model", str(tiny_bundle), "--json"])
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert res.exit_code == 0 and [Path(line["file"]).name for line in lines] == ["lesion.png"], res.output

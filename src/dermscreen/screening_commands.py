@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -39,9 +40,22 @@ def iter_images(paths: list[Path], skip: tuple[Path, ...] = ()) -> Iterator[Path
 
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if wanted(p))
+            yield from sorted(p for p in _walk(path) if wanted(p))
         else:
             yield path
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, following linked folders (a patient's folder is often a link), each real
+    folder once, so a link back up cannot loop."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in names)
 
 
 class _Outputs:

@@ -213,3 +213,40 @@ def test_model_card_claims_the_ham10000_licence_only_for_ham10000_data(data_form
     assert "40 images of 20 lesions" in card.training_data  # a summary without grouped_by: HAM-style lesions
     card = build_card({**summary, "grouped_by": "images", "groups": 40}, data_format, 96)
     assert "lesions" not in card.training_data and "each image was split on its own" in card.training_data
+
+
+@pytest.mark.parametrize("main_format, extra_formats, other_data", [
+    ("plain", ["ham10000"], True),  # own CSV + HAM10000 as extra_train (configs/default-3x3.yaml on your data)
+    ("plain", ["isic"], True),
+    ("ham10000", ["ham10000"], False),  # both copies of HAM10000: the shipped recipe
+    ("ham10000", ["plain"], True),  # HAM10000 + your own images as extra_train
+])
+def test_model_card_inherits_the_ham10000_licence_from_extra_training_manifests(main_format, extra_formats,
+                                                                              other_data):
+    pytest.importorskip("torch")
+    from dermscreen.training.export import HAM_CITATION, build_card
+
+    summary = {"source": "my_clinic/labels.csv", "images": 40, "groups": 20, "class_counts": {"mel": 20, "nv": 20}}
+    card = build_card(summary, main_format, 96, extra_training="It was split by lesion ...",
+                      extra_formats=extra_formats)
+    assert "CC BY-NC-SA 4.0" in card.licence and "non-commercial" in card.licence and "HAM10000" in card.licence
+    assert card.citation == HAM_CITATION
+    assert ("owner must state" in card.licence and "Fill it in" in card.licence) is other_data
+    assert ("HAM10000 images (extra_train)" in card.training_data) is (main_format == "plain")
+    # an extra manifest that gave no training image does not change the card
+    assert build_card(summary, main_format, 96, extra_formats=[]) == build_card(summary, main_format, 96)
+
+
+def test_model_card_counts_only_extra_manifests_that_gave_training_images():
+    pytest.importorskip("torch")
+    from types import SimpleNamespace as NS
+
+    from dermscreen.training.finish import _contributing_formats
+
+    ham = NS(format="ham10000", samples=[NS(image_id="a"), NS(image_id="b")])
+    plain = NS(format="plain", samples=[NS(image_id="b"), NS(image_id="c")])
+    assert _contributing_formats([ham, plain], [NS(image_id="a")]) == ["ham10000"]
+    assert _contributing_formats([ham, plain], [NS(image_id="b")]) == ["ham10000"]  # the first copy was kept
+    assert _contributing_formats([ham, plain], [NS(image_id="b"), NS(image_id="c")]) == ["ham10000", "plain"]
+    assert _contributing_formats([ham, None], []) == []
+    assert _contributing_formats([None], [NS(image_id="z")]) == ["plain"]  # no longer loads: licence unknown

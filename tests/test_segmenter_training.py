@@ -197,3 +197,29 @@ def test_a_diverged_segmenter_is_not_exported(ham_dir, tmp_path, monkeypatch):
         segmenter.train_segmenter(ham_dir / "HAM10000_metadata.csv", tmp_path / "seg", max_images=24, epochs=1,
                                   image_size=64, batch_size=8, threads=1, weights="none")
     assert not (tmp_path / "seg" / SEGMENTER_FILE).exists()
+
+
+@pytest.mark.parametrize("held", [SEGMENTER_FILE, "bundle"])
+def test_an_out_holding_a_segmenter_run_is_refused_before_training(tmp_path, held):
+    import re
+    import shutil
+
+    # a second run there would overwrite segmenter.onnx and leave the old bundle/ (with the old segmenter) behind
+    from dermscreen.training.segmenter import train_segmenter
+
+    csv_path = _labelled_images(tmp_path / "d", ("nv", "mel"))
+    out = tmp_path / "seg"
+    out.mkdir()
+    if held == SEGMENTER_FILE:
+        (out / held).write_bytes(b"old")
+    else:
+        (out / held).mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"{out} already holds a segmenter run ({held}); give a new")):
+        train_segmenter(csv_path, out, image_size=64, epochs=1, weights="none")
+    assert sorted(p.name for p in out.iterdir()) == [held]
+    # a folder of other files (a new run folder the user made, with notes) is fine up to the masks check
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="mask"):
+        train_segmenter(csv_path, out, image_size=64, epochs=1, weights="none")

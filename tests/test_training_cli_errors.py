@@ -55,6 +55,24 @@ def test_export_refuses_an_out_that_is_a_file(tmp_path):
     assert result.exit_code == 2 and "Cannot write to" in result.output, result.output
 
 
+def test_export_refuses_a_non_empty_out_before_any_work(tmp_path):
+    # a bundle written over another would leave its segmenter.onnx behind, unlisted in the new manifest
+    out = tmp_path / "defcopy"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "segmenter.onnx").write_bytes(b"old")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"{out} is not empty; give a new or empty folder" in said and "Traceback" not in said
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "segmenter.onnx"]
+    # a new or empty folder is accepted (here the run is what is missing)
+    (tmp_path / "empty").mkdir()
+    for empty in (out / "new", tmp_path / "empty"):
+        result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(empty)])
+        assert result.exit_code == 2 and "is not a training run folder" in result.output, result.output
+
+
 @pytest.mark.parametrize("option,value,says", [("--epochs", "0", "--epochs"), ("--image-size", "0", "--image-size"),
                                                ("--batch-size", "0", "--batch-size"), ("--lr", "-1", "above 0"),
                                                ("--lr", "0", "above 0")])
@@ -131,3 +149,54 @@ def test_ctrl_c_during_train_says_how_to_continue(tmp_path, monkeypatch, saved_e
         assert (out / "config.yaml").exists()
     else:
         assert "nothing to resume" in result.output and not out.exists()
+
+
+def test_a_failed_ensemble_start_leaves_no_member_folders(tmp_path):
+    csv_path = _plain_data(tmp_path / "d")
+    recipe = _recipe(tmp_path / "r.yaml", backbone="not_a_model", ensemble_seeds="[0, 1]")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "--data", str(csv_path), "--out", str(out),
+                                      "--no-progress"])
+    assert result.exit_code == 2 and "Unknown backbone" in result.output, result.output
+    assert not out.exists()  # no out/member-seed0 with config.yaml, split.csv, train.log, checkpoints/
+    # a member that saved an epoch is kept (it can be resumed); the others and the user's files too
+    (out / "member-seed0" / "checkpoints").mkdir(parents=True)
+    (out / "member-seed0" / "checkpoints" / "last.pt").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    CliRunner().invoke(app, ["train", "--config", str(recipe), "--data", str(csv_path), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["member-seed0", "notes.txt"]
+    assert sorted(p.name for p in (out / "member-seed0").iterdir()) == ["checkpoints"]
+
+
+def test_recipe_paths_work_from_any_folder_and_a_missing_one_is_named_as_written(tmp_path, monkeypatch):
+    from dermscreen.training.config import load_config
+    from dermscreen.training.fit import load_data, training_data
+
+    # labels beside the recipe, and extra_train as the shipped configs/*.yaml name it: ../shared/... relative to
+    # the repository root, the recipe folder's parent
+    repo = tmp_path / "repo"
+    csv_path = _plain_data(repo / "configs" / "labels")
+    more = _plain_data(tmp_path / "shared" / "more", codes=("bkl",), n_per_class=2)
+    recipe = _recipe(repo / "configs" / "r.yaml", data="labels/data.csv",
+                     extra_train="[{data: ../shared/more/data.csv}]")
+    (tmp_path / "elsewhere").mkdir()
+    for cwd in (tmp_path / "elsewhere", repo):
+        monkeypatch.chdir(cwd)
+        config = load_config(recipe)
+        assert config.data == str(csv_path) and config.extra_train[0].data == str(more)
+        data, taxonomy = load_data(config)
+        assert len(data) == 24 and str(data.source) == str(csv_path)
+        split = {"train": list(range(len(data))), "val": [], "test": []}
+        assert len(training_data(data, split, config, taxonomy)) == 26
+    # a path found nowhere: the error names it as the recipe wrote it and where it was looked for, before any run
+    # folder is made (not /shared/nowhere.csv, the path made absolute against the current folder)
+    _recipe(recipe, data="labels/data.csv", extra_train="[{data: ../shared/nowhere.csv}]", ensemble_seeds="[0, 1]")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "extra_train[0].data '../shared/nowhere.csv'" in said, said
+    assert f"the current folder {tmp_path / 'elsewhere'}" in said and f"the recipe's folder {repo / 'configs'}" in said
+    assert f"the recipe folder's parent {repo}" in said and "Traceback" not in said
+    assert not out.exists()

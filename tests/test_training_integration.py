@@ -310,6 +310,30 @@ def test_eleven_class_taxonomy_on_synthetic_images(tmp_path):
     assert "Inherits the licence" in bundle.manifest.card.licence  # not HAM10000: no NC claim invented
 
 
+def test_own_data_with_ham10000_as_extra_train_inherits_its_licence(tmp_path):
+    """configs/default*.yaml add HAM10000 as extra_train: a model trained with them on one's own plain CSV
+    inherits HAM10000's non-commercial licence too (the card must not call its licence unknown)."""
+    from dermscreen.training.export import HAM_CITATION
+    from dermscreen.training.fit import train_from_files
+
+    (tmp_path / "own").mkdir()
+    labels = _two_kinds(tmp_path / "own", per_class=12)
+    ham = tmp_path / "ham"
+    (ham / "images").mkdir(parents=True)
+    rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    for k, dx in enumerate(["nv", "mel"] * 3):  # a HAM10000-format manifest (synthetic images)
+        Image.open(tmp_path / "own" / f"{dx}_{k}.png").convert("RGB").save(ham / "images" / f"ISIC_{k:07d}.jpg")
+        rows.append(f"HAM_{k:07d},ISIC_{k:07d},{dx},histo,50.0,male,back")
+    (ham / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+    config = _write_config(tmp_path / "c.yaml", val_fraction=0.35, test_fraction=0.0,
+                           extra_train=[{"data": str(ham / "HAM10000_metadata.csv")}])
+    result = train_from_files(config, tmp_path / "run", progress=False, data=str(labels))
+    card = Bundle.load(result.bundle_dir).manifest.card
+    assert "CC BY-NC-SA 4.0" in card.licence and "non-commercial" in card.licence, card.licence
+    assert "owner must state" in card.licence and card.citation == HAM_CITATION
+    assert "6 more images" in card.training_data and "HAM10000 images (extra_train)" in card.training_data
+
+
 def _two_kinds(folder: Path, per_class: int = 36) -> Path:
     """Naevi drawn as small light-brown round blobs, melanomas as large dark ones, in a plain CSV: a task any
     working training loop learns in a few epochs, and a broken one (no weight update, labels shuffled) cannot."""

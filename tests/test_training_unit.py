@@ -636,6 +636,34 @@ def test_an_unreadable_image_stops_training_before_the_run_folder_and_the_first_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_stops_training_before_the_first_epoch(tmp_path, monkeypatch, fmt):
+    # its header reads fine: only decoding its pixels finds the missing end
+    import dermscreen.training.fit as fit
+    from dermscreen.errors import ManifestError
+
+    rng = np.random.default_rng(0)
+    ext = fmt.lower().replace("jpeg", "jpg")
+    rows = ["image,dx,lesion_id"]
+    for i in range(12):
+        # smooth gradients plus noise: a JPEG with most of its bytes in the compressed data
+        arr = (np.linspace(0, 255, 96)[None, :, None] + rng.integers(0, 60, (72, 96, 3))).clip(0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(tmp_path / f"img{i}.{ext}", fmt)
+        rows.append(f"img{i}.{ext},{['nv', 'mel', 'bkl'][i % 3]},L{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    whole = (tmp_path / f"img4.{ext}").read_bytes()
+    (tmp_path / f"img4.{ext}").write_bytes(whole[: len(whole) * 2 // 3])
+    with Image.open(tmp_path / f"img4.{ext}") as image:
+        assert image.size == (96, 72)  # the header check alone passed it
+    monkeypatch.setattr(fit, "train_epoch", lambda *a, **k: pytest.fail("an epoch started"))
+    config = TrainConfig(data=str(tmp_path / "labels.csv"), val_fraction=0.25, test_fraction=0.25, device="cpu",
+                         weights="none", epochs=1, num_workers=0, image_size=32)
+    with pytest.raises(ManifestError, match=rf"1 of the 12 training-run images cannot be opened as images: "
+                                            rf"\S*img4.{ext} \(OSError: image file is truncated"):
+        fit.train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.data
 def test_model_card_names_the_size_of_every_image_source_it_trained_on(ham_dir, ham224_dir):
     from dermscreen.manifests import load_labels

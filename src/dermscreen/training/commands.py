@@ -64,7 +64,7 @@ def train(
         _fail(exc)
         return
     except KeyboardInterrupt:
-        if (out / "checkpoints" / "last.pt").is_file():
+        if _started(out):  # an ensemble's members save their epochs in out/member-seed<N>
             typer.secho(f"Interrupted; continue with: dermscreen train --out {out} --resume", err=True)
         else:
             if not resume:
@@ -171,37 +171,58 @@ def add_segmenter(
 _RUN_FILES = ("config.yaml", "split.csv", "train.log", "history.csv", "learning_curves.png")
 
 
-def _run_files(out: Path) -> dict[str, Optional[int]]:
-    """Modification times (None: absent) of the run files in ``out``, to tell what a failed start wrote."""
-    stamps: dict[str, Optional[int]] = {}
-    for name in _RUN_FILES:
-        try:
-            stamps[name] = (out / name).stat().st_mtime_ns
-        except OSError:
-            stamps[name] = None
-    stamps["folder"] = 1 if out.exists() else None
+def _run_folders(out: Path) -> list[Path]:
+    """``out`` and the ensemble member folders in it (an ensemble recipe trains each in out/member-seed<N>)."""
+    members = sorted(p for p in out.glob("member-seed*") if p.is_dir()) if out.is_dir() else []
+    return [*members, out]
+
+
+def _started(out: Path) -> bool:
+    """Whether a run in ``out`` (or one of its ensemble members) has saved an epoch, so it can be resumed."""
+    return any((folder / "checkpoints" / "last.pt").is_file() for folder in _run_folders(out))
+
+
+def _run_files(out: Path) -> dict[Path, dict[str, Optional[int]]]:
+    """Modification times (None: absent) of the run files in ``out`` and its member folders, to tell what a failed
+    start wrote."""
+    stamps: dict[Path, dict[str, Optional[int]]] = {}
+    for folder in _run_folders(out):
+        if not folder.exists():
+            continue  # made by this run: absent from the record, so removed again when left empty
+        mine: dict[str, Optional[int]] = {}
+        for name in _RUN_FILES:
+            try:
+                mine[name] = (folder / name).stat().st_mtime_ns
+            except OSError:
+                mine[name] = None
+        mine["folder"] = 1
+        stamps[folder] = mine
     return stamps
 
 
-def _remove_unstarted(out: Path, before: dict[str, Optional[int]]) -> None:
+def _remove_unstarted(out: Path, before: dict[Path, dict[str, Optional[int]]]) -> None:
     """After a fresh run failed before its first epoch (no last.pt), remove the run files it wrote, so the
-    folder does not look like a started run (a bad backbone or weights fails after they are written)."""
-    try:
-        if (out / "checkpoints" / "last.pt").exists() or not out.is_dir():
-            return
-        for name in _RUN_FILES:
-            path = out / name
-            try:
-                changed = path.stat().st_mtime_ns != before.get(name)
-            except OSError:
+    folder does not look like a started run (a bad backbone or weights fails after they are written). An ensemble
+    writes them in out/member-seed<N>: each member folder without a saved epoch is cleaned the same way (members
+    first, so ``out`` is removed too when the run made it and nothing else is left in it)."""
+    for folder in _run_folders(out):
+        try:
+            if (folder / "checkpoints" / "last.pt").exists() or not folder.is_dir():
                 continue
-            if changed:
-                path.unlink()
-        for folder in (out / "checkpoints", out) if before["folder"] is None else (out / "checkpoints",):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-    except OSError:
-        pass  # best effort: the error itself is what the user needs to see
+            had = before.get(folder, {})
+            for name in _RUN_FILES:
+                path = folder / name
+                try:
+                    changed = path.stat().st_mtime_ns != had.get(name)
+                except OSError:
+                    continue
+                if changed:
+                    path.unlink()
+            for made in (folder / "checkpoints", folder) if had.get("folder") is None else (folder / "checkpoints",):
+                if made.is_dir() and not any(made.iterdir()):
+                    made.rmdir()
+        except OSError:
+            pass  # best effort: the error itself is what the user needs to see
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ..errors import ConfigError
 from .data import AugmentConfig
@@ -17,7 +17,7 @@ class ExtraTrainData(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="manifest CSV; relative paths are relative to the working directory")
+    data: str = Field(description="manifest CSV; a relative path in a recipe: see load_config")
     images: str | None = None
 
     @model_validator(mode="after")
@@ -96,6 +96,10 @@ class TrainConfig(BaseModel):
     export_check_images: int = Field(4, ge=1)
     # dynamo (torch.export, the supported exporter) or torchscript (deprecated, several times faster)
     onnx_exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    # relative recipe paths found in none of the folders load_config looks in: {setting: (path, sentence)}; told by
+    # check_recipe_paths when a run starts, not at load time: a recipe must still load where its data is absent
+    # (tests, --data given on the command line, a machine without the shared data).
+    _unfound: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> "TrainConfig":
@@ -146,11 +150,11 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
             raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must be a mapping of settings (key: value).")
-        data = _resolve_relative(data, path.parent)
+        data, unfound = _resolve_relative(data, path)
     given = {k: v for k, v in overrides.items() if v is not None}
     data.update(given)
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         # a bad value given on the command line is not the config file's fault: say where each one came from
@@ -165,17 +169,68 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
             where = f"Config file {path} is" if path else "The training settings are"
         raise ConfigError(f"{where} invalid: {problems}. "
                           "See configs/default.yaml for every setting and its meaning.") from None
+    if path is not None:
+        # a path given on the command line replaces the recipe's, so the recipe's is not looked for
+        config._unfound = {key: found for key, found in unfound.items() if key.split("[")[0] not in given}
+    return config
 
 
-def _resolve_relative(data: dict, base: Path) -> dict:
-    # paths in a recipe are relative to the recipe's folder, so a config works from any cwd
-    out = dict(data)
+_PATH_KEYS = ("data", "images", "masks")  # with extra_train[].data/images and taxonomy: the recipe's paths
+
+
+def _resolve_relative(data: dict, recipe: Path) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """``data`` with its relative paths looked up, and {setting: (path, sentence)} for those found nowhere.
+
+    A relative path in a recipe is looked up in the working directory (as always), then in the recipe's folder,
+    then in that folder's parent, so a recipe works from any folder: the shipped configs/*.yaml name the data
+    relative to the repository root (``../shared/data/...``), the folder they are documented to be run from, and
+    a recipe of one's own can name files beside it. A taxonomy YAML is looked for in the recipe's folder first,
+    as it always was. A path found nowhere stays relative to the working directory (taxonomy: the recipe's
+    folder) and check_recipe_paths names it, as written, when a run starts.
+    """
+    home = recipe.absolute().parent  # absolute: the parent of a recipe named "c.yaml" is not "."
+    here = (Path(), "the current folder")
+    beside = (home, "the recipe's folder")
+    above = (home.parent, "the recipe folder's parent")
+    out, unfound = dict(data), {}
+
+    def locate(key: str, value, places: list[tuple[Path, str]]):
+        if not isinstance(value, str) or not value.strip() or Path(os.path.expanduser(value)).is_absolute():
+            return value
+        for folder, _ in places:
+            if (folder / value).exists():
+                return str(folder / value)
+        looked: dict[str, str] = {}
+        for folder, what in places:
+            looked.setdefault(os.path.abspath(folder), what)  # each folder once (the recipe may be in the cwd)
+        where = ", ".join(f"{what} {folder}" for folder, what in looked.items())
+        unfound[key] = (os.path.abspath(places[0][0] / value), f"{key} {value!r} in {recipe} (looked for in {where})")
+        return str(places[0][0] / value)
+
+    for key in _PATH_KEYS:
+        if key in out:
+            out[key] = locate(key, out[key], [here, beside, above])
     tax = out.get("taxonomy")
-    if isinstance(tax, str) and tax.lower() != "ham10000" and not Path(tax).is_absolute():
-        candidate = base / tax
-        if candidate.exists() or not Path(tax).exists():
-            out["taxonomy"] = str(candidate)
-    return out
+    if isinstance(tax, str) and tax.lower() != "ham10000":
+        out["taxonomy"] = locate("taxonomy", tax, [beside, here, above])
+    if isinstance(out.get("extra_train"), list):
+        out["extra_train"] = [
+            {**item, **{k: locate(f"extra_train[{i}].{k}", item[k], [here, beside, above])
+                        for k in ("data", "images") if k in item}} if isinstance(item, dict) else item
+            for i, item in enumerate(out["extra_train"])]
+    return out, unfound
+
+
+def check_recipe_paths(config: TrainConfig) -> None:
+    """Raise ConfigError naming every relative path of the recipe that is still not there, as the recipe wrote it
+    and where it was looked for (else the error would name a path, made absolute, that the user never typed)."""
+    uses_masks = config.augment.enabled and config.augment.lesion_crop > 0  # else `masks` is never read
+    missing = [sentence for key, (path, sentence) in config._unfound.items()
+               if not Path(path).exists() and (key != "masks" or uses_masks)]
+    if missing:
+        raise ConfigError(f"Not found: {'; '.join(missing)}. A relative path in a recipe is looked for in the "
+                          "current folder, then beside the recipe, then in the recipe folder's parent: run from the "
+                          "folder it is relative to, or give an absolute path.")
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:

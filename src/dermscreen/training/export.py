@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,18 +130,25 @@ def export_bundle(model: nn.Module, folder: str | Path, manifest: Manifest, ood_
     return folder
 
 
+HAM_FORMATS = ("ham10000", "isic")  # manifest formats that hold HAM10000's images (and its licence)
 HAM_CITATION = ("Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source "
                 "dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018).")
 
 
 def build_card(data_summary: dict, data_format: str, image_size: int,
-               source_resolution: str | None = None, extra_training: str | None = None) -> ModelCard:
+               source_resolution: str | None = None, extra_training: str | None = None,
+               extra_formats: Sequence[str] = ()) -> ModelCard:
     """The model card for a model trained on the data described by ``data_summary`` (+ ``extra_training``, a
-    sentence on training-only images from other manifests)."""
-    # HAM10000's licence and citation only when the manifest format says the data is HAM10000 (its metadata CSV,
+    sentence on training-only images from other manifests, whose formats are ``extra_formats``: only those
+    manifests that gave training images)."""
+    # HAM10000's licence and citation only when a manifest format says the data is HAM10000 (its metadata CSV,
     # or the ISIC 2018 one-hot ground truth of the same images). A plain image,dx CSV may hold anyone's images,
-    # even with the HAM10000 codes: its licence is its owner's to state.
-    is_ham = data_format in ("ham10000", "isic")
+    # even with the HAM10000 codes: its licence is its owner's to state. The extra_train manifests count too: a
+    # model trained on anyone's images plus HAM10000's (configs/default*.yaml add HAM10000 as extra_train)
+    # inherits HAM10000's non-commercial licence all the same.
+    formats = [data_format, *extra_formats]
+    is_ham = any(f in HAM_FORMATS for f in formats)
+    other = [f for f in formats if f not in HAM_FORMATS]  # data whose licence dermscreen cannot know
     counts = ", ".join(f"{k} {v}" for k, v in data_summary.get("class_counts", {}).items())
     # the groups are lesions only when the labels gave lesion ids (else patients, else each image alone)
     groups = data_summary.get("grouped_by") or "lesions"
@@ -161,12 +169,18 @@ def build_card(data_summary: dict, data_format: str, image_size: int,
         "Validated only on a held-out split of its own training source; expect lower performance elsewhere.",
         "A screening aid, not a diagnosis: any worrying lesion needs a clinician's examination.",
     ]
-    if is_ham:
+    if is_ham and not other:
         licence = ("CC BY-NC-SA 4.0: non-commercial use only, share alike (inherited from the HAM10000 "
                    "training data).")
-        citation = HAM_CITATION
+    elif is_ham:
+        licence = ("CC BY-NC-SA 4.0: non-commercial use only, share alike (inherited from the HAM10000 images "
+                   "among its training data); the licence of its other training data (which its owner must state; "
+                   "not known to dermscreen) applies as well. Fill it in (card.licence) before any use or "
+                   "redistribution.")
     else:
         licence = ("Inherits the licence of the training data, which its owner must state: not known to "
                    "dermscreen. Fill it in (card.licence) before any use or redistribution.")
-        citation = ""
+    if is_ham and data_format not in HAM_FORMATS:
+        training_data += " HAM10000 images (extra_train) were among its training images."
+    citation = HAM_CITATION if is_ham else ""
     return ModelCard(training_data=training_data, limitations=limitations, licence=licence, citation=citation)

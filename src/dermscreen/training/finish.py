@@ -113,6 +113,7 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
     import timm
 
     summary = data.summary()
+    extras = [_load_extra(source, taxonomy) for source in config.extra_train]
     splits = {name: data.subset(idx).summary() for name, idx in split.items() if idx}
     splits["train"] = train_data.summary()  # with the extra_train images, if any
     training = {
@@ -125,7 +126,7 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         "split": {"seed": data_seed(config), "val_fraction": config.val_fraction,
                   "test_fraction": config.test_fraction, "max_images": config.max_images,
                   "sha256": split_sha256(data, split)},
-        "extra_train": [_extra_summary(source, taxonomy) for source in config.extra_train],
+        "extra_train": [_extra_summary(source, more) for source, more in zip(config.extra_train, extras)],
         "prior_correction": prior_record,
         "recipe": config.model_dump(mode="json"),
         "backbone_weights": info.weights,
@@ -146,7 +147,8 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
         training["ensemble"] = ensemble
     card = build_card(summary, data.format, config.image_size,
                       _source_resolution([*data.samples, *train_data.samples]),
-                      extra_training_sentence(config, len(split["train"]), train_data))
+                      extra_training_sentence(config, len(split["train"]), train_data),
+                      _contributing_formats(extras, train_data.samples[len(split["train"]):]))
     return Manifest(
         name=config.name, taxonomy=taxonomy, preprocessing=spec,
         model=ModelSpec(backbone=info.name, embedding_dim=info.num_features,
@@ -157,16 +159,40 @@ def _manifest(run, config, data, split, train_data, spec, meta_spec, info, taxon
     )
 
 
-def _extra_summary(source, taxonomy) -> dict:
-    # what each extra manifest was (path and hash), so the bundle says exactly which data it saw
+def _load_extra(source, taxonomy):
+    """The extra_train manifest ``source`` as a LabelledSet (None when it no longer loads: it only decorates)."""
     from ..manifests import load_labels
 
     try:
-        more = load_labels(source.data, source.images, taxonomy, check_files=False)
-    except Exception:  # only decorates the record
+        return load_labels(source.data, source.images, taxonomy, check_files=False)
+    except Exception:  # only decorates the record and the card
+        return None
+
+
+def _extra_summary(source, more) -> dict:
+    # what each extra manifest was (path and hash), so the bundle says exactly which data it saw
+    if more is None:
         return {"source": source.data}
     return {"source": source.data, "images_folder": source.images, "manifest_sha256": more.sha256,
             "images_in_manifest": len(more)}
+
+
+def _contributing_formats(extras, added) -> list[str]:
+    """Formats of the extra manifests that gave training images (``added``: the extra images training used),
+    for the card's licence; a manifest that no longer loads counts with an unknown ("plain") format."""
+    ids = {s.image_id for s in added}
+    formats = []
+    for more in extras:
+        if not ids:
+            break
+        if more is None:
+            formats.append("plain")  # its licence cannot be known: say so rather than leave it out
+            continue
+        mine = ids & {s.image_id for s in more.samples}
+        if mine:
+            formats.append(more.format)
+        ids -= mine  # an id in two manifests came from the first one (fit.training_data keeps the first copy)
+    return formats
 
 
 def extra_training_sentence(config, split_train: int, train_data) -> str | None:

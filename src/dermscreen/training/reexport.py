@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..bundle import check_output_folder
 from ..errors import ConfigError
 from ..metadata import MetadataSpec
 from ..preprocess import Preprocessing
@@ -22,6 +23,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
     """Calibrate run ``run_dir``'s best checkpoint on its validation split and write a bundle; returns its folder."""
     start = time.perf_counter()
     run = RunFolder(run_dir)
+    if out is not None:
+        check_new_export_folder(out, run.bundle_dir)
     config = load_config(run.config_yaml, data=data, images=images, device=device, export=True) \
         if run.config_yaml.is_file() else None
     is_ensemble = config is not None and config.ensemble_seeds  # its members hold the checkpoints
@@ -52,3 +55,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, data: str | N
                         start)
     return result.bundle_dir
 
+
+def check_new_export_folder(out: str | Path, default: Path) -> Path:
+    """``out`` as a Path when an exported bundle can be written there: writable and new or empty. A bundle written
+    over another would leave the other's files (a segmenter.onnx, say) beside it, unlisted in its manifest, and
+    one written into a folder of other files mixes with them (as dermscreen calibrate refuses, for the same
+    reasons)."""
+    out = check_output_folder(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; give a new or empty folder for the exported bundle (or leave out "
+                          f"--out to write the run's own bundle folder, {default}, again).")
+    return out

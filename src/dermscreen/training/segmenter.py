@@ -50,6 +50,7 @@ TAPS = (1, 2, 4)  # EfficientNet(-Lite) block stages ending at strides 4, 8, 16;
 DECODER_WIDTHS = (64, 48, 32)  # stride 16, 8, 4
 TOLERANCE = 1e-4
 MAX_ZOOM = 3.5  # training zoom-out up to this factor: a lesion as small as ~1/3.5 of the frame's side
+SEGMENTER_JSON = "segmenter.json"  # beside segmenter.onnx in a train-segmenter run folder: spec and history
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -257,6 +258,15 @@ def _split(data: LabelledSet, max_images: int | None, seed: int) -> dict[str, li
     return out
 
 
+def check_new_segmenter_folder(out: Path) -> None:
+    """Refuse an ``out`` that already holds a segmenter run: its files would be overwritten one by one, and an old
+    bundle/ (holding the old segmenter) left beside the new segmenter.onnx when this run has no --bundle."""
+    held = [name for name in (SEGMENTER_FILE, SEGMENTER_JSON, "bundle") if (out / name).exists()]
+    if held:
+        raise ConfigError(f"{out} already holds a segmenter run ({', '.join(held)}); give a new or empty folder "
+                          "for --out.")
+
+
 def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, masks: Path | None = None,
                     bundle: Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet",
                     image_size: int = 256, epochs: int = 20, batch_size: int = 16, lr: float = 1e-3,
@@ -282,6 +292,7 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
             raise ConfigError(f"--bundle {bundle} is the folder this run writes its new bundle to ({out / 'bundle'}): "
                               "a bundle is never modified in place; give another --out.")
         Bundle.load(bundle)  # a wrong --bundle should fail now, not after hours of training
+    check_new_segmenter_folder(out)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -342,7 +353,7 @@ def train_segmenter(data_csv: Path, out: Path, *, images: Path | None = None, ma
              test["dice_ci_low"], test["dice_ci_high"], test["iou"])
     onnx_path = out / SEGMENTER_FILE
     onnx_path.write_bytes(onnx_bytes)
-    (out / "segmenter.json").write_text(json.dumps({"spec": spec.model_dump(), "history": history,
-                                                    "onnx_max_abs_diff": diff}, indent=2), encoding="utf-8")
+    (out / SEGMENTER_JSON).write_text(json.dumps({"spec": spec.model_dump(), "history": history,
+                                                  "onnx_max_abs_diff": diff}, indent=2), encoding="utf-8")
     bundle_dir = add_segmenter(bundle, out / "bundle", onnx_bytes, spec) if bundle else None
     return SegmenterResult(onnx_path, spec, bundle_dir, epochs, time.perf_counter() - start)

@@ -94,6 +94,10 @@ def test_train_segmenter_cli_tiny_run_into_a_bundle(ham_dir, tiny_bundle, tmp_pa
     image = (ham_dir / "images" / "ISIC_0024306.jpg").read_bytes()
     screened = Screener(out / "bundle", ScreenerSettings(ood_refusal=False)).analyze(image)
     assert screened.lesion is not None and screened.lesion.method == "segmenter"
+    # adding a segmenter to a bundle that has one says which it replaces (and both test Dice values)
+    swapped = CliRunner().invoke(app, ["add-segmenter", "--bundle", str(out / "bundle"), "--segmenter", str(out),
+                                       "--out", str(tmp_path / "swapped")])
+    assert swapped.exit_code == 0 and "replaces the bundle's segmenter (test Dice" in swapped.output, swapped.output
     refused = CliRunner().invoke(app, ["train-segmenter", "--data", str(ham_dir / "HAM10000_metadata.csv"),
                                        "--out", str(tmp_path / "x"), "--bundle", str(tmp_path / "missing")])
     assert refused.exit_code == 2 and "not found" in refused.output

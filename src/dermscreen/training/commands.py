@@ -158,6 +158,7 @@ def add_segmenter(
     out: Path = typer.Option(..., "--out", "-o", help="New bundle folder: the classifier plus segmenter.onnx."),
 ) -> None:
     """Add an already trained segmenter to a copy of a bundle (no torch needed)."""
+    from ..bundle import Bundle
     from ..lesion import add_segmenter_from_run
 
     try:
@@ -165,6 +166,14 @@ def add_segmenter(
     except DermscreenError as exc:
         _fail(exc)
         return
+    before, after = Bundle.load(bundle).manifest.segmenter, Bundle.load(folder).manifest.segmenter
+    if before is not None:  # said, so a better segmenter is not swapped for a worse one unnoticed
+        def dice(spec) -> str:
+            value = (spec.validation or {}).get("test_dice")
+            return f"test Dice {value:.3f}" if value is not None else "test Dice not recorded"
+
+        typer.echo(f"Note: this replaces the bundle's segmenter ({dice(before)}) with the one from {segmenter} "
+                   f"({dice(after)}).")
     typer.echo(f"Bundle with segmenter: {folder}")
 
 

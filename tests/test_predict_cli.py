@@ -299,7 +299,7 @@ def test_two_files_of_one_name_are_told_apart_and_earlier_reports_are_not_replac
     args = ["predict", str(folder / "a"), str(folder / "b"), "--model", str(tiny_bundle), "--workers", "1"]
     res = CliRunner().invoke(app, [*args, "--html", str(reports), "--heatmap", str(reports)], env={"COLUMNS": "250"})
     assert res.exit_code == 1, res.output  # broken.jpg
-    assert f"{folder / 'a' / 'lesion.png'}" in res.output and f"{folder / 'b' / 'lesion.png'}" in res.output
+    assert "│ a/lesion.png" in res.output and "│ b/lesion.png" in res.output
     assert "score /100" in res.output
     assert "Cannot assess The model cannot assess this image" in " ".join(res.output.split())  # what the tier asks
     again = CliRunner().invoke(app, [*args, "--html", str(reports), "--json"], env={"COLUMNS": "250"})
@@ -309,7 +309,8 @@ def test_two_files_of_one_name_are_told_apart_and_earlier_reports_are_not_replac
     lines = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
     assert sorted(Path(r).name for line in lines for r in line.get("reports", [])) == ["lesion-2.html", "lesion.html"]
     html = (reports / "lesion-2.html").read_text()
-    assert str(folder / "b" / "lesion.png") in html  # the report says which file it is about
+    # the report says which file it is about, from the screened folder on: not the folders above it
+    assert "Skin lesion screening: b/lesion.png" in html and str(folder) not in html
     walked = CliRunner().invoke(app, ["predict", str(folder), "--model", str(tiny_bundle), "--json"])
     assert not [line for line in walked.stdout.splitlines() if ".heatmap.png" in line or "reports" in line]
 
@@ -367,3 +368,13 @@ def test_linked_folders_are_screened_once_and_a_loop_ends(app, folder, tiny_bund
     res = CliRunner().invoke(app, ["predict", str(top), "--model", str(tiny_bundle), "--json"])
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert res.exit_code == 0 and [Path(line["file"]).name for line in lines] == ["lesion.png"], res.output
+
+
+def test_reports_may_go_into_the_screened_folder_or_the_one_above(app, folder, tiny_bundle, monkeypatch):
+    # the report folder is left out of the walk only where it lies inside a screened folder: "--html ." beside
+    # the photos, or "--html photos" for "photos" itself, must still screen them
+    monkeypatch.chdir(folder)
+    for args in (["a", "--html", "."], ["a", "--html", "a"]):
+        res = CliRunner().invoke(app, ["predict", *args, "--model", str(tiny_bundle), "--json", "--overwrite"])
+        lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        assert res.exit_code == 0 and len(lines) == 1 and lines[0]["file"].endswith("lesion.png"), res.output

@@ -28,21 +28,27 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Bundle 
 GENERATED_SUFFIXES = (".heatmap.png",)
 
 
-def iter_images(paths: list[Path], skip: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Files given directly, and image files (by suffix, sorted, recursive) inside given folders, leaving out
-    the folders in ``skip`` (this run's report folders) and heatmaps an earlier run wrote."""
+def iter_images(paths: list[Path], skip: tuple[Path, ...] = ()) -> Iterator[tuple[Path, str]]:
+    """(file, name to show) for files given directly and for image files (by suffix, sorted, recursive) inside
+    given folders, leaving out heatmaps an earlier run wrote and the folders in ``skip`` (this run's report
+    folders) where they lie inside a given folder. The name is the file's name, or its path from the given
+    folder's name on ("photos/a/x.jpg"): two folders' x.jpg are told apart, and no report names the folders above
+    it (a user's home, a patient-named folder)."""
     skip = tuple(s.resolve() for s in skip)
-
-    def wanted(p: Path) -> bool:
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.endswith(GENERATED_SUFFIXES):
-            return False
-        return not any(p.resolve().is_relative_to(folder) for folder in skip)
-
     for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in _walk(path) if wanted(p))
-        else:
-            yield path
+        if not path.is_dir():
+            yield path, path.name
+            continue
+        top = path.resolve()
+        inside = tuple(folder for folder in skip if top in folder.parents)  # never the screened folder itself
+
+        def wanted(p: Path) -> bool:
+            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.endswith(GENERATED_SUFFIXES):
+                return False
+            return not any(p.resolve().is_relative_to(folder) for folder in inside)
+
+        for found in sorted(p for p in _walk(path) if wanted(p)):
+            yield found, str(Path(top.name or str(top)) / found.relative_to(path))
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -61,8 +67,10 @@ def _walk(folder: Path) -> Iterator[Path]:
 class _Outputs:
     """Writes the per-image files the user asked for; called in whichever process analysed the image."""
 
-    def __init__(self, html_dir: Path | None, fhir_dir: Path | None, heatmap_dir: Path | None):
+    def __init__(self, html_dir: Path | None, fhir_dir: Path | None, heatmap_dir: Path | None,
+                 names: dict[str, str] | None = None):
         self.dirs = {"html": html_dir, "fhir": fhir_dir, "heatmap": heatmap_dir}
+        self.names = names or {}  # file → the name its report shows (iter_images)
         for kind, d in self.dirs.items():
             if d is None:
                 continue
@@ -90,7 +98,8 @@ class _Outputs:
         written = []
         if self.dirs["html"]:
             out = self.dirs["html"] / f"{stem}.html"
-            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {printable(path)}"), encoding="utf-8")
+            name = printable(self.names.get(str(path), path.name))
+            out.write_text(to_html(result, rgb, title=f"Skin lesion screening: {name}"), encoding="utf-8")
             written.append(out)
         if self.dirs["fhir"]:
             out = self.dirs["fhir"] / f"{stem}.fhir.json"
@@ -103,26 +112,26 @@ class _Outputs:
         return written
 
 
-def _row(table: Table, path: Path, result: dict) -> None:
+def _row(table: Table, name: str, result: dict) -> None:
     """One human-readable table row from a result's JSON."""
     risk = result["risk"]
     top = result["top_diagnoses"][0] if result.get("top_diagnoses") else None
     notes = "; ".join(list(result.get("reasons") or []) + list((result.get("quality") or {}).get("warnings") or []))
     score = result.get("malignancy_score")
-    # the path as found (two folders may hold an x.jpg); text, not rich markup: "lesion[left].jpg" prints as it is
-    table.add_row(escape(printable(path)), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
+    # the name as found (two folders may hold an x.jpg); text, not rich markup: "lesion[left].jpg" prints as it is
+    table.add_row(escape(printable(name)), f"[{_TIER_STYLE[risk['tier']]}] {escape(risk['label'])} [/]",
                   "—" if score is None else f"{score:.0f}",
                   escape(f"{top['name']} ({100 * top['probability']:.0f} %)") if top else "—", escape(notes))
 
 
-def _show(outcome, table: Table, as_json: bool) -> None:
+def _show(outcome, table: Table, as_json: bool, names: dict[str, str]) -> None:
     """A result as a JSON line (printed now, with the reports written for it) or as a row of the table (printed
     at the end)."""
     if as_json:
         reports = {"reports": [str(p) for p in outcome.written]} if outcome.written else {}
         print(json.dumps({"file": printable(outcome.path), **reports, **outcome.result}), flush=True)
     else:
-        _row(table, outcome.path, outcome.result)
+        _row(table, names.get(str(outcome.path), outcome.path.name), outcome.result)
 
 
 def predict(
@@ -156,7 +165,8 @@ def predict(
 
     err = Console(stderr=True)
     report_dirs = tuple(d for d in (html_dir, fhir_dir, heatmap_dir) if d is not None)
-    files = list(iter_images(images, skip=report_dirs))
+    found = list(iter_images(images, skip=report_dirs))
+    files, names = [f for f, _ in found], {str(f): name for f, name in found}
     if not files:
         err.print("[red]error:[/] no image files found (looked for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
         raise typer.Exit(2)
@@ -167,7 +177,7 @@ def predict(
     from .batch import unique_stems
 
     try:
-        outputs = _Outputs(html_dir, fhir_dir, heatmap_dir)  # before the model loads: a bad folder fails at once
+        outputs = _Outputs(html_dir, fhir_dir, heatmap_dir, names)  # before the model loads: a bad folder fails now
         clash = [p for p in outputs.planned(unique_stems(files)) if p.exists()] if not overwrite else []
         if clash:  # another image's (another patient's) report must not be replaced without a word
             raise DermscreenError(f"{len(clash)} report file(s) of an earlier run would be replaced (e.g. "
@@ -184,7 +194,7 @@ def predict(
                   "not written to any output.")
     options = dict(age=age, sex=sex, site=site, tta=tta, heatmap=bool(html_dir or heatmap_dir))
     failures = _predict_files(files, model, settings, screener, workers if parallel else 1,
-                              outputs if outputs else None, as_json, options, err)
+                              outputs if outputs else None, as_json, options, err, names)
     if not as_json:
         err.print(f"[dim]{DISCLAIMER}[/]")
     if failures:
@@ -193,7 +203,7 @@ def predict(
 
 
 def _predict_files(files: list[Path], model, settings, screener, workers: int, writer, as_json: bool,
-                   options: dict, err: Console) -> int:
+                   options: dict, err: Console, names: dict[str, str]) -> int:
     """Analyse every file, print results in order as they come, report bad files and go on; the failure count."""
     from rich.progress import Progress
 
@@ -212,7 +222,7 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
             if outcome.fatal:
                 outcomes.close()
                 if outcome.result is not None:  # analysed, but its report could not be written: show it
-                    _show(outcome, table, as_json)
+                    _show(outcome, table, as_json, names)
                     if not as_json and table.row_count:
                         Console().print(table)
                         _print_recommendations(tiers_seen + [outcome.result["risk"]["tier"]])
@@ -227,15 +237,15 @@ def _predict_files(files: list[Path], model, settings, screener, workers: int, w
                     print(json.dumps({"file": printable(outcome.path),
                                       "error": {"type": outcome.error_type, "message": outcome.error}}), flush=True)
             else:
-                _show(outcome, table, as_json)
+                _show(outcome, table, as_json, names)
                 tiers_seen.append(outcome.result["risk"]["tier"])
                 heat = outcome.result.get("heatmap") or {}
                 if writer is not None and writer.dirs["heatmap"] and heat and not heat.get("malignant_evidence", True):
-                    progress.console.print(f"[dim]{escape(str(outcome.path))}: no area of the image raised the "
+                    progress.console.print(f"[dim]{escape(printable(outcome.path))}: no area of the image raised the "
                                            "malignancy score, so its heatmap shows the image alone.[/]")
                 if writer is not None and writer.dirs["heatmap"] and outcome.result["risk"]["tier"] == "cannot_assess":
                     # said, so a folder of heatmaps with gaps is not mistaken for files lost
-                    progress.console.print(f"[dim]{escape(str(outcome.path))}: no heatmap written: the image was "
+                    progress.console.print(f"[dim]{escape(printable(outcome.path))}: no heatmap written: the image was "
                                            "not assessed (see its reasons).[/]")
             progress.advance(task)
     if not as_json and table.row_count:

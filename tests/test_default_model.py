@@ -247,6 +247,13 @@ def test_refit_ood_takes_only_the_models_own_labels_and_split(bundle, ham224_dir
     foreign.update({i: "val" for i in moved})  # training images called validation
     with pytest.raises(ConfigError, match="not the split this model's training run made"):
         check_training_split(bundle, data, foreign, "x")
+    swapped = dict(own)  # 20 naevi swapped between train and val: the per-split class counts stay the same
+    nv_train = [s.image_id for s in data.samples if own[s.image_id] == "train" and s.dx == "nv"][:20]
+    nv_val = [s.image_id for s in data.samples if own[s.image_id] == "val" and s.dx == "nv"][:20]
+    swapped.update({i: "val" for i in nv_train})
+    swapped.update({i: "train" for i in nv_val})
+    with pytest.raises(ConfigError, match="not the split this model's training run made"):
+        check_training_split(bundle, data, swapped, "x")
     split_csv = tmp_path / "split.csv"
     split_csv.write_text("image_id,split\n" + "".join(f"{i},{p}\n" for i, p in own.items()))
     with pytest.raises(ConfigError, match="not the labels file this model was trained on"):

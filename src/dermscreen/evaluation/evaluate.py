@@ -377,6 +377,20 @@ def check_training_split(bundle: Bundle, data: LabelledSet, split: dict[str, str
             f"{data.source} is not the labels file this model was trained on (its sha256 differs; an edited or "
             f"reordered copy differs too): {why}, so give the labels it was trained on "
             f"({Path(str((training.get('data') or {}).get('source', ''))).name or 'see dermscreen info --json'}).")
+    wrong = ConfigError(f"This split file is not the split this model's training run made (its parts differ from "
+                        f"those the manifest records): {why}, so give the run's own split.csv.")
+    rule = _split_rule(training)
+    if trained_on and None not in (rule.get("seed"), rule.get("val_fraction"), rule.get("test_fraction")):
+        try:  # the labels are the training labels: the split is remade and compared image by image
+            selected, remade = _remake_parts(training, rule, data)
+        except ConfigError:
+            remade = None  # (another scikit-learn may split differently): the recorded counts below decide
+        if remade is not None:
+            for name in ("val", "test"):
+                given = {s.image_id for s in selected.samples if split.get(s.image_id) == name}
+                if given != {selected.samples[i].image_id for i in remade[name]}:
+                    raise wrong
+            return
     parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for i, sample in enumerate(data.samples):
         part = split.get(sample.image_id)
@@ -386,8 +400,7 @@ def check_training_split(bundle: Bundle, data: LabelledSet, split: dict[str, str
     compare = ("val", "test") if training.get("extra_train") else SPLIT_NAMES
     if (recorded or training.get("splits")) and not _same_split(data, parts, recorded, training.get("splits") or {},
                                                                  compare):
-        raise ConfigError(f"This split file is not the split this model's training run made (its parts differ from "
-                          f"those the manifest records): {why}, so give the run's own split.csv.")
+        raise wrong
 
 
 def _same_split(data: LabelledSet, parts: dict[str, list[int]], sha256: str | None, recorded: dict,

@@ -91,14 +91,25 @@ def test_new_bundle_records_the_fit_and_the_screener_uses_its_thresholds(tiny_bu
         old.calibration.model_dump()  # the source bundle is untouched
 
 
-def test_calibrating_on_a_test_split_says_it_spends_it(tiny_bundle, real_labels, tmp_path):
+def test_calibrating_on_a_split_files_test_part_says_so_and_records_no_folder(tiny_bundle, real_labels, tmp_path):
     import csv as _csv
 
     ids = [Path(row["image"]).stem for row in _csv.DictReader(open(real_labels, newline=""))]
     split = tmp_path / "split.csv"
     split.write_text("image_id,split\n" + "".join(f"{i},test\n" for i in ids))
     result = recalibrate(tiny_bundle, real_labels, tmp_path / "refit", split_file=split, split="test")
+    # a split file of one's own: its "test" images are no longer held-out for the new bundle (the model's own test
+    # split, remade, is "spent": test_calibrating_on_the_models_own_test_split_spends_it)
+    assert any("no longer held-out for the new bundle" in w for w in result.warnings), result.warnings
+    record = Bundle.load(result.out).manifest.training["recalibrations"][-1]
+    assert record["labels"]["split"]["file"] == "split.csv"  # the file's name, not the folder it was in
+
+
+def test_calibrating_on_the_models_own_test_split_spends_it(ham224_dir, tmp_path):
+    result = recalibrate(None, ham224_dir / "HAM10000_metadata.csv", tmp_path / "spent", split="test")
     assert any("spends the model's test split" in w for w in result.warnings), result.warnings
+    record = Bundle.load(result.out).manifest.training["recalibrations"][-1]
+    assert record["labels"]["split"]["remade"] and "/" not in record["labels"]["split"]["file"]
 
 
 def test_refusals_are_sentences_and_leave_nothing_behind(tiny_bundle, real_labels, ham224_dir, tmp_path):

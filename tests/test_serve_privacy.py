@@ -194,7 +194,7 @@ def test_fastapi_opentelemetry_stays_off_even_when_the_environment_asks_for_it(t
 def test_the_model_card_names_no_folder_of_the_machines_that_made_the_model():
     # the shipped manifest records where it was trained (a run folder, the data's relative paths); the card any
     # client gets keeps the file names only
-    from dermscreen.screening import without_paths
+    from dermscreen.bundle import without_paths
 
     card = TestClient(create_app(ServeSettings(warm_up=False))).get("/api/v1/model").json()
     found = []

@@ -168,6 +168,24 @@ def test_a_failed_ensemble_start_leaves_no_member_folders(tmp_path):
     assert sorted(p.name for p in (out / "member-seed0").iterdir()) == ["checkpoints"]
 
 
+def test_a_run_whose_members_saved_epochs_keeps_its_files_when_it_fails_later(tmp_path):
+    # e.g. the second member diverges, or the join fails: config.yaml, split.csv and train.log are what --resume
+    # (and the user reading the log) need
+    from dermscreen.training.commands import _remove_unstarted, _run_files
+
+    out = tmp_path / "run"
+    before = _run_files(out)
+    for name in ("config.yaml", "split.csv", "train.log"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("written by this run")
+    for member in ("member-seed0", "member-seed1"):
+        (out / member / "checkpoints").mkdir(parents=True)
+        (out / member / "checkpoints" / "last.pt").write_bytes(b"x")
+    _remove_unstarted(out, before)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "member-seed0", "member-seed1", "split.csv",
+                                                     "train.log"]
+
+
 def test_recipe_paths_work_from_any_folder_and_a_missing_one_is_named_as_written(tmp_path, monkeypatch):
     from dermscreen.training.config import load_config
     from dermscreen.training.fit import load_data, training_data

@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import io
 import os
+import re
 import tempfile
 import zipfile
 from functools import cached_property
@@ -200,6 +201,21 @@ def check_new_bundle_folder(out: str | Path, source: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()):  # another bundle's files (a stale segmenter.onnx) would be mixed in
         raise ConfigError(f"{out} is not empty; give a new or empty folder for the new bundle.")
     return check_output_folder(out)
+
+
+# Manifest keys whose values are file paths on the machine that trained or recalibrated a model
+PATH_KEYS = {"source", "images_folder", "split_file", "file", "data", "images", "taxonomy", "init_from", "resume"}
+
+
+def without_paths(value: Any) -> Any:
+    """A copy of a manifest's ``training`` record with every path reduced to its file name: the card goes to any
+    API client, and a folder name (a user's home, a clinic's share) says nothing about the model."""
+    if isinstance(value, dict):
+        return {k: (re.split(r"[\\/]", v)[-1] if k in PATH_KEYS and isinstance(v, str) else without_paths(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    return value
 
 
 def sha256_bytes(data: bytes) -> str:

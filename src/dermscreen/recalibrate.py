@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bundle import Bundle, Calibration, check_new_bundle_folder
+from .bundle import Bundle, Calibration, check_new_bundle_folder, without_paths
 from .calibration import OperatingPoint, expected_calibration_error, softmax
 from .errors import ConfigError
 from .evaluation.evaluate import _load, model_seen_images, seen_images_warning, training_labels_warning
@@ -97,9 +97,12 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     if split_info and split_info.get("split") == "val":
         warnings.append("The validation split already calibrated this model: refitting on it reproduces the numbers "
                         "it has. Calibrate on new cases from where the model is used.")
-    elif split_info and split_info.get("split") == "test":
+    elif split_info and split_info.get("split") == "test" and split_info.get("remade"):
         warnings.append("This spends the model's test split: the new bundle's temperature and thresholds are chosen "
                         "on it, so its test scores are no longer held-out. Report held-out numbers on other cases.")
+    elif split_info and split_info.get("split") == "test":
+        warnings.append("These images are no longer held-out for the new bundle (its temperature and thresholds are "
+                        "chosen on them): report its held-out numbers on other cases.")
     elif seen.get("val"):
         warnings.append(f"{seen['val']} of these {len(data)} images are the model's validation images, which already "
                         "calibrated it: they pull the refit towards the numbers it has. Calibrate on new cases from "
@@ -122,7 +125,7 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # the file's name only: its folder (a user's home, a clinic's share) would travel with the bundle
         "labels": {"source": Path(str(data.source)).name, "manifest_sha256": data.sha256,
-                   "split": split_info},
+                   "split": without_paths(split_info)},
         # which images (not their ids): dermscreen evaluate warns when it scores this selection again
         "images": int(len(y)), "images_sha256": data.ids_sha256(), "malignant": int(is_mal.sum()),
         "class_counts": data.class_counts(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import DISCLAIMER
-from .bundle import Bundle, resolve_bundle_path
+from .bundle import Bundle, resolve_bundle_path, without_paths
 from .calibration import OperatingPoint, softmax
 from .errors import BundleError, InputError
 from .evaluation.held_out import held_out_for
@@ -74,21 +73,6 @@ TIERS: dict[str, dict[str, str]] = {
 
 
 # ---- settings --------------------------------------------------------------------------------------
-# Manifest keys whose values are file paths on the machine that trained or recalibrated a model
-PATH_KEYS = {"source", "images_folder", "split_file", "file", "data", "images", "taxonomy", "init_from", "resume"}
-
-
-def without_paths(value: Any) -> Any:
-    """A copy of a manifest's ``training`` record with every path reduced to its file name: the card goes to any
-    API client, and a folder name (a user's home, a clinic's share) says nothing about the model."""
-    if isinstance(value, dict):
-        return {k: (re.split(r"[\\/]", v)[-1] if k in PATH_KEYS and isinstance(v, str) else without_paths(v))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_paths(v) for v in value]
-    return value
-
-
 class ScreenerSettings(BaseModel):
     """How a Screener behaves; every front end builds one of these from its flags or environment."""
 

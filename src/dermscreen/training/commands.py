@@ -213,7 +213,10 @@ def _remove_unstarted(out: Path, before: dict[Path, dict[str, Optional[int]]]) -
     """After a fresh run failed before its first epoch (no last.pt), remove the run files it wrote, so the
     folder does not look like a started run (a bad backbone or weights fails after they are written). An ensemble
     writes them in out/member-seed<N>: each member folder without a saved epoch is cleaned the same way (members
-    first, so ``out`` is removed too when the run made it and nothing else is left in it)."""
+    first, so ``out`` is removed too when the run made it and nothing else is left in it). Once any member has
+    saved an epoch nothing is removed: the run can be resumed, and needs its config.yaml, split.csv and log."""
+    if _started(out):
+        return
     for folder in _run_folders(out):
         try:
             if (folder / "checkpoints" / "last.pt").exists() or not folder.is_dir():

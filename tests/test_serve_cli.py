@@ -98,7 +98,8 @@ def test_bad_tls_files_fail_with_a_sentence(tiny_bundle, tmp_path):
              (["--tls-cert", str(cert), "--tls-key", str(other_key)], "does not belong to the certificate"),
              (["--tls-cert", str(cert), "--tls-key", str(locked)], "is protected by a passphrase"),
              (["--tls-cert", str(key), "--tls-key", str(key)], "as a PEM certificate and its private key"),
-             (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "nope.key")], "nope.key does not exist"))
+             (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "nope.key")], "nope.key does not exist"),
+             (["--tls-cert", str(tmp_path), "--tls-key", str(key)], "is a folder: give the certificate's file"))
     for args, said in cases:
         result = CliRunner().invoke(_app(), ["--model", str(tiny_bundle), *args], terminal_width=200)
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output

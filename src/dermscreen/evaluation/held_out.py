@@ -44,9 +44,11 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
 def held_out_for(sha256: str, path: Path = HELD_OUT_FILE) -> dict[str, Any] | None:
     """The held-out summary recorded for the bundle with this sha256, or None."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get(sha256)
+        known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    entry = known.get(sha256) if isinstance(known, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -114,7 +114,9 @@ def serve(
                     "or put it behind a TLS reverse proxy before sending patient images over a network.",
                     fg=typer.colors.YELLOW, err=True)
     card = app.state.screener.bundle.manifest
-    typer.echo(f"dermscreen: model {card.name} {card.version}; open {'https' if tls else 'http'}://{host}:{port}/ "
+    # 0.0.0.0 / :: listen everywhere but are no address to open (nor the one a certificate names)
+    where = "<this machine's address>" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    typer.echo(f"dermscreen: model {card.name} {card.version}; open {'https' if tls else 'http'}://{where}:{port}/ "
                "(screening aid, not a diagnosis).", err=True)
     common = dict(host=host, port=port, log_config=log_config(log_level), log_level=log_level,
                   access_log=False, server_header=False, proxy_headers=False,

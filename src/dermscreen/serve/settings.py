@@ -118,6 +118,8 @@ def check_tls_files(cert: str, key: str) -> None:
     import ssl
 
     for name, path in (("certificate", cert), ("private key", key)):
+        if os.path.isdir(path):
+            raise ValueError(f"the TLS {name} {path} is a folder: give the {name}'s file")
         if not os.path.isfile(path):
             raise ValueError(f"the TLS {name} file {path} does not exist")
 

@@ -218,3 +218,18 @@ def test_recipe_paths_work_from_any_folder_and_a_missing_one_is_named_as_written
     assert f"the current folder {tmp_path / 'elsewhere'}" in said and f"the recipe's folder {repo / 'configs'}" in said
     assert f"the recipe folder's parent {repo}" in said and "Traceback" not in said
     assert not out.exists()
+
+
+def test_under_torchrun_only_the_first_process_checks_the_run_folder(tmp_path, monkeypatch):
+    # every torchrun process runs `dermscreen train`: two checking one folder made and removed it under each other
+    # ("Cannot write to run: it is not writable (File exists)", a CI failure)
+    import dermscreen.bundle
+
+    def racing(folder):
+        raise AssertionError("a second process checked the run folder")
+
+    monkeypatch.setattr(dermscreen.bundle, "check_output_folder", racing)
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "none.csv" in result.output and "second process" not in result.output, \
+        result.output

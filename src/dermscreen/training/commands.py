@@ -4,6 +4,7 @@ torch is imported inside the commands only, so ``dermscreen --help`` and the cor
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,9 +50,13 @@ def train(
 
     from ..bundle import check_output_folder
 
+    # Under torchrun every process runs this command: only the first checks and cleans up the run folder (two
+    # would make and remove the same folder under each other: "it is not writable (File exists)")
+    main = os.environ.get("RANK", "0") == "0"
     before = _run_files(out)
     try:
-        check_output_folder(out)  # a bad --out fails now, with a sentence
+        if main:
+            check_output_folder(out)  # a bad --out fails now, with a sentence
         if config is None and resume and (out / "config.yaml").is_file():
             config = out / "config.yaml"
         overrides = dict(data=_str(data), images=_str(images), epochs=epochs, device=device, max_images=max_images,
@@ -59,7 +64,7 @@ def train(
         cfg = load_config(config, **overrides)
         result = run_training(cfg, out, resume=resume, progress=not no_progress)
     except DermscreenError as exc:
-        if not resume:
+        if not resume and main:
             _remove_unstarted(out, before)
         _fail(exc)
         return
@@ -67,7 +72,7 @@ def train(
         if _started(out):  # an ensemble's members save their epochs in out/member-seed<N>
             typer.secho(f"Interrupted; continue with: dermscreen train --out {out} --resume", err=True)
         else:
-            if not resume:
+            if not resume and main:
                 _remove_unstarted(out, before)
             typer.secho("Interrupted before the first epoch was saved; nothing to resume: run the same command "
                         "again to start over.", err=True)

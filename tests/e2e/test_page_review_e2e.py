@@ -330,3 +330,19 @@ def test_nothing_overflows_at_320_px(open_page, images, path):  # noqa: F811
             .map(e => `${p.id} > ${e.tagName}.${e.className}: ${e.getBoundingClientRect().right - right}`);
     })""")
     assert spill == []
+
+
+def test_the_page_says_how_the_model_did_on_held_out_images_or_that_it_is_not_known(page, base):  # noqa: F811
+    # the tiny test model has no held-out results (models/held-out.json is keyed by the shipped model's sha256):
+    # the page says so; the shipped model's results go through the same function, given its card's held_out
+    from dermscreen.bundle import DEFAULT_BUNDLE_DIR, Bundle
+    from dermscreen.evaluation.held_out import held_out_for
+
+    page.goto(base + "/")
+    playwright_api.expect(page.locator("#model-performance")).to_have_text(
+        re.compile("No held-out test results are recorded"))
+    card = page.evaluate("() => fetch('/api/v1/model').then(r => r.json())")
+    shipped = held_out_for(Bundle.load(DEFAULT_BUNDLE_DIR).sha256)
+    line = page.evaluate("card => performanceLine(card)", {**card, "held_out": shipped})
+    assert line.startswith("On 855 held-out test images, its referral threshold flagged 95.5 % (95 % CI 91–99 %)")
+    assert "69.1 % of benign ones unreferred" in line

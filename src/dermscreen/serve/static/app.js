@@ -40,6 +40,21 @@ function setStatus(text, isError = false) {
 }
 
 // ---- model card ---------------------------------------------------------------------------
+// How the model did on images it never saw (its held-out test split), in the words a referrer needs: how many
+// malignant lesions its referral threshold caught, and at what cost in benign ones referred.
+function performanceLine(card) {
+  const held = card.held_out;
+  const referral = held && held.operating_points && held.operating_points.sensitivity_first;
+  if (!referral || !referral.sensitivity || !referral.specificity) {
+    return "No held-out test results are recorded for this model: see its validation numbers in the API's model card.";
+  }
+  const pct = (entry) => `${(100 * entry.value).toFixed(1)} %`;
+  const ci = (entry) => entry.ci95
+    ? ` (95 % CI ${(100 * entry.ci95[0]).toFixed(0)}–${(100 * entry.ci95[1]).toFixed(0)} %)` : "";
+  return `On ${held.images} held-out test images, its referral threshold flagged ${pct(referral.sensitivity)}` +
+    `${ci(referral.sensitivity)} of malignant lesions and left ${pct(referral.specificity)} of benign ones ` +
+    "unreferred; it can miss a skin cancer.";
+}
 async function loadCard() {
   try {
     const res = await fetch("/api/v1/model", { cache: "no-store", credentials: "omit" });
@@ -54,6 +69,7 @@ async function loadCard() {
   const fitted = card.calibration && card.calibration.split && card.calibration.split !== "val" ? ` · ${card.calibration.split}` : "";
   $("model-line").textContent = `Model ${card.name} ${card.version} (${card.sha256.slice(0, 12)})${fitted} · ` +
     `${card.licence} · Intended use: ${card.intended_use}`;
+  $("model-performance").textContent = performanceLine(card);
   if (card.disclaimer) $("disclaimer-text").textContent = card.disclaimer.replace(/^.*?not a diagnosis\.\s*/, "");
   const site = $("site");
   for (const name of card.sites) site.append(el("option", { value: name, text: name }));

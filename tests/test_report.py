@@ -81,6 +81,14 @@ def test_the_shipped_models_results_carry_its_non_commercial_licence():
     result = Screener().analyze_image(_image())
     assert "CC BY-NC-SA" in result.model.licence and "non-commercial" in result.model.licence.lower()
     assert result.to_json()["model"]["licence"] == result.model.licence
+    # its HTML report says how it did on held-out images (recorded for its sha256), as the web page does
+    html = to_html(result, _image())
+    assert "On 855 held-out test images, its referral threshold flagged 95.5 % (95 % CI 91–99 %) of malignant" in html
+    assert "it can miss a skin cancer" in html
+
+
+def test_a_model_without_held_out_results_claims_none(results):
+    assert "held-out test images" not in to_html(results[0], _image())
 
 
 def test_json_schema_is_documented():

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .evaluation.held_out import held_out_for, referral_sentence
 from .explain import data_url
 from .lesion import draw_outline
 from .screening import ScreeningResult
@@ -99,10 +100,13 @@ def _findings(result: ScreeningResult) -> str:
     if not checks:
         checks = ["<li>Image quality adequate; the image resembles the model's training images.</li>"]
     m = result.model
+    # how the model did on images it never saw, where that is recorded for exactly this model (its sha256)
+    performance = referral_sentence(held_out_for(m.sha256))
     return (f"{table}{_lesion_section(result)}<h2>Image checks</h2><ul>{''.join(checks)}</ul>"
             f"<p class='meta'>Model {e(m.name)} {e(m.version)} ({e(m.backbone)}), sha256 {e(m.sha256[:16])}…; "
             f"analysed {e(result.analysed_at)}; {result.timings_ms.get('total', 0):.0f} ms."
-            + (f" Model licence: {e(m.licence)}" if m.licence else "") + "</p>")
+            + (f" Model licence: {e(m.licence)}" if m.licence else "")
+            + (f" {e(performance)}" if performance else "") + "</p>")
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:56rem;margin:2rem auto;padding:0 1rem;color:#222}

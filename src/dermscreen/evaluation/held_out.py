@@ -51,6 +51,18 @@ def held_out_for(sha256: str, path: Path = HELD_OUT_FILE) -> dict[str, Any] | No
     return entry if isinstance(entry, dict) else None
 
 
+def referral_sentence(held: dict[str, Any] | None) -> str | None:
+    """How the model did on its held-out images, in a referrer's words (the web page says the same), or None."""
+    referral = ((held or {}).get("operating_points") or {}).get("sensitivity_first") or {}
+    sens, spec = referral.get("sensitivity"), referral.get("specificity")
+    if not sens or not spec:
+        return None
+    ci = f" (95 % CI {100 * sens['ci95'][0]:.0f}–{100 * sens['ci95'][1]:.0f} %)" if sens.get("ci95") else ""
+    return (f"On {held['images']} held-out test images, its referral threshold flagged {100 * sens['value']:.1f} %"
+            f"{ci} of malignant lesions and left {100 * spec['value']:.1f} % of benign ones unreferred; it can miss a "
+            "skin cancer.")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("metrics", type=Path, help="metrics.json of a dermscreen evaluate run on a held-out split")

@@ -275,24 +275,36 @@ def test_recipe_sweep_scores_a_variant_as_the_exported_pipeline_does(ham_dir, tm
         assert manifest.metrics[key] == pytest.approx(swept[key], abs=1e-5), key
 
 
+def _blob_image(rng, size: int, centre: tuple[int, int], radius: int, colour, skin_noise: float,
+                blob_noise: float) -> Image.Image:
+    """A noisy skin-coloured square with a noisy round blob of ``colour`` (radius in pixels) at ``centre`` (y, x)."""
+    yy, xx = np.mgrid[:size, :size]
+    blob = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius ** 2
+    img = np.full((size, size, 3), (225, 190, 170), np.float64) + rng.normal(0, skin_noise, (size, size, 3))
+    img[blob] = np.asarray(colour) + rng.normal(0, blob_noise, (int(blob.sum()), 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _labels_csv(folder: Path, rows: list[list[str]]) -> Path:
+    """A plain image,dx labels CSV of ``rows`` in ``folder``."""
+    with open(folder / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "dx"], *rows])
+    return folder / "labels.csv"
+
+
 def _synthetic_eleven_class(folder: Path, per_class: int = 5) -> Path:
     """Images whose colour and blob size depend on the class, in a plain CSV over the 11-class taxonomy."""
     codes = load_taxonomy(CONFIGS / "taxonomies" / "eleven_class.yaml").codes
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:80, :80]
-    rows = [["image", "dx"]]
+    rows = []
     for c, code in enumerate(codes):
         colour = np.array([40 + 20 * c, 200 - 15 * c, 90 + (37 * c) % 120])
         for k in range(per_class):
             radius = 10 + 2 * c + rng.integers(-2, 3)
-            blob = ((yy - 40 - rng.integers(-6, 7)) ** 2 + (xx - 40) ** 2) < radius ** 2
-            img = np.full((80, 80, 3), (225, 190, 170), np.float64) + rng.normal(0, 8, (80, 80, 3))
-            img[blob] = colour + rng.normal(0, 8, (blob.sum(), 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{code}_{k}.png")
+            centre = (40 + rng.integers(-6, 7), 40)
+            _blob_image(rng, 80, centre, radius, colour, 8, 8).save(folder / f"{code}_{k}.png")
             rows.append([f"{code}_{k}.png", code])
-    with open(folder / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return folder / "labels.csv"
+    return _labels_csv(folder, rows)
 
 
 def test_eleven_class_taxonomy_on_synthetic_images(tmp_path):
@@ -338,20 +350,14 @@ def _two_kinds(folder: Path, per_class: int = 36) -> Path:
     """Naevi drawn as small light-brown round blobs, melanomas as large dark ones, in a plain CSV: a task any
     working training loop learns in a few epochs, and a broken one (no weight update, labels shuffled) cannot."""
     rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:64, :64]
-    rows = [["image", "dx"]]
+    rows = []
     for dx, colour, radius in (("nv", (170, 120, 90), 9), ("mel", (55, 35, 40), 20)):
         for k in range(per_class):
             r = radius + rng.integers(-2, 3)
             cy, cx = 32 + rng.integers(-5, 6, 2)
-            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-            img = np.full((64, 64, 3), (225, 190, 170), np.float64) + rng.normal(0, 10, (64, 64, 3))
-            img[blob] = np.array(colour) + rng.normal(0, 12, (int(blob.sum()), 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{dx}_{k}.png")
+            _blob_image(rng, 64, (cy, cx), r, colour, 10, 12).save(folder / f"{dx}_{k}.png")
             rows.append([f"{dx}_{k}.png", dx])
-    with open(folder / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return folder / "labels.csv"
+    return _labels_csv(folder, rows)
 
 
 def test_training_learns_a_task_that_can_be_learned(tmp_path):

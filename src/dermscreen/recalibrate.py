@@ -26,7 +26,7 @@ import numpy as np
 from .bundle import Bundle, Calibration, check_new_bundle_folder, without_paths
 from .calibration import OperatingPoint, expected_calibration_error, softmax
 from .errors import ConfigError
-from .evaluation.evaluate import _load, model_seen_images, seen_images_warning, training_labels_warning
+from .evaluation.evaluate import _load, seen_images_warning, training_labels_warning
 from .inference import predict_samples
 from .training.calibrate import calibrate as fit_calibration
 
@@ -72,6 +72,7 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
     bundle, data, split_info = _load(model, labels, images, split_file, split)
     trained = training_labels_warning(bundle, data, split_info)  # every image of a file the model trained from
     _, seen = seen_images_warning(bundle, data)  # its own images, found by id in any labels or split file
+    checked, seen = seen is not None, seen or {}
     if trained or (split_info and split_info.get("split") == "train") or seen.get("train"):
         some = f"{seen['train']} of these {len(data)} images are" if seen.get("train") and not trained else \
             "These are"
@@ -89,8 +90,7 @@ def recalibrate(model: str | Path | None, labels: str | Path, out: str | Path, *
             f"{MIN_MALIGNANT} benign ones (advised: {ADVISED_IMAGES}+ with {ADVISED_MALIGNANT}+ malignant).")
     out = check_new_bundle_folder(out, bundle.source)  # before the images are read: a bad --out fails at once
     warnings = []
-    if not seen and not trained and model_seen_images(bundle, data) is None and \
-            ((bundle.manifest.training or {}).get("data") or {}).get("manifest_sha256"):
+    if not checked and not trained and ((bundle.manifest.training or {}).get("data") or {}).get("manifest_sha256"):
         source = Path(str(bundle.manifest.training["data"].get("source") or "its training labels")).name
         warnings.append(f"Whether these images include the model's own training images could not be checked: its "
                         f"training labels ({source}) were not found from here. Make sure they are new cases.")

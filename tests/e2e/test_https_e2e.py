@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from servehelpers import permissive_bundle, start_server, stop_server
-from test_web_e2e import ARGS, CHROMIUM, playwright_api  # noqa: F401 (skips the module as that one does)
+from test_web_e2e import ARGS, CHROMIUM, playwright_api, take_camera_photo  # noqa: F401 (skips as that one)
 
 
 def _network_address() -> str | None:
@@ -73,13 +73,7 @@ def phone():
 def test_over_https_the_live_camera_takes_the_photo(servers, phone):
     phone.goto(servers["https"] + "/")
     assert phone.evaluate("window.isSecureContext && !!navigator.mediaDevices?.getUserMedia")
-    phone.locator("#camera-open").click()
-    playwright_api.expect(phone.locator("#camera-video")).to_be_visible()
-    phone.locator("#camera-video").evaluate(
-        "v => new Promise(done => v.readyState >= 2 ? done() : v.addEventListener('loadeddata', () => done()))")
-    phone.locator("#camera-snap").click()
-    playwright_api.expect(phone.locator("#timeline li")).to_have_count(1)
-    assert "camera photo" in phone.locator("#timeline li").inner_text()
+    take_camera_photo(phone)
     playwright_api.expect(phone.locator("#result .disclaimer")).to_contain_text("not a diagnosis")
 
 

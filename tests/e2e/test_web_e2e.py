@@ -197,8 +197,8 @@ def test_debug_mode_sliders_recompute_the_tier(page, base, images):
     assert tier.inner_text() == "Cannot assess"
 
 
-def test_camera_capture_is_analysed(page, base):
-    page.goto(base + "/")
+def take_camera_photo(page) -> None:
+    """Open the live camera (Chromium's synthetic one), wait for a frame, capture it and wait for its analysis."""
     page.locator("#camera-open").click()
     playwright_api.expect(page.locator("#camera-video")).to_be_visible()
     page.locator("#camera-video").evaluate(
@@ -206,6 +206,11 @@ def test_camera_capture_is_analysed(page, base):
     page.locator("#camera-snap").click()
     playwright_api.expect(page.locator("#timeline li")).to_have_count(1)
     assert "camera photo" in page.locator("#timeline li").inner_text()
+
+
+def test_camera_capture_is_analysed(page, base):
+    page.goto(base + "/")
+    take_camera_photo(page)
     assert page.locator("#camera").is_hidden()
     assert page.locator("#file").get_attribute("accept") and page.locator("#camera-fallback").get_attribute("capture") == "environment"
 

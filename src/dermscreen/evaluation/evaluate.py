@@ -346,10 +346,12 @@ def model_seen_images(bundle: Bundle, given: LabelledSet) -> dict[str, str] | No
     return seen
 
 
-def seen_images_warning(bundle: Bundle, data: LabelledSet) -> tuple[str | None, dict[str, int]]:
+def seen_images_warning(bundle: Bundle, data: LabelledSet) -> tuple[str | None, dict[str, int] | None]:
     """(a sentence, counts per part) when the images ``data`` holds include some that trained or calibrated this
-    model (``model_seen_images``); (None, {}) when they include none or that cannot be told."""
+    model (``model_seen_images``); (None, {}) when they include none; (None, None) when that cannot be told."""
     seen = model_seen_images(bundle, data)
+    if seen is None:
+        return None, None
     if not seen:
         return None, {}
     counts: dict[str, int] = {}

@@ -53,6 +53,7 @@ def _register() -> None:
     app.command("info")(screening_commands.info)
     app.command("refit-ood")(screening_commands.refit_ood)
     app.command("calibrate")(screening_commands.calibrate)
+    app.command("quantize")(screening_commands.quantize)
 
 
 _register()

@@ -1,5 +1,6 @@
 """The torch-free commands around a bundle: ``predict`` and ``info`` (the Screener from the command line),
-``calibrate`` (refit temperature and referral thresholds) and ``refit-ood`` (refit the "cannot assess" checks)."""
+``calibrate`` (refit temperature and referral thresholds), ``refit-ood`` (refit the "cannot assess" checks) and
+``quantize`` (an int8 copy of the classifier, refitted on its validation split)."""
 from __future__ import annotations
 
 import json
@@ -466,6 +467,54 @@ def refit_ood(
                f"images; colour check: threshold {ood.colour_threshold:.1f} keeps {100 * ood.colour_validation_kept:.1f} "
                f"%; both: {100 * ood.validation_kept_both:.1f} %.")
     typer.echo(f"Bundle: {folder}")
+
+
+def quantize(
+    labels: Annotated[Path, typer.Option(help="The labelled CSV the model was trained on (checked by sha256): its "
+                                              "split is remade from it.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the int8 bundle.")],
+    model: ModelOpt = None,
+    images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,
+    calibration_images: Annotated[int, typer.Option(min=10, help="Training images whose activation ranges set the "
+                                                                 "int8 scales.")] = 300,
+    sensitivity: Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating "
+                                                     "point, at least 0.5 and below 1.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+) -> None:
+    """Write an 8-bit integer copy of a bundle (about 2x faster on CPUs with VNNI), refitted on its validation split."""
+    from rich.progress import Progress
+
+    from .quantize import quantize_bundle
+
+    err = Console(stderr=True)
+    try:
+        with Progress(console=err, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(part: str, done: int, total: int) -> None:
+                if part not in tasks:
+                    tasks[part] = bar.add_task(part, total=total)
+                bar.update(tasks[part], completed=done)
+
+            result = quantize_bundle(model, labels, out, images=images, calibration_images=calibration_images,
+                                     target_sensitivity=sensitivity, batch_size=batch_size, progress=progress)
+    except DermscreenError as exc:
+        err.print("[red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    v = result.record["validation"]
+    table = Table(title=f"int8 vs float on {v['images']} validation images")
+    for col in ("", "float", "int8"):
+        table.add_column(col)
+    for key, name in (("balanced_accuracy", "balanced accuracy"), ("malignant_auc", "malignant AUC"),
+                      ("macro_auc", "macro AUC"), ("ece_after", "ECE (calibrated)")):
+        cells = [f"{x:.4f}" if isinstance(x := v[kind].get(key), (int, float)) else "—" for kind in ("float", "int8")]
+        table.add_row(name, *cells)
+    Console().print(table)
+    refer = v["referral_agreement"]
+    Console().print(f"Top diagnosis agreed on {100 * v['top1_agreement']:.1f} % of them"
+                    + (f", the referral decision on {100 * refer:.1f} %" if refer is not None else "")
+                    + f". Bundle: {escape(str(result.out))} (check it on held-out cases with dermscreen evaluate, "
+                    "and its speed with benchmarks/bench_screening.py).", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,217 @@
+"""``dermscreen quantize``: an 8-bit integer copy of a bundle's classifier, fitted again on its own validation split.
+
+EfficientNet-Lite was designed for 8-bit inference (ReLU6, no squeeze-and-excitation), and onnxruntime runs
+int8 convolutions with the CPU's integer dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot product): the
+default model's forward pass took 9.4 ms in float and 4.7 ms in int8 on one core of an AMD EPYC (2026-11-23).
+That is what lets a 2-core machine screen 150 images a second (benchmarks/RESULTS.md).
+
+Quantization moves the logits a little, so everything that was fitted on them is fitted again, exactly as
+``dermscreen export`` fitted it, on the model's own validation split (remade from its training labels, as
+``dermscreen evaluate`` remakes it): the temperature, the malignancy operating points and the validation metrics.
+The OOD embedding threshold is re-chosen so that the int8 model keeps the same share of those validation images
+as the float model did; the embedding statistics and the colour check are kept (the colour check does not use
+the model). The activations' ranges are measured on training images only, never on validation or test images.
+
+The new bundle records what was done (``training.quantization``): the source bundle's sha256, the method, the
+calibration images, and the float and int8 models' validation numbers side by side, with how often their top
+diagnosis and their referral decision agree. Needs the ``onnx`` package (``pip install "dermscreen[train]"``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .bundle import Bundle, Calibration, check_new_bundle_folder, resolve_bundle_path
+from .calibration import softmax
+from .errors import ConfigError
+from .imaging import read_image_file
+from .inference import metadata_matrix, predict_samples
+from .manifests import load_labels
+from .preprocess import preprocess
+
+# Enough for stable activation ranges (min/max over 300 images moved no validation metric by more than 0.002
+# against 100 more or fewer); more costs time and memory (each image is kept as a float tensor during the fit).
+CALIBRATION_IMAGES = 300
+
+
+@dataclass
+class Quantization:
+    """What ``quantize_bundle`` did: the new bundle's folder and its record (also in its manifest)."""
+
+    out: Path
+    record: dict[str, Any]
+
+
+def _quantizer():
+    """onnxruntime's quantization tools, or a ConfigError saying what to install."""
+    try:
+        import onnx  # noqa: F401 (onnxruntime.quantization needs it)
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+            quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ConfigError(f"Quantizing needs the onnx package ({exc}): pip install \"dermscreen[train]\".") from None
+    return CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static, quant_pre_process
+
+
+def quantize_onnx(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> bytes:
+    """An int8 QDQ copy of an ONNX model: weights per output channel (signed), activations unsigned with ranges
+    measured (min/max) on ``feeds``, the inputs of one image each."""
+    reader_base, method, fmt, qtype, quantize_static, pre_process = _quantizer()
+
+    class Reader(reader_base):
+        def __init__(self) -> None:
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    # the model files exist only inside this folder, for the quantizer's file-based API; nothing of a patient's
+    with tempfile.TemporaryDirectory(prefix="dermscreen-quantize-") as tmp:
+        src, prepared, out = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
+        src.write_bytes(model_bytes)
+        # shape inference and constant folding first, as onnxruntime advises, so that every tensor has the
+        # shape the quantizer needs to choose per-channel axes
+        pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Reader(), quant_format=fmt.QDQ, per_channel=True,
+                        activation_type=qtype.QUInt8, weight_type=qtype.QInt8, calibrate_method=method.MinMax)
+        return out.read_bytes()
+
+
+def _referrals(bundle: Bundle, probs: np.ndarray) -> np.ndarray | None:
+    """Whether each image is referred by the bundle's first (sensitivity-first) operating point."""
+    points = bundle.manifest.operating_points
+    return None if not points else bundle.manifest.taxonomy.p_malignant(probs) >= points[0].threshold
+
+
+def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Path, *, images: str | Path | None = None,
+                    calibration_images: int = CALIBRATION_IMAGES, seed: int = 0, target_sensitivity: float = 0.95,
+                    batch_size: int = 32,
+                    progress: Callable[[str, int, int], None] | None = None) -> Quantization:
+    """Write an int8 copy of bundle ``model`` to ``out``, refitted on its validation split of ``labels``.
+
+    ``labels`` must be the labels file the model was trained on (checked by sha256): its split is remade from it.
+    Raises ConfigError with a sentence for an unusable request.
+    """
+    from .evaluation.evaluate import model_seen_images  # (imports matplotlib: only when needed)
+    from .training.calibrate import calibrate, validation_metrics
+
+    if not 0.5 <= target_sensitivity < 1.0:
+        raise ConfigError(f"--sensitivity {target_sensitivity:g}: give a target sensitivity of at least 0.5 and "
+                          "below 1 (the default, 0.95, is what dermscreen export chooses the referral point for).")
+    if calibration_images < 10:
+        raise ConfigError(f"--calibration-images {calibration_images}: give at least 10 (default "
+                          f"{CALIBRATION_IMAGES}); activation ranges measured on fewer images clip real ones.")
+    _quantizer()  # a missing package is said before any work
+    source = resolve_bundle_path(model)
+    out = check_new_bundle_folder(out, source)
+    bundle = Bundle.load(source)  # verified
+    m = bundle.manifest
+    training = m.training if isinstance(m.training, dict) else {}
+    if training.get("quantization"):
+        raise ConfigError(f"{bundle.source} is already quantized; quantize the float bundle it was made from.")
+    data = load_labels(labels, images, taxonomy=m.taxonomy)
+    trained_on = (training.get("data") or {}).get("manifest_sha256")
+    if not trained_on:
+        raise ConfigError(f"{bundle.source} records no training labels, so its validation split cannot be remade: "
+                          "quantize a bundle exported by dermscreen train or export.")
+    if data.sha256 != trained_on:
+        raise ConfigError(f"{data.source} is not the labels file this model was trained on (its sha256 differs): "
+                          "quantizing refits the model on its own validation split, so give the labels it was "
+                          f"trained on ({Path(str((training.get('data') or {}).get('source') or '?')).name}).")
+    seen = model_seen_images(bundle, data)
+    if not seen:
+        raise ConfigError(f"The split of {bundle.source} could not be remade from {data.source}: its training record "
+                          "lacks the split rule. Quantize a bundle exported by dermscreen train or export.")
+    train = [s for s in data.samples if seen.get(s.image_id) == "train"]
+    val = [s for s in data.samples if seen.get(s.image_id) == "val"]
+    if not train or not val:
+        raise ConfigError(f"{data.source} holds no training or no validation images of this model's split.")
+
+    tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: (lambda k: None))
+    rng = np.random.default_rng(seed)
+    chosen = [train[i] for i in sorted(rng.choice(len(train), min(calibration_images, len(train)), replace=False))]
+    spec = m.preprocessing
+    meta = metadata_matrix(bundle, chosen)
+    feeds, step = [], tick("calibration images", len(chosen))
+    for k, sample in enumerate(chosen):
+        feed = {"image": preprocess(read_image_file(sample.image_path), spec)[None]}
+        if meta is not None:
+            feed["metadata"] = meta[k:k + 1].astype(np.float32)
+        feeds.append(feed)
+        step(k + 1)
+    int8_bytes = quantize_onnx(bundle.file(m.model.file), feeds)
+    del feeds
+
+    files = {name: bundle.file(name) for name in m.files}
+    files[m.model.file] = int8_bytes
+    candidate = Bundle(m, files, "<int8>")
+    y = np.asarray([m.taxonomy.index(s.dx) for s in val])
+    before = predict_samples(bundle, val, batch_size=batch_size, on_batch=_counter(tick("validation (float)", len(val))))
+    after = predict_samples(candidate, val, batch_size=batch_size,
+                            on_batch=_counter(tick("validation (int8)", len(val))))
+    calibration, points = calibrate(after.logits, y, m.taxonomy, target_sensitivity, "validation")
+    metrics = {**validation_metrics(after.logits, y, m.taxonomy, calibration.temperature),
+               "ece_before": calibration.ece_before, "ece_after": calibration.ece_after}
+    ood = m.ood
+    if ood is not None and np.isfinite(before.ood_score).all():
+        kept = float(np.mean(before.ood_score <= ood.threshold))  # the float model's share kept, these images
+        threshold = float(np.quantile(after.ood_score, kept))
+        ood = ood.model_copy(update={"threshold": threshold,
+                                     "validation_kept": float(np.mean(after.ood_score <= threshold))})
+    new_probs = softmax(after.logits, calibration.temperature)
+    refitted = m.model_copy(update={"calibration": Calibration(
+        temperature=calibration.temperature, ece_before=calibration.ece_before, ece_after=calibration.ece_after,
+        split=m.calibration.split), "operating_points": points, "ood": ood})
+    old_refer, new_refer = _referrals(bundle, before.probs), _referrals(Bundle(refitted, files), new_probs)
+    old_metrics = {k: v for k, v in (m.metrics or {}).items() if isinstance(v, (int, float))}
+    record = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_sha256": bundle.sha256,
+        "method": "onnxruntime static quantization, QDQ: int8 weights per output channel, uint8 activations "
+                  "with min/max ranges",
+        "onnxruntime": _ort_version(),
+        "calibration_images": {"count": len(chosen), "split": "train", "seed": seed,
+                               "labels": Path(str(data.source)).name},
+        "validation": {
+            "images": len(val),
+            "float": {k: old_metrics.get(k) for k in ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")},
+            "int8": {k: metrics.get(k) for k in ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")},
+            "top1_agreement": float(np.mean(before.logits.argmax(1) == after.logits.argmax(1))),
+            "referral_agreement": None if old_refer is None or new_refer is None else
+            float(np.mean(old_refer == new_refer)),
+            "max_probability_change": float(np.abs(before.probs - new_probs).max()),
+        },
+    }
+    card = m.card.model_copy(update={"limitations": [*m.card.limitations, (
+        f"The classifier runs in 8-bit integer arithmetic (quantized from the float model, sha256 "
+        f"{bundle.sha256[:12]}); its top diagnosis agreed with the float model's on "
+        f"{100 * record['validation']['top1_agreement']:.1f} % of {len(val)} validation images, and its "
+        "temperature and thresholds were fitted again on them.")]})
+    manifest = refitted.model_copy(update={
+        "version": f"{m.version}+int8", "metrics": metrics, "card": card,
+        "training": {**training, "quantization": record}})
+    Bundle.write(out, manifest, files)
+    Bundle.load(out)  # re-read and verified, as every bundle we hand out
+    return Quantization(out, record)
+
+
+def _counter(step: Callable[[int], None]) -> Callable[[int], None]:
+    """predict_samples reports images per batch; progress wants the running count."""
+    done = [0]
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        step(done[0])
+    return on_batch
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -63,6 +63,10 @@ def test_it_answers_like_the_float_model_and_is_refitted_on_validation(int8):
     assert m.ood.threshold != shipped.manifest.ood.threshold
     assert m.ood.validation_kept == pytest.approx(shipped.manifest.ood.validation_kept, abs=0.02)
     assert m.ood.colour_threshold == shipped.manifest.ood.colour_threshold
+    # every share the manifest states is of the same validation images
+    assert m.ood.validation_kept_both <= min(m.ood.validation_kept, m.ood.colour_validation_kept)
+    assert m.ood.validation_kept_both >= m.ood.validation_kept + m.ood.colour_validation_kept - 1
+    assert round(m.ood.colour_validation_kept * 855) == pytest.approx(m.ood.colour_validation_kept * 855, abs=1e-6)
     assert any("8-bit integer" in line for line in m.card.limitations)
     assert "int8 vs float on 855 validation images" in int8[1] and "Top diagnosis agreed on" in int8[1]
 
@@ -89,6 +93,12 @@ def test_refusals_say_what_to_give_instead(int8, ham224_dir, ham_dir, tiny_bundl
         quantize_bundle(None, labels, tmp_path / "few", calibration_images=5)
     with pytest.raises(ConfigError, match="target sensitivity"):
         quantize_bundle(None, labels, tmp_path / "sens", target_sensitivity=1.0)
+    shipped = Bundle.load(DEFAULT)
+    recalibrated = Bundle.write(tmp_path / "recalibrated", shipped.manifest.model_copy(update={"training": {
+        **shipped.manifest.training, "recalibrations": [{"images": 300}]}}),
+        {name: shipped.file(name) for name in shipped.manifest.files})
+    with pytest.raises(ConfigError, match="was recalibrated"):  # its clinic's calibration would be lost
+        quantize_bundle(recalibrated, labels, tmp_path / "recal-int8")
     taken = tmp_path / "taken"
     shutil.copytree(DEFAULT, taken)
     result = CliRunner().invoke(app, ["quantize", "--labels", str(labels), "--out", str(taken)])

@@ -10,7 +10,8 @@ Quantization moves the logits a little, so everything that was fitted on them is
 ``dermscreen evaluate`` remakes it): the temperature, the malignancy operating points and the validation metrics.
 The OOD embedding threshold is re-chosen so that the int8 model keeps the same share of those validation images
 as the float model did; the embedding statistics and the colour check are kept (the colour check does not use
-the model). The activations' ranges are measured on training images only, never on validation or test images.
+the model), and the shares kept that the manifest states are measured again on those images. The activations'
+ranges are measured on training images only, never on validation or test images.
 
 The new bundle records what was done (``training.quantization``): the source bundle's sha256, the method, the
 calibration images, and the float and int8 models' validation numbers side by side, with how often their top
@@ -27,16 +28,19 @@ from typing import Any, Callable
 import numpy as np
 
 from .bundle import Bundle, Calibration, check_new_bundle_folder, resolve_bundle_path
-from .calibration import softmax
+from .calibration import expected_calibration_error, softmax
 from .errors import ConfigError
 from .imaging import read_image_file
 from .inference import metadata_matrix, predict_samples
 from .manifests import load_labels
+from .ood import ColourOOD
+from .ood_fit import file_colours
 from .preprocess import preprocess
 
 # Enough for stable activation ranges (min/max over 300 images moved no validation metric by more than 0.002
 # against 100 more or fewer); more costs time and memory (each image is kept as a float tensor during the fit).
 CALIBRATION_IMAGES = 300
+COMPARED = ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")  # float vs int8 in the record
 
 
 @dataclass
@@ -83,10 +87,10 @@ def quantize_onnx(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> byt
         return out.read_bytes()
 
 
-def _referrals(bundle: Bundle, probs: np.ndarray) -> np.ndarray | None:
-    """Whether each image is referred by the bundle's first (sensitivity-first) operating point."""
-    points = bundle.manifest.operating_points
-    return None if not points else bundle.manifest.taxonomy.p_malignant(probs) >= points[0].threshold
+def _referrals(manifest, probs: np.ndarray) -> np.ndarray | None:
+    """Whether each image is referred at the manifest's sensitivity-first point (None when it has none)."""
+    point = next((op for op in manifest.operating_points if op.name == "sensitivity_first"), None)
+    return None if point is None else manifest.taxonomy.p_malignant(probs) >= point.threshold
 
 
 def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Path, *, images: str | Path | None = None,
@@ -115,6 +119,10 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
     training = m.training if isinstance(m.training, dict) else {}
     if training.get("quantization"):
         raise ConfigError(f"{bundle.source} is already quantized; quantize the float bundle it was made from.")
+    if training.get("recalibrations"):  # refitting on the training split's validation would undo that silently
+        raise ConfigError(f"{bundle.source} was recalibrated (dermscreen calibrate) on other images; quantizing "
+                          "refits it on its training validation split instead. Quantize the bundle it was "
+                          "recalibrated from, then recalibrate the int8 copy on the same images.")
     data = load_labels(labels, images, taxonomy=m.taxonomy)
     trained_on = (training.get("data") or {}).get("manifest_sha256")
     if not trained_on:
@@ -152,24 +160,33 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
     files[m.model.file] = int8_bytes
     candidate = Bundle(m, files, "<int8>")
     y = np.asarray([m.taxonomy.index(s.dx) for s in val])
-    before = predict_samples(bundle, val, batch_size=batch_size, on_batch=_counter(tick("validation (float)", len(val))))
+    before = predict_samples(bundle, val, batch_size=batch_size,
+                             on_batch=_counter(tick("validation (float)", len(val))))
     after = predict_samples(candidate, val, batch_size=batch_size,
                             on_batch=_counter(tick("validation (int8)", len(val))))
     calibration, points = calibrate(after.logits, y, m.taxonomy, target_sensitivity, "validation")
     metrics = {**validation_metrics(after.logits, y, m.taxonomy, calibration.temperature),
                "ece_before": calibration.ece_before, "ece_after": calibration.ece_after}
+    # the float model measured here on the same images, with its own temperature: like for like
+    float_metrics = {**validation_metrics(before.logits, y, m.taxonomy, m.calibration.temperature),
+                     "ece_after": expected_calibration_error(before.probs, y)}
     ood = m.ood
     if ood is not None and np.isfinite(before.ood_score).all():
         kept = float(np.mean(before.ood_score <= ood.threshold))  # the float model's share kept, these images
         threshold = float(np.quantile(after.ood_score, kept))
-        ood = ood.model_copy(update={"threshold": threshold,
-                                     "validation_kept": float(np.mean(after.ood_score <= threshold))})
+        inside = after.ood_score <= threshold
+        update = {"threshold": threshold, "validation_kept": float(np.mean(inside))}
+        colour = ColourOOD.from_arrays(bundle.arrays) if ood.colour_threshold is not None else None
+        if colour is not None:  # the shares the manifest states are all of these validation images
+            colour_inside = colour.score(file_colours([s.image_path for s in val])) <= ood.colour_threshold
+            update.update(colour_validation_kept=float(np.mean(colour_inside)),
+                          validation_kept_both=float(np.mean(inside & colour_inside)))
+        ood = ood.model_copy(update=update)
     new_probs = softmax(after.logits, calibration.temperature)
     refitted = m.model_copy(update={"calibration": Calibration(
         temperature=calibration.temperature, ece_before=calibration.ece_before, ece_after=calibration.ece_after,
         split=m.calibration.split), "operating_points": points, "ood": ood})
-    old_refer, new_refer = _referrals(bundle, before.probs), _referrals(Bundle(refitted, files), new_probs)
-    old_metrics = {k: v for k, v in (m.metrics or {}).items() if isinstance(v, (int, float))}
+    old_refer, new_refer = _referrals(m, before.probs), _referrals(refitted, new_probs)
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_sha256": bundle.sha256,
@@ -180,8 +197,8 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
                                "labels": Path(str(data.source)).name},
         "validation": {
             "images": len(val),
-            "float": {k: old_metrics.get(k) for k in ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")},
-            "int8": {k: metrics.get(k) for k in ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")},
+            "float": {k: float_metrics.get(k) for k in COMPARED},
+            "int8": {k: metrics.get(k) for k in COMPARED},
             "top1_agreement": float(np.mean(before.logits.argmax(1) == after.logits.argmax(1))),
             "referral_agreement": None if old_refer is None or new_refer is None else
             float(np.mean(old_refer == new_refer)),

@@ -22,6 +22,7 @@ from dermscreen.errors import BundleError
 from dermscreen.inference import predict_files
 
 DEFAULT = Path(inference.__file__).parent / "models" / "default"
+INT8 = DEFAULT.with_name("default-int8")  # its int8 copy (dermscreen quantize): tests/test_quantize.py
 IDS = Path(__file__).parent / "data" / "default_model_heldout.csv"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,9 @@ def test_evaluate_remakes_the_shipped_models_split_without_its_split_file(bundle
         remade_split(SimpleNamespace(manifest=SimpleNamespace(training=training)), data, "test")
 
 
-def test_scores_well_above_chance_on_200_heldout_images(bundle, ham224_dir):
+@pytest.mark.parametrize("shipped", [DEFAULT, INT8], ids=["default", "default-int8"])
+def test_scores_well_above_chance_on_200_heldout_images(shipped, ham224_dir):
+    bundle = Bundle.load(shipped)
     rows = _heldout()
     codes = bundle.manifest.taxonomy.codes
     paths = [ham224_dir / "images" / f"{i}.jpg" for i, _ in rows]
@@ -261,19 +264,21 @@ def test_refit_ood_takes_only_the_models_own_labels_and_split(bundle, ham224_dir
     assert not (tmp_path / "refit").exists()
 
 
-def test_the_held_out_results_shipped_beside_the_model_are_its_test_split_scores(bundle, ham224_dir, tmp_path):
+@pytest.mark.parametrize("shipped", [DEFAULT, INT8], ids=["default", "default-int8"])
+def test_the_held_out_results_shipped_beside_the_model_are_its_test_split_scores(shipped, ham224_dir, tmp_path):
     """models/held-out.json (shown by the model card: API, info) holds what evaluate measures on the test split."""
     from dermscreen.evaluation.evaluate import evaluate
     from dermscreen.evaluation.held_out import held_out_for
     from dermscreen.screening import Screener
 
+    bundle = Bundle.load(shipped)
     held = held_out_for(bundle.sha256)
     assert held is not None and held["split"] == "test" and held["images"] == 855 and not held["warnings"]
-    again = evaluate(None, ham224_dir / "HAM10000_metadata.csv", None, tmp_path / "test", split="test", bootstrap=0)
+    again = evaluate(shipped, ham224_dir / "HAM10000_metadata.csv", None, tmp_path / "test", split="test", bootstrap=0)
     for name, entry in again.metrics["overall"]["headline"].items():
         assert held["metrics"][name]["value"] == pytest.approx(entry["value"], abs=1e-9), name
     for name, op in again.metrics["overall"]["operating_points"].items():
         assert held["operating_points"][name]["sensitivity"]["value"] == pytest.approx(op["sensitivity"]["value"])
         assert held["operating_points"][name]["specificity"]["value"] == pytest.approx(op["specificity"]["value"])
-    assert Screener().model_card()["held_out"] == held
+    assert Screener(shipped).model_card()["held_out"] == held
     assert held_out_for("0" * 64) is None  # another bundle: nothing claimed for it

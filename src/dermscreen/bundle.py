@@ -142,12 +142,34 @@ DEFAULT_BUNDLE_DIR = Path(__file__).parent / "models" / "default"
 MODEL_ENV = "DERMSCREEN_MODEL"
 
 
+SHIPPED_MODELS_DIR = DEFAULT_BUNDLE_DIR.parent
+
+
+def shipped_models() -> list[str]:
+    """Names of the bundles installed with the package ("default", "default-int8"), usable wherever a model path is."""
+    try:
+        return sorted(p.name for p in SHIPPED_MODELS_DIR.iterdir() if (p / MANIFEST).is_file())
+    except OSError:
+        return []
+
+
+def _shipped_or_path(model: str | Path) -> Path:
+    """A path as given; a bare name that is no file or folder here but names a shipped bundle, that bundle."""
+    path = Path(model)
+    if not path.exists() and str(model) == path.name and (SHIPPED_MODELS_DIR / path.name / MANIFEST).is_file():
+        return SHIPPED_MODELS_DIR / path.name
+    return path
+
+
 def resolve_bundle_path(model: str | Path | None) -> Path:
-    """The bundle every front end uses: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if none."""
+    """The bundle every front end uses: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if none.
+
+    ``model`` (and the variable) may also be the name of a shipped bundle, e.g. ``default-int8``; a file or folder
+    of that name in the current folder comes first."""
     if model is not None and str(model):
-        return Path(model)
+        return _shipped_or_path(model)
     if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
+        return _shipped_or_path(os.environ[MODEL_ENV])
     for candidate in (DEFAULT_BUNDLE_DIR, DEFAULT_BUNDLE_DIR.with_suffix(".zip")):
         if candidate.exists():
             return candidate
@@ -236,7 +258,10 @@ class Bundle:
         """Read a bundle folder or zip; with ``verify`` (default) refuse any file whose sha256 differs."""
         path = Path(path)
         if not path.exists():
-            raise BundleError(f"Model bundle not found: {path}.")
+            shipped = shipped_models()
+            hint = f" The models installed with dermscreen are named {', '.join(shipped)}." \
+                if shipped and str(path) == path.name else ""
+            raise BundleError(f"Model bundle not found: {path}.{hint}")
         files: dict[str, bytes] = {}
         if path.is_dir():
             for p in sorted(path.iterdir()):

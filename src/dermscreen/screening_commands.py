@@ -336,7 +336,7 @@ def _print_card(card: dict, console: Console) -> None:
         for name, op in held["operating_points"].items():
             console.print(f"  {name} (P(malignant) >= {op['threshold']:.3f}): sensitivity {ci(op['sensitivity'])}, "
                           f"specificity {ci(op['specificity'])}", highlight=False)
-    if card["sha256"] == _shipped_sha256():
+    if card["sha256"] in _shipped_sha256s():
         console.print("  per class, subgroups and the targets met or missed: the model card "
                       "(docs/model-card.md in the source repository)")
     elif not held:  # docs/model-card.md describes the shipped model, not this one
@@ -352,14 +352,17 @@ def _print_card(card: dict, console: Console) -> None:
     console.print(f"[dim]{escape(card['disclaimer'])}[/]")
 
 
-def _shipped_sha256() -> str | None:
-    """The shipped default model's sha256 (None if it is not installed)."""
-    from .bundle import DEFAULT_BUNDLE_DIR, MANIFEST, sha256_bytes
+def _shipped_sha256s() -> set[str]:
+    """The sha256 of each model installed with the package (docs/model-card.md describes them all)."""
+    from .bundle import MANIFEST, SHIPPED_MODELS_DIR, sha256_bytes, shipped_models
 
-    try:
-        return sha256_bytes((Path(DEFAULT_BUNDLE_DIR) / MANIFEST).read_bytes())
-    except OSError:
-        return None
+    found = set()
+    for name in shipped_models():
+        try:
+            found.add(sha256_bytes((SHIPPED_MODELS_DIR / name / MANIFEST).read_bytes()))
+        except OSError:
+            pass
+    return found
 
 
 def _segmenter_line(spec: dict | None) -> str:

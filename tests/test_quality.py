@@ -91,3 +91,20 @@ def test_real_image_blurred_is_refused(ham_dir):
     img = Image.open(sorted((ham_dir / "images").glob("*.jpg"))[0]).convert("RGB")
     assert assess(np.asarray(img)).passed
     assert not assess(np.asarray(img.filter(ImageFilter.GaussianBlur(5)))).passed
+
+
+def test_quantile_is_the_nearest_rank_value_whatever_the_array():
+    """_quantile's integer-view shortcut for non-negative float32 gives exactly what a plain partition gives."""
+    from dermscreen.quality import _quantile
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.random((150, 200), dtype=np.float32) * 255,  # the shortcut
+              (rng.random((90, 120), dtype=np.float32) * 255)[10:80, 20:100],  # a non-contiguous centre box
+              np.zeros((4, 4), np.float32), rng.normal(size=1000).astype(np.float32),  # zeros; negatives: fallback
+              np.array([0.5, -0.0, 0.25, 0.0, 1.0], np.float32),  # -0.0 has the sign bit: fallback
+              rng.integers(0, 255, 500).astype(np.uint8), rng.random(77)]  # other dtypes: fallback
+    for values in arrays:
+        flat = np.sort(values.reshape(-1))
+        for q in (0.0, 0.05, 0.5, 0.95, 1.0):
+            assert _quantile(values, q) == float(flat[min(flat.size - 1, int(round(q * (flat.size - 1))))])
+    assert _quantile(np.zeros((0, 3), np.float32), 0.5) == 0.0

@@ -99,6 +99,10 @@ def _quantile(values: np.ndarray, q: float) -> float:
     if not flat.size:
         return 0.0
     k = min(flat.size - 1, int(round(q * (flat.size - 1))))
+    if flat.dtype == np.float32 and flat.flags.c_contiguous and not np.signbit(flat).any():
+        # IEEE floats without a sign bit (not even -0.0) order exactly as their bits read as integers; numpy partitions
+        # int32 ~1.7x faster than float32 (no NaN handling): the same value, 0.1 ms less per measure
+        return float(np.partition(flat.view(np.int32), k)[k:k + 1].view(np.float32)[0])
     return float(np.partition(flat, k)[k])
 
 

@@ -104,3 +104,10 @@ def test_refusals_say_what_to_give_instead(int8, ham224_dir, ham_dir, tiny_bundl
     result = CliRunner().invoke(app, ["quantize", "--labels", str(labels), "--out", str(taken)])
     assert result.exit_code == 2 and "error:" in result.output
     assert not list(tmp_path.glob("again")) and not (tmp_path / "other").exists()
+
+
+def test_without_the_onnx_package_it_says_what_to_install(monkeypatch, tmp_path, ham224_dir):
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # as on a core install
+    with pytest.raises(ConfigError, match=r'pip install "dermscreen\[train\]"'):
+        quantize_bundle(None, ham224_dir / "HAM10000_metadata.csv", tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()

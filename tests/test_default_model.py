@@ -166,8 +166,9 @@ def test_scores_well_above_chance_on_200_heldout_images(shipped, ham224_dir):
     malignant = bundle.manifest.taxonomy.malignant_mask[y]
     mal_auc = roc_auc_score(malignant, pred.p_malignant)
     mel_auc = roc_auc_score(y == codes.index("mel"), pred.probs[:, codes.index("mel")])
-    # chance is 1/7 = 0.14 balanced accuracy and 0.5 AUC. The shipped model measured 0.679 / 0.904 / 0.929
-    # on these 200 images (0.661 / 0.908 / 0.903 on the whole test split, docs/model-card.md)
+    # chance is 1/7 = 0.14 balanced accuracy and 0.5 AUC. On these 200 images the shipped model measured
+    # 0.737 / 0.917 / 0.923 and its int8 copy 0.750 / 0.916 / 0.925 (2026-11-23); on the whole test split
+    # 0.732 / 0.925 / 0.894 and 0.739 / 0.925 / 0.900 (docs/model-card.md)
     assert bacc >= 0.60, f"balanced accuracy {bacc:.3f}"
     assert mal_auc >= 0.85, f"malignant-vs-benign AUC {mal_auc:.3f}"
     assert mel_auc >= 0.85, f"melanoma AUC {mel_auc:.3f}"

@@ -99,7 +99,7 @@ def test_quantile_is_the_nearest_rank_value_whatever_the_array():
 
     rng = np.random.default_rng(3)
     arrays = [rng.random((150, 200), dtype=np.float32) * 255,  # the shortcut
-              (rng.random((90, 120), dtype=np.float32) * 255)[10:80, 20:100],  # a non-contiguous centre box
+              (rng.random((90, 120), dtype=np.float32) * 255)[10:80, 20:100],  # a centre box (reshape copies it)
               np.zeros((4, 4), np.float32), rng.normal(size=1000).astype(np.float32),  # zeros; negatives: fallback
               np.array([0.5, -0.0, 0.25, 0.0, 1.0], np.float32),  # -0.0 has the sign bit: fallback
               rng.integers(0, 255, 500).astype(np.uint8), rng.random(77)]  # other dtypes: fallback

@@ -35,6 +35,9 @@ from .taxonomy import Taxonomy
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 ARRAYS_FILE = "arrays.npz"
+# How far a model's logits on its reference images may move from those recorded where it was made (an int8 model's
+# are identical where its integer kernels are the same; 0.1 is well under what tips a calibrated probability)
+CHECK_LOGIT_TOLERANCE = 0.1
 SEGMENTER_FILE = "segmenter.onnx"
 SEGMENTER_BATCH_DIM = "N"  # the name train-segmenter gives the segmenter's dynamic batch axis
 SCHEMA_VERSION = 1
@@ -154,11 +157,18 @@ def shipped_models() -> list[str]:
 
 
 def _shipped_or_path(model: str | Path) -> Path:
-    """A path as given; a bare name that is no file or folder here but names a shipped bundle, that bundle."""
-    path = Path(model)
-    if not path.exists() and str(model) == path.name and (SHIPPED_MODELS_DIR / path.name / MANIFEST).is_file():
-        return SHIPPED_MODELS_DIR / path.name
-    return path
+    """A path as given; a bare name (a string without a folder part, as typed) that is no file or folder here but
+    names a shipped bundle, that bundle. A Path object, or "./default-int8", is always a path: a folder the user
+    meant but mistyped must be "not found", not quietly replaced by a shipped model."""
+    bare = isinstance(model, str) and bool(model) and not model.startswith(".") and "/" not in model \
+        and os.sep not in model
+    if not bare or Path(model).exists():
+        return Path(model)
+    if (SHIPPED_MODELS_DIR / model / MANIFEST).is_file():
+        return SHIPPED_MODELS_DIR / model
+    shipped = shipped_models()
+    hint = f" The models installed with dermscreen are named {', '.join(shipped)}." if shipped else ""
+    raise BundleError(f"Model bundle not found: {model}.{hint}")
 
 
 def resolve_bundle_path(model: str | Path | None) -> Path:
@@ -258,10 +268,7 @@ class Bundle:
         """Read a bundle folder or zip; with ``verify`` (default) refuse any file whose sha256 differs."""
         path = Path(path)
         if not path.exists():
-            shipped = shipped_models()
-            hint = f" The models installed with dermscreen are named {', '.join(shipped)}." \
-                if shipped and str(path) == path.name else ""
-            raise BundleError(f"Model bundle not found: {path}.{hint}")
+            raise BundleError(f"Model bundle not found: {path}.")
         files: dict[str, bytes] = {}
         if path.is_dir():
             for p in sorted(path.iterdir()):
@@ -373,7 +380,7 @@ class Bundle:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
-                self._sessions[key] = ort.InferenceSession(
+                session = ort.InferenceSession(
                     self.file(self.manifest.model.file), sess_options=opts, providers=["CPUExecutionProvider"]
                 )
             except Exception as exc:  # onnxruntime raises several types for a graph it cannot load
@@ -382,7 +389,34 @@ class Bundle:
                     f"{self.source}: {self.manifest.model.file} could not be loaded by onnxruntime {ort.__version__} "
                     f"({str(exc).strip()[:300]}); a newer onnxruntime may read it (pip install -U onnxruntime), or "
                     "export the model again.") from None
+            self._check_reference_outputs(session)
+            self._sessions[key] = session
         return self._sessions[key]
+
+    def _check_reference_outputs(self, session) -> None:
+        """BundleError unless the model gives here the logits it gave where it was made, on the reference images the
+        bundle carries (``check_images`` / ``check_logits`` in arrays.npz; an int8 bundle has them, see quantize.py).
+
+        An int8 model's arithmetic depends on the CPU: onnxruntime's uint8 x int8 kernels can saturate on x86 CPUs
+        without VNNI instructions, so the same bundle could answer differently from what was validated."""
+        if "check_images" not in self.arrays or getattr(self, "_reference_checked", False):
+            return
+        from .preprocess import normalize
+
+        spec = self.manifest.model
+        images = np.stack([normalize(rgb, self.manifest.preprocessing) for rgb in self.arrays["check_images"]])
+        feeds = {"image": images}
+        if "metadata" in spec.inputs and spec.metadata is not None:
+            feeds["metadata"] = np.stack([spec.metadata.encode()] * len(images)).astype(np.float32)
+        logits = session.run(["logits"], feeds)[0]
+        worst = float(np.abs(logits - self.arrays["check_logits"]).max())
+        if not worst <= CHECK_LOGIT_TOLERANCE:  # (NaN fails too)
+            raise BundleError(
+                f"{self.source}: on this computer the model's answers differ from those it was validated with (logits "
+                f"off by up to {worst:.3g} on its {len(images)} reference images; an 8-bit model can compute "
+                "differently on a CPU without VNNI instructions). Use the float model it was made from (for the "
+                "shipped one: --model default).")
+        self._reference_checked = True
 
     def run(self, images: np.ndarray, metadata: np.ndarray | None = None, threads: int | None = None,
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -2,8 +2,9 @@
 
 EfficientNet-Lite was designed for 8-bit inference (ReLU6, no squeeze-and-excitation), and onnxruntime runs
 int8 convolutions with the CPU's integer dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot product): the
-default model's forward pass took 9.4 ms in float and 4.7 ms in int8 on one core of an AMD EPYC (2026-11-23).
-That is what lets a 2-core machine screen 150 images a second (benchmarks/RESULTS.md).
+default model's forward pass took ~9 ms in float and ~4.4 ms in int8 on one core of an AMD EPYC, and `dermscreen
+predict FOLDER` screened 146-160 images/s with the int8 copy against 99-116 with the float model on 2 cores
+(2026-11-23, benchmarks/RESULTS.md).
 
 Quantization moves the logits a little, so everything that was fitted on them is fitted again, exactly as
 ``dermscreen export`` fitted it, on the model's own validation split (remade from its training labels, as
@@ -27,20 +28,45 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bundle import Bundle, Calibration, check_new_bundle_folder, resolve_bundle_path
+from .bundle import ARRAYS_FILE, Bundle, Calibration, check_new_bundle_folder, resolve_bundle_path
 from .calibration import expected_calibration_error, softmax
-from .errors import ConfigError
+from .errors import BundleError, ConfigError
 from .imaging import read_image_file
 from .inference import metadata_matrix, predict_samples
 from .manifests import load_labels
 from .ood import ColourOOD
 from .ood_fit import file_colours
-from .preprocess import preprocess
+from .preprocess import normalize, preprocess
 
-# Enough for stable activation ranges (min/max over 300 images moved no validation metric by more than 0.002
-# against 100 more or fewer); more costs time and memory (each image is kept as a float tensor during the fit).
+# Activation ranges from 100, 300 and 600 training images gave the default model the same top-1 agreement with the
+# float model on validation (95.2 / 95.1 / 95.2 %; referral agreement 92.6 / 92.7 / 94.6 %, 2026-11-23); more costs
+# time and memory (each image is kept as a float tensor during the fit).
 CALIBRATION_IMAGES = 300
 COMPARED = ("balanced_accuracy", "malignant_auc", "macro_auc", "ece_after")  # float vs int8 in the record
+# Synthetic images whose int8 logits the bundle carries: every load checks the model still gives those logits
+# (Bundle._check_reference_outputs), as integer kernels differ between CPUs. Drawn, never a patient's image (the
+# bundle is redistributed; the training images may not be): 4 views are 300 KB at 160 px.
+REFERENCE_IMAGES = 4
+
+
+def reference_views(size: int) -> np.ndarray:
+    """(4, size, size, 3) uint8 drawn model views: two lesion-like blobs on skin, saturated colour blocks and full-range
+    noise, so the check exercises both ordinary activations and the extreme ones where int8 kernels can saturate."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    views = np.empty((REFERENCE_IMAGES, size, size, 3), np.uint8)
+    for k, (skin, lesion, radius) in enumerate((((200, 150, 130), (95, 55, 35), 0.3),
+                                                ((225, 160, 165), (60, 40, 45), 0.15))):
+        r = np.hypot(xx - 0.5 - 0.05 * k, (yy - 0.45) * (1.3 - 0.2 * k))
+        inside = np.clip((radius - r) / 0.05, 0, 1)[..., None]  # a soft edge, as a dermatoscope sees it
+        core = np.clip((0.5 * radius - r) / 0.05, 0, 1)[..., None] * 0.4
+        blob = np.asarray(skin) * (1 - inside) + np.asarray(lesion) * inside * (1 - core)
+        views[k] = np.clip(blob + rng.normal(0, 6, blob.shape), 0, 255).astype(np.uint8)
+    views[1, (np.abs(yy - xx * 0.6 - 0.2) < 0.006) | (np.abs(yy + xx - 1.1) < 0.006)] = (20, 15, 10)  # two hairs
+    views[2] = np.where((xx < 0.5)[..., None], (255, 0, 255), (0, 255, 0))
+    views[2][yy > 0.5] = 255 - views[2][yy > 0.5]
+    views[3] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return views
 
 
 @dataclass
@@ -75,15 +101,22 @@ def quantize_onnx(model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> byt
         def get_next(self):
             return next(self._feeds, None)
 
-    # the model files exist only inside this folder, for the quantizer's file-based API; nothing of a patient's
+    # the model files exist only inside this folder (and onnxruntime's own temporary folders, which it removes),
+    # for the quantizer's file-based API: model weights, nothing of a patient's
     with tempfile.TemporaryDirectory(prefix="dermscreen-quantize-") as tmp:
         src, prepared, out = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
         src.write_bytes(model_bytes)
         # shape inference and constant folding first, as onnxruntime advises, so that every tensor has the
         # shape the quantizer needs to choose per-channel axes
-        pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), Reader(), quant_format=fmt.QDQ, per_channel=True,
-                        activation_type=qtype.QUInt8, weight_type=qtype.QInt8, calibrate_method=method.MinMax)
+        try:
+            pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            # uint8 activations x int8 weights: the fast path on CPUs with VNNI; without VNNI its kernels can
+            # saturate (reduce_range avoids that but cost 7 points of top-1 agreement with the float model here)
+            quantize_static(str(prepared), str(out), Reader(), quant_format=fmt.QDQ, per_channel=True,
+                            activation_type=qtype.QUInt8, weight_type=qtype.QInt8, calibrate_method=method.MinMax)
+        except Exception as exc:  # onnxruntime/onnx raise many types for a graph they cannot quantize
+            raise BundleError(f"onnxruntime could not quantize this model ({type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]}); keep the float bundle.") from None
         return out.read_bytes()
 
 
@@ -134,8 +167,9 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
                           f"trained on ({Path(str((training.get('data') or {}).get('source') or '?')).name}).")
     seen = model_seen_images(bundle, data)
     if not seen:
-        raise ConfigError(f"The split of {bundle.source} could not be remade from {data.source}: its training record "
-                          "lacks the split rule. Quantize a bundle exported by dermscreen train or export.")
+        raise ConfigError(f"The split of {bundle.source} could not be remade from {data.source} (its training record "
+                          "has no split rule, or the split remade differs from the one it records). Quantize a bundle "
+                          "exported by dermscreen train or export, with the labels it was trained on.")
     train = [s for s in data.samples if seen.get(s.image_id) == "train"]
     val = [s for s in data.samples if seen.get(s.image_id) == "val"]
     if not train or not val:
@@ -158,6 +192,12 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
 
     files = {name: bundle.file(name) for name in m.files}
     files[m.model.file] = int8_bytes
+    candidate = Bundle(m, files, "<int8>")
+    # the logits of the drawn reference views as computed here, for every later load to compare with
+    check_images = reference_views(spec.image_size)
+    check_logits = candidate.run(np.stack([normalize(v, spec) for v in check_images]))["logits"]
+    files[ARRAYS_FILE] = Bundle.arrays_bytes({**bundle.arrays, "check_images": check_images,
+                                              "check_logits": check_logits.astype(np.float32)})
     candidate = Bundle(m, files, "<int8>")
     y = np.asarray([m.taxonomy.index(s.dx) for s in val])
     before = predict_samples(bundle, val, batch_size=batch_size,
@@ -195,6 +235,8 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
         "onnxruntime": _ort_version(),
         "calibration_images": {"count": len(chosen), "split": "train", "seed": seed,
                                "labels": Path(str(data.source)).name},
+        "reference_images": len(check_images),  # drawn; their views and logits are in arrays.npz, checked at each load
+        "target_sensitivity": target_sensitivity,
         "validation": {
             "images": len(val),
             "float": {k: float_metrics.get(k) for k in COMPARED},
@@ -202,7 +244,9 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
             "top1_agreement": float(np.mean(before.logits.argmax(1) == after.logits.argmax(1))),
             "referral_agreement": None if old_refer is None or new_refer is None else
             float(np.mean(old_refer == new_refer)),
-            "max_probability_change": float(np.abs(before.probs - new_probs).max()),
+            "max_probability_change": float(np.abs(before.probs - new_probs).max()),  # of any class
+            "max_p_malignant_change": float(np.abs(m.taxonomy.p_malignant(before.probs)
+                                                   - m.taxonomy.p_malignant(new_probs)).max()),
         },
     }
     card = m.card.model_copy(update={"limitations": [*m.card.limitations, (
@@ -211,6 +255,8 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
         f"{100 * record['validation']['top1_agreement']:.1f} % of {len(val)} validation images, and its "
         "temperature and thresholds were fitted again on them.")]})
     manifest = refitted.model_copy(update={
+        # its own name and date: reports, the FHIR Device and the page tell the two models apart by more than a hash
+        "name": f"{m.name}-int8", "created": record["date"],
         "version": f"{m.version}+int8", "metrics": metrics, "card": card,
         "training": {**training, "quantization": record}})
     Bundle.write(out, manifest, files)

@@ -21,8 +21,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".h
 _TIER_STYLE = {"high": "bold white on red3", "moderate": "bold black on dark_orange",
                "low": "bold white on green4", "cannot_assess": "bold white on grey42"}
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Bundle folder or zip (default: "
-                                                  "$DERMSCREEN_MODEL, then the installed default model).")]
+# str, not Path: a bare name picks a shipped model ("default-int8"), and pathlib would turn "./default-int8" into one
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or zip, or the name of a model "
+                                                "installed with dermscreen: default, default-int8 (default: "
+                                                "$DERMSCREEN_MODEL, then the installed default model).")]
 
 
 # what predict itself writes (--heatmap): never screened as a lesion when a later run walks the same folder
@@ -336,9 +338,13 @@ def _print_card(card: dict, console: Console) -> None:
         for name, op in held["operating_points"].items():
             console.print(f"  {name} (P(malignant) >= {op['threshold']:.3f}): sensitivity {ci(op['sensitivity'])}, "
                           f"specificity {ci(op['specificity'])}", highlight=False)
-    if card["sha256"] in _shipped_sha256s():
+    shipped = _shipped_sha256s().get(card["sha256"])
+    if shipped == "default":
         console.print("  per class, subgroups and the targets met or missed: the model card "
                       "(docs/model-card.md in the source repository)")
+    elif shipped:  # the card's tables are the float model's; its own section compares the two
+        console.print(f"  how {shipped} compares with the float model it was made from: the model card's section "
+                      "\"The int8 copy\" (docs/model-card.md in the source repository)", highlight=False)
     elif not held:  # docs/model-card.md describes the shipped model, not this one
         console.print("  held-out test results: dermscreen evaluate --split test (on its training labels), "
                       "or on other labelled cases", highlight=False)
@@ -352,14 +358,14 @@ def _print_card(card: dict, console: Console) -> None:
     console.print(f"[dim]{escape(card['disclaimer'])}[/]")
 
 
-def _shipped_sha256s() -> set[str]:
-    """The sha256 of each model installed with the package (docs/model-card.md describes them all)."""
+def _shipped_sha256s() -> dict[str, str]:
+    """sha256 → name of each model installed with the package (docs/model-card.md describes them all)."""
     from .bundle import MANIFEST, SHIPPED_MODELS_DIR, sha256_bytes, shipped_models
 
-    found = set()
+    found = {}
     for name in shipped_models():
         try:
-            found.add(sha256_bytes((SHIPPED_MODELS_DIR / name / MANIFEST).read_bytes()))
+            found[sha256_bytes((SHIPPED_MODELS_DIR / name / MANIFEST).read_bytes())] = name
         except OSError:
             pass
     return found
@@ -431,7 +437,8 @@ def calibrate(
 
 
 def refit_ood(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="The bundle whose OOD checks to refit (not modified).")],
+    bundle: Annotated[str, typer.Option("--bundle", "-b", help="The bundle whose OOD checks to refit (not modified); "
+                                        "a folder, zip or installed model's name.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled CSV the run was trained on (HAM10000 metadata, ...).")],
     split: Annotated[Path, typer.Option("--split", help="The training run's split.csv (image_id, split).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new bundle.")],
@@ -447,6 +454,7 @@ def refit_ood(
     """Fit the colour check and re-choose both "cannot assess" thresholds of a bundle on its validation images."""
     from rich.progress import Progress
 
+    from .bundle import resolve_bundle_path
     from .ood_fit import refit_ood as run
 
     try:
@@ -458,7 +466,7 @@ def refit_ood(
                     tasks[part] = bar.add_task(part, total=total)
                 bar.update(tasks[part], completed=done)
 
-            folder = run(bundle, data, split, out, extra=extra or [], images=images, keep=keep,
+            folder = run(resolve_bundle_path(bundle), data, split, out, extra=extra or [], images=images, keep=keep,
                          colour_keep=colour_keep, threads=threads, progress=progress)
     except DermscreenError as exc:
         Console(stderr=True).print("[red]error:[/]", escape(str(exc)), highlight=False)

@@ -69,7 +69,8 @@ def evaluate(
     labels: Annotated[Path, typer.Option(help="Labelled CSV: HAM10000 metadata, ISIC one-hot ground truth, "
                                               "or plain image,dx.")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.csv, metrics.json, metrics.md, plots and report.html.")],
-    model: Annotated[Optional[Path], typer.Option(help="Model bundle (folder or zip). Default: $DERMSCREEN_MODEL, "
+    model: Annotated[Optional[str], typer.Option(help="Model bundle (folder or zip, or an installed model's name: "
+                                                "default, default-int8). Default: $DERMSCREEN_MODEL, "
                                                        "else the installed default model.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Images folder. Default: <labels folder>/images for "
                                                         "HAM10000/ISIC CSVs, the CSV's folder for plain ones.")] = None,

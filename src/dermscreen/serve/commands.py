@@ -56,8 +56,9 @@ def serve(
         help="Interface to listen on; 0.0.0.0 makes the server reachable on the network.",
         show_default="127.0.0.1")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port.", show_default="8000")] = None,
-    model: Annotated[Optional[Path], typer.Option(
-        help="Model bundle (folder or zip); default: $DERMSCREEN_MODEL or the shipped model.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model bundle (folder or zip) or an installed model's name (default, default-int8); default: "
+             "$DERMSCREEN_MODEL or the shipped model.")] = None,
     workers: Annotated[Optional[int], typer.Option(
         min=1, max=64, help="Server processes, each with its own model copy.", show_default="1")] = None,
     max_upload_mb: Annotated[Optional[float], typer.Option(

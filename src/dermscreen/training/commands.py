@@ -157,21 +157,23 @@ def train_segmenter(
 
 
 def add_segmenter(
-    bundle: Path = typer.Option(..., "--bundle", help="Classifier bundle to extend (not modified)."),
+    bundle: str = typer.Option(..., "--bundle", help="Classifier bundle to extend (not modified): a folder, zip or "
+                               "installed model's name."),
     segmenter: Path = typer.Option(..., "--segmenter", help="A train-segmenter run folder (segmenter.onnx + "
                                    "segmenter.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="New bundle folder: the classifier plus segmenter.onnx."),
 ) -> None:
     """Add an already trained segmenter to a copy of a bundle (no torch needed)."""
-    from ..bundle import Bundle
+    from ..bundle import Bundle, resolve_bundle_path
     from ..lesion import add_segmenter_from_run
 
+    source = resolve_bundle_path(bundle)
     try:
-        folder = add_segmenter_from_run(bundle, segmenter, out)
+        folder = add_segmenter_from_run(source, segmenter, out)
     except DermscreenError as exc:
         _fail(exc)
         return
-    before, after = Bundle.load(bundle).manifest.segmenter, Bundle.load(folder).manifest.segmenter
+    before, after = Bundle.load(source).manifest.segmenter, Bundle.load(folder).manifest.segmenter
     if before is not None:  # said, so a better segmenter is not swapped for a worse one unnoticed
         def dice(spec) -> str:
             value = (spec.validation or {}).get("test_dice")

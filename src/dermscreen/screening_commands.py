@@ -436,6 +436,17 @@ def calibrate(
     Console().print(f"[dim]{DISCLAIMER}[/]")
 
 
+def _bar_per_part(bar):
+    """A progress(part, done, total) callback that shows one bar per named part of a long job."""
+    tasks: dict[str, int] = {}
+
+    def progress(part: str, done: int, total: int) -> None:
+        if part not in tasks:
+            tasks[part] = bar.add_task(part, total=total)
+        bar.update(tasks[part], completed=done)
+    return progress
+
+
 def refit_ood(
     bundle: Annotated[str, typer.Option("--bundle", "-b", help="The bundle whose OOD checks to refit (not modified); "
                                         "a folder, zip or installed model's name.")],
@@ -459,15 +470,8 @@ def refit_ood(
 
     try:
         with Progress(transient=True) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(part: str, done: int, total: int) -> None:
-                if part not in tasks:
-                    tasks[part] = bar.add_task(part, total=total)
-                bar.update(tasks[part], completed=done)
-
             folder = run(resolve_bundle_path(bundle), data, split, out, extra=extra or [], images=images, keep=keep,
-                         colour_keep=colour_keep, threads=threads, progress=progress)
+                         colour_keep=colour_keep, threads=threads, progress=_bar_per_part(bar))
     except DermscreenError as exc:
         Console(stderr=True).print("[red]error:[/]", escape(str(exc)), highlight=False)
         raise typer.Exit(2)
@@ -500,15 +504,9 @@ def quantize(
     err = Console(stderr=True)
     try:
         with Progress(console=err, transient=True) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(part: str, done: int, total: int) -> None:
-                if part not in tasks:
-                    tasks[part] = bar.add_task(part, total=total)
-                bar.update(tasks[part], completed=done)
-
             result = quantize_bundle(model, labels, out, images=images, calibration_images=calibration_images,
-                                     target_sensitivity=sensitivity, batch_size=batch_size, progress=progress)
+                                     target_sensitivity=sensitivity, batch_size=batch_size,
+                                     progress=_bar_per_part(bar))
     except DermscreenError as exc:
         err.print("[red]error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2)

@@ -92,15 +92,47 @@ def test_a_model_that_answers_differently_here_is_refused_at_load(tmp_path):
     from dermscreen.screening import Screener
 
     int8 = Bundle.load(INT8)
-    assert Screener(int8).analyze is not None  # its own reference logits are met on this machine
-    arrays = dict(int8.arrays)
-    arrays["check_logits"] = arrays["check_logits"] + np.float32(0.5)
-    files = {name: int8.file(name) for name in int8.manifest.files}
-    files["arrays.npz"] = Bundle.arrays_bytes(arrays)
-    moved = Bundle.write(tmp_path / "moved", int8.manifest, files)
+    session = int8.session(1)  # checked on the way
+    int8._reference_checked = False
+    assert int8._check_reference_outputs(session) == 0.0  # integer kernels: exactly the logits recorded
+
+    def moved_by(shift: float, name: str) -> Path:
+        arrays = dict(int8.arrays)
+        arrays["check_logits"] = arrays["check_logits"] + np.float32(shift)
+        files = {file: int8.file(file) for file in int8.manifest.files}
+        files["arrays.npz"] = Bundle.arrays_bytes(arrays)
+        return Bundle.write(tmp_path / name, int8.manifest, files)
+
+    assert Screener(moved_by(0.05, "within")).bundle.sha256  # float noise is not a different model
     with pytest.raises(BundleError, match="differ from those it was validated with") as refused:
-        Screener(moved)
+        Screener(moved_by(0.2, "moved"))
     assert "--model default" in str(refused.value)
+    arrays = {k: v for k, v in int8.arrays.items() if k != "check_logits"}  # damaged: images without their logits
+    files = {file: int8.file(file) for file in int8.manifest.files}
+    files["arrays.npz"] = Bundle.arrays_bytes(arrays)
+    with pytest.raises(BundleError, match="damaged"):
+        Bundle.load(Bundle.write(tmp_path / "damaged", int8.manifest, files)).session(1)
+
+
+def test_the_model_cards_test_table_is_the_held_out_record():
+    """The card's float / int8 held-out table quotes src/dermscreen/models/held-out.json for both bundles."""
+    from dermscreen.evaluation.held_out import held_out_for
+
+    card = (Path(__file__).resolve().parents[1] / "docs" / "model-card.md").read_text(encoding="utf-8")
+    section = card.split("## The int8 copy", 1)[1].split("\n## ", 1)[0]
+    held = [held_out_for(Bundle.load(path).sha256) for path in (DEFAULT, INT8)]
+
+    def cell(entry: dict) -> str:
+        return f"{entry['value']:.3f} ({entry['ci95'][0]:.3f}–{entry['ci95'][1]:.3f})"
+
+    rows = {"balanced accuracy": "balanced_accuracy", "malignant-vs-benign AUC": "malignant_auc",
+            "melanoma AUC": "melanoma_auc", "macro AUC": "macro_auc", "ECE (calibrated)": "ece"}
+    for label, key in rows.items():
+        assert f"| {label} | {cell(held[0]['metrics'][key])} | {cell(held[1]['metrics'][key])} |" in section, label
+    for what in ("sensitivity", "specificity"):
+        line = (f"| sensitivity-first point: {what} | {cell(held[0]['operating_points']['sensitivity_first'][what])} | "
+                f"{cell(held[1]['operating_points']['sensitivity_first'][what])} |")
+        assert line in section, what
 
 
 def test_the_model_cards_int8_section_quotes_its_manifest():

@@ -233,3 +233,15 @@ def test_under_torchrun_only_the_first_process_checks_the_run_folder(tmp_path, m
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "none.csv" in result.output and "second process" not in result.output, \
         result.output
+
+
+def test_add_segmenter_names_an_unknown_installed_model_in_a_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from dermscreen.cli import app
+
+    result = CliRunner().invoke(app, ["add-segmenter", "--bundle", "default-int9", "--segmenter", str(tmp_path),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # a message, not a traceback
+    assert "models installed with dermscreen are named default, default-int8" in result.output
+    assert not (tmp_path / "out").exists()

@@ -35,8 +35,10 @@ from .taxonomy import Taxonomy
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 ARRAYS_FILE = "arrays.npz"
-# How far a model's logits on its reference images may move from those recorded where it was made (an int8 model's
-# are identical where its integer kernels are the same; 0.1 is well under what tips a calibrated probability)
+# How far a model's logits on its reference images may move from those recorded where it was made. An int8 model's
+# are identical wherever its integer kernels are the same (0.0 at 1, 2 and all threads here); 0.1 is about a third
+# of how far the default model's int8 logits lie from its float ones on those images (0.15-0.32), i.e. well inside
+# what quantizing itself was validated with, and far beyond float rounding.
 CHECK_LOGIT_TOLERANCE = 0.1
 SEGMENTER_FILE = "segmenter.onnx"
 SEGMENTER_BATCH_DIM = "N"  # the name train-segmenter gives the segmenter's dynamic batch axis
@@ -172,7 +174,8 @@ def _shipped_or_path(model: str | Path) -> Path:
 
 
 def resolve_bundle_path(model: str | Path | None) -> Path:
-    """The bundle every front end uses: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if none.
+    """The bundle every front end uses: ``model``, else $DERMSCREEN_MODEL, else the shipped default; BundleError if
+    none.
 
     ``model`` (and the variable) may also be the name of a shipped bundle, e.g. ``default-int8``; a file or folder
     of that name in the current folder comes first."""
@@ -261,6 +264,8 @@ class Bundle:
         self.manifest = manifest
         self._files = files
         self.source = source
+        self._sessions: dict = {}  # (threads) → onnxruntime session, built on first use
+        self._reference_checked = False  # the reference logits were met once: every session gives the same
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -367,8 +372,6 @@ class Bundle:
     def session(self, threads: int | None = None):
         """A cached onnxruntime InferenceSession for model.onnx (``threads`` = intra-op threads)."""
         key = ("_session", threads)
-        if not hasattr(self, "_sessions"):
-            self._sessions = {}
         if key not in self._sessions:
             import onnxruntime as ort
 
@@ -393,30 +396,50 @@ class Bundle:
             self._sessions[key] = session
         return self._sessions[key]
 
-    def _check_reference_outputs(self, session) -> None:
+    def reference_inputs(self, views: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 model views → the (N, 3, S, S) model input, as quantize.py recorded their logits."""
+        from .preprocess import normalize
+
+        return np.stack([normalize(view, self.manifest.preprocessing) for view in views])
+
+    def _check_reference_outputs(self, session) -> float | None:
         """BundleError unless the model gives here the logits it gave where it was made, on the reference images the
-        bundle carries (``check_images`` / ``check_logits`` in arrays.npz; an int8 bundle has them, see quantize.py).
+        bundle carries (``check_images`` / ``check_logits`` in arrays.npz; an int8 bundle has them, see quantize.py);
+        the largest logit difference, or None for a bundle without them.
 
         An int8 model's arithmetic depends on the CPU: onnxruntime's uint8 x int8 kernels can saturate on x86 CPUs
         without VNNI instructions, so the same bundle could answer differently from what was validated."""
-        if "check_images" not in self.arrays or getattr(self, "_reference_checked", False):
-            return
-        from .preprocess import normalize
-
-        spec = self.manifest.model
-        images = np.stack([normalize(rgb, self.manifest.preprocessing) for rgb in self.arrays["check_images"]])
-        feeds = {"image": images}
-        if "metadata" in spec.inputs and spec.metadata is not None:
-            feeds["metadata"] = np.stack([spec.metadata.encode()] * len(images)).astype(np.float32)
-        logits = session.run(["logits"], feeds)[0]
-        worst = float(np.abs(logits - self.arrays["check_logits"]).max())
+        if "check_images" not in self.arrays or self._reference_checked:
+            return None
+        views, expected = self.arrays["check_images"], self.arrays.get("check_logits")
+        size = self.manifest.preprocessing.image_size
+        classes = self.manifest.taxonomy.num_classes
+        if expected is None or views.shape[1:] != (size, size, 3) or expected.shape != (len(views), classes):
+            raise BundleError(f"{self.source}: its reference images or logits in arrays.npz do not fit the model; "
+                              "the bundle is damaged: make it again (dermscreen quantize).")
+        logits = session.run(["logits"], self._feeds(self.reference_inputs(views)))[0]
+        worst = float(np.abs(logits - expected).max())
         if not worst <= CHECK_LOGIT_TOLERANCE:  # (NaN fails too)
             raise BundleError(
                 f"{self.source}: on this computer the model's answers differ from those it was validated with (logits "
-                f"off by up to {worst:.3g} on its {len(images)} reference images; an 8-bit model can compute "
+                f"off by up to {worst:.3g} on its {len(views)} reference images; an 8-bit model can compute "
                 "differently on a CPU without VNNI instructions). Use the float model it was made from (for the "
                 "shipped one: --model default).")
         self._reference_checked = True
+        return worst
+
+    def _feeds(self, images: np.ndarray, metadata: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """onnxruntime inputs for an (N,3,S,S) batch; a model that takes metadata gets "unknown" when none is given."""
+        spec = self.manifest.model
+        feeds = {"image": np.ascontiguousarray(images, dtype=np.float32)}
+        if "metadata" in spec.inputs:
+            if metadata is None:
+                if spec.metadata is None:
+                    raise BundleError(f"{self.source}: the model takes metadata but the manifest has no metadata "
+                                      "encoding.")
+                metadata = np.stack([spec.metadata.encode()] * len(images))
+            feeds["metadata"] = np.ascontiguousarray(metadata, dtype=np.float32)
+        return feeds
 
     def run(self, images: np.ndarray, metadata: np.ndarray | None = None, threads: int | None = None,
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -425,15 +448,8 @@ class Bundle:
         ``metadata`` is (N, metadata.dim) float32; when the model takes metadata and none is given,
         every value is encoded as unknown.
         """
-        spec = self.manifest.model
-        feeds = {"image": np.ascontiguousarray(images, dtype=np.float32)}
-        if "metadata" in spec.inputs:
-            if metadata is None:
-                assert spec.metadata is not None
-                metadata = np.stack([spec.metadata.encode()] * len(images))
-            feeds["metadata"] = np.ascontiguousarray(metadata, dtype=np.float32)
-        names = outputs or spec.outputs
-        values = self.session(threads).run(names, feeds)
+        names = outputs or self.manifest.model.outputs
+        values = self.session(threads).run(names, self._feeds(images, metadata))
         return dict(zip(names, values))
 
     def info(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .inference import metadata_matrix, predict_samples
 from .manifests import load_labels
 from .ood import ColourOOD
 from .ood_fit import file_colours
-from .preprocess import normalize, preprocess
+from .preprocess import preprocess
 
 # Activation ranges from 100, 300 and 600 training images gave the default model the same top-1 agreement with the
 # float model on validation (95.2 / 95.1 / 95.2 %; referral agreement 92.6 / 92.7 / 94.6 %, 2026-11-23); more costs
@@ -135,7 +135,6 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
     ``labels`` must be the labels file the model was trained on (checked by sha256): its split is remade from it.
     Raises ConfigError with a sentence for an unusable request.
     """
-    from .evaluation.evaluate import model_seen_images  # (imports matplotlib: only when needed)
     from .training.calibrate import calibrate, validation_metrics
 
     if not 0.5 <= target_sensitivity < 1.0:
@@ -149,83 +148,32 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
     out = check_new_bundle_folder(out, source)
     bundle = Bundle.load(source)  # verified
     m = bundle.manifest
-    training = m.training if isinstance(m.training, dict) else {}
-    if training.get("quantization"):
-        raise ConfigError(f"{bundle.source} is already quantized; quantize the float bundle it was made from.")
-    if training.get("recalibrations"):  # refitting on the training split's validation would undo that silently
-        raise ConfigError(f"{bundle.source} was recalibrated (dermscreen calibrate) on other images; quantizing "
-                          "refits it on its training validation split instead. Quantize the bundle it was "
-                          "recalibrated from, then recalibrate the int8 copy on the same images.")
-    data = load_labels(labels, images, taxonomy=m.taxonomy)
-    trained_on = (training.get("data") or {}).get("manifest_sha256")
-    if not trained_on:
-        raise ConfigError(f"{bundle.source} records no training labels, so its validation split cannot be remade: "
-                          "quantize a bundle exported by dermscreen train or export.")
-    if data.sha256 != trained_on:
-        raise ConfigError(f"{data.source} is not the labels file this model was trained on (its sha256 differs): "
-                          "quantizing refits the model on its own validation split, so give the labels it was "
-                          f"trained on ({Path(str((training.get('data') or {}).get('source') or '?')).name}).")
-    seen = model_seen_images(bundle, data)
-    if not seen:
-        raise ConfigError(f"The split of {bundle.source} could not be remade from {data.source} (its training record "
-                          "has no split rule, or the split remade differs from the one it records). Quantize a bundle "
-                          "exported by dermscreen train or export, with the labels it was trained on.")
-    train = [s for s in data.samples if seen.get(s.image_id) == "train"]
-    val = [s for s in data.samples if seen.get(s.image_id) == "val"]
-    if not train or not val:
-        raise ConfigError(f"{data.source} holds no training or no validation images of this model's split.")
+    data, train, val = _own_split(bundle, labels, images)
+    progress = progress or (lambda part, done, total: None)
 
-    tick = (lambda part, n: (lambda k: progress(part, k, n))) if progress else (lambda part, n: (lambda k: None))
     rng = np.random.default_rng(seed)
     chosen = [train[i] for i in sorted(rng.choice(len(train), min(calibration_images, len(train)), replace=False))]
-    spec = m.preprocessing
-    meta = metadata_matrix(bundle, chosen)
-    feeds, step = [], tick("calibration images", len(chosen))
-    for k, sample in enumerate(chosen):
-        feed = {"image": preprocess(read_image_file(sample.image_path), spec)[None]}
-        if meta is not None:
-            feed["metadata"] = meta[k:k + 1].astype(np.float32)
-        feeds.append(feed)
-        step(k + 1)
-    int8_bytes = quantize_onnx(bundle.file(m.model.file), feeds)
-    del feeds
-
     files = {name: bundle.file(name) for name in m.files}
-    files[m.model.file] = int8_bytes
+    files[m.model.file] = quantize_onnx(bundle.file(m.model.file), _calibration_feeds(bundle, chosen, progress))
+    files[ARRAYS_FILE] = _with_reference_logits(bundle, Bundle(m, files, "<int8>"))
     candidate = Bundle(m, files, "<int8>")
-    # the logits of the drawn reference views as computed here, for every later load to compare with
-    check_images = reference_views(spec.image_size)
-    check_logits = candidate.run(np.stack([normalize(v, spec) for v in check_images]))["logits"]
-    files[ARRAYS_FILE] = Bundle.arrays_bytes({**bundle.arrays, "check_images": check_images,
-                                              "check_logits": check_logits.astype(np.float32)})
-    candidate = Bundle(m, files, "<int8>")
+
     y = np.asarray([m.taxonomy.index(s.dx) for s in val])
     before = predict_samples(bundle, val, batch_size=batch_size,
-                             on_batch=_counter(tick("validation (float)", len(val))))
+                             on_batch=_counter(lambda k: progress("validation (float)", k, len(val))))
     after = predict_samples(candidate, val, batch_size=batch_size,
-                            on_batch=_counter(tick("validation (int8)", len(val))))
+                            on_batch=_counter(lambda k: progress("validation (int8)", k, len(val))))
     calibration, points = calibrate(after.logits, y, m.taxonomy, target_sensitivity, "validation")
     metrics = {**validation_metrics(after.logits, y, m.taxonomy, calibration.temperature),
                "ece_before": calibration.ece_before, "ece_after": calibration.ece_after}
     # the float model measured here on the same images, with its own temperature: like for like
     float_metrics = {**validation_metrics(before.logits, y, m.taxonomy, m.calibration.temperature),
                      "ece_after": expected_calibration_error(before.probs, y)}
-    ood = m.ood
-    if ood is not None and np.isfinite(before.ood_score).all():
-        kept = float(np.mean(before.ood_score <= ood.threshold))  # the float model's share kept, these images
-        threshold = float(np.quantile(after.ood_score, kept))
-        inside = after.ood_score <= threshold
-        update = {"threshold": threshold, "validation_kept": float(np.mean(inside))}
-        colour = ColourOOD.from_arrays(bundle.arrays) if ood.colour_threshold is not None else None
-        if colour is not None:  # the shares the manifest states are all of these validation images
-            colour_inside = colour.score(file_colours([s.image_path for s in val])) <= ood.colour_threshold
-            update.update(colour_validation_kept=float(np.mean(colour_inside)),
-                          validation_kept_both=float(np.mean(inside & colour_inside)))
-        ood = ood.model_copy(update=update)
+    refitted = m.model_copy(update={
+        "calibration": Calibration(temperature=calibration.temperature, ece_before=calibration.ece_before,
+                                   ece_after=calibration.ece_after, split=m.calibration.split),
+        "operating_points": points, "ood": _refit_ood_threshold(bundle, val, before, after)})
     new_probs = softmax(after.logits, calibration.temperature)
-    refitted = m.model_copy(update={"calibration": Calibration(
-        temperature=calibration.temperature, ece_before=calibration.ece_before, ece_after=calibration.ece_after,
-        split=m.calibration.split), "operating_points": points, "ood": ood})
     old_refer, new_refer = _referrals(m, before.probs), _referrals(refitted, new_probs)
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -233,9 +181,11 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
         "method": "onnxruntime static quantization, QDQ: int8 weights per output channel, uint8 activations "
                   "with min/max ranges",
         "onnxruntime": _ort_version(),
+        # the validation below was measured on this CPU; without VNNI the same graph can compute differently
+        "cpu_vnni": _cpu_has_vnni(),
         "calibration_images": {"count": len(chosen), "split": "train", "seed": seed,
                                "labels": Path(str(data.source)).name},
-        "reference_images": len(check_images),  # drawn; their views and logits are in arrays.npz, checked at each load
+        "reference_images": REFERENCE_IMAGES,  # drawn; their views and logits are in arrays.npz, checked at each load
         "target_sensitivity": target_sensitivity,
         "validation": {
             "images": len(val),
@@ -258,10 +208,93 @@ def quantize_bundle(model: str | Path | None, labels: str | Path, out: str | Pat
         # its own name and date: reports, the FHIR Device and the page tell the two models apart by more than a hash
         "name": f"{m.name}-int8", "created": record["date"],
         "version": f"{m.version}+int8", "metrics": metrics, "card": card,
-        "training": {**training, "quantization": record}})
+        "training": {**m.training, "quantization": record}})
     Bundle.write(out, manifest, files)
     Bundle.load(out)  # re-read and verified, as every bundle we hand out
     return Quantization(out, record)
+
+
+def _own_split(bundle: Bundle, labels: str | Path, images: str | Path | None) -> tuple[Any, list, list]:
+    """(labels, training samples, validation samples) of the model's own split, remade from the labels it was
+    trained on; ConfigError for a bundle that cannot be refitted so, or for other labels."""
+    from .evaluation.evaluate import model_seen_images  # (imports matplotlib: only when needed)
+
+    m = bundle.manifest
+    training = m.training if isinstance(m.training, dict) else {}
+    if training.get("quantization"):
+        raise ConfigError(f"{bundle.source} is already quantized; quantize the float bundle it was made from.")
+    if training.get("recalibrations"):  # refitting on the training split's validation would undo that silently
+        raise ConfigError(f"{bundle.source} was recalibrated (dermscreen calibrate) on other images; quantizing "
+                          "refits it on its training validation split instead. Quantize the bundle it was "
+                          "recalibrated from, then recalibrate the int8 copy on the same images.")
+    trained_on = (training.get("data") or {}).get("manifest_sha256")
+    if not trained_on:
+        raise ConfigError(f"{bundle.source} records no training labels, so its validation split cannot be remade: "
+                          "quantize a bundle exported by dermscreen train or export.")
+    data = load_labels(labels, images, taxonomy=m.taxonomy)
+    if data.sha256 != trained_on:
+        raise ConfigError(f"{data.source} is not the labels file this model was trained on (its sha256 differs): "
+                          "quantizing refits the model on its own validation split, so give the labels it was "
+                          f"trained on ({Path(str((training.get('data') or {}).get('source') or '?')).name}).")
+    seen = model_seen_images(bundle, data)
+    if not seen:
+        raise ConfigError(f"The split of {bundle.source} could not be remade from {data.source} (its training record "
+                          "has no split rule, or the split remade differs from the one it records). Quantize a bundle "
+                          "exported by dermscreen train or export, with the labels it was trained on.")
+    train = [s for s in data.samples if seen.get(s.image_id) == "train"]
+    val = [s for s in data.samples if seen.get(s.image_id) == "val"]
+    if not train or not val:
+        raise ConfigError(f"{data.source} holds no training or no validation images of this model's split.")
+    return data, train, val
+
+
+def _calibration_feeds(bundle: Bundle, samples: list, progress: Callable[[str, int, int], None]) -> list[dict]:
+    """The model inputs of ``samples`` (training images), one feed each, decoded and viewed as the Screener does."""
+    spec = bundle.manifest.preprocessing
+    meta = metadata_matrix(bundle, samples)
+    feeds = []
+    for k, sample in enumerate(samples):
+        feed = {"image": preprocess(read_image_file(sample.image_path), spec)[None]}
+        if meta is not None:
+            feed["metadata"] = meta[k:k + 1].astype(np.float32)
+        feeds.append(feed)
+        progress("calibration images", k + 1, len(samples))
+    return feeds
+
+
+def _with_reference_logits(bundle: Bundle, candidate: Bundle) -> bytes:
+    """The float bundle's arrays.npz plus the drawn reference views and ``candidate``'s logits on them, computed
+    here through the same Bundle path every later load compares with (Bundle._check_reference_outputs)."""
+    views = reference_views(bundle.manifest.preprocessing.image_size)
+    logits = candidate.run(candidate.reference_inputs(views), outputs=["logits"])["logits"]
+    return Bundle.arrays_bytes({**bundle.arrays, "check_images": views, "check_logits": logits.astype(np.float32)})
+
+
+def _refit_ood_threshold(bundle: Bundle, val: list, before, after):
+    """The bundle's OOD spec with the embedding threshold that keeps, of the validation images, the share the float
+    model's kept; every share it states measured again on those images (the colour check itself is unchanged)."""
+    ood = bundle.manifest.ood
+    if ood is None or not np.isfinite(before.ood_score).all():
+        return ood
+    kept = float(np.mean(before.ood_score <= ood.threshold))  # the float model's share kept, these images
+    threshold = float(np.quantile(after.ood_score, kept))
+    inside = after.ood_score <= threshold
+    update = {"threshold": threshold, "validation_kept": float(np.mean(inside))}
+    colour = ColourOOD.from_arrays(bundle.arrays) if ood.colour_threshold is not None else None
+    if colour is not None:
+        colour_inside = colour.score(file_colours([s.image_path for s in val])) <= ood.colour_threshold
+        update.update(colour_validation_kept=float(np.mean(colour_inside)),
+                      validation_kept_both=float(np.mean(inside & colour_inside)))
+    return ood.model_copy(update=update)
+
+
+def _cpu_has_vnni() -> bool | None:
+    """Whether this CPU has 8-bit dot-product instructions (AVX-512 VNNI or AVX-VNNI); None where not known."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def _counter(step: Callable[[int], None]) -> Callable[[int], None]:

@@ -22,7 +22,8 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads its own copy of the model.")
-    model: str | None = Field(None, description="Model bundle (folder or zip); empty = the shipped default model.")
+    model: str | None = Field(None, description="Model bundle (folder or zip) or an installed model's name (default, "
+                                                "default-int8); empty = the shipped default model.")
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="Largest accepted request body, in MiB.")
     max_buffered_mb: float = Field(256.0, gt=0, le=65536, description="Request bodies held in memory by all "
                                    "requests together, in MiB; uploads beyond it are answered 503 (busy).")

@@ -167,8 +167,8 @@ def add_segmenter(
     from ..bundle import Bundle, resolve_bundle_path
     from ..lesion import add_segmenter_from_run
 
-    source = resolve_bundle_path(bundle)
     try:
+        source = resolve_bundle_path(bundle)  # an unknown installed-model name is one sentence too
         folder = add_segmenter_from_run(source, segmenter, out)
     except DermscreenError as exc:
         _fail(exc)

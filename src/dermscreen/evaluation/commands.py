@@ -71,7 +71,7 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for predictions.csv, metrics.json, metrics.md, plots and report.html.")],
     model: Annotated[Optional[str], typer.Option(help="Model bundle (folder or zip, or an installed model's name: "
                                                 "default, default-int8). Default: $DERMSCREEN_MODEL, "
-                                                       "else the installed default model.")] = None,
+                                                "else the installed default model.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Images folder. Default: <labels folder>/images for "
                                                         "HAM10000/ISIC CSVs, the CSV's folder for plain ones.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,

@@ -49,7 +49,8 @@ def test_it_answers_like_the_float_model_and_is_refitted_on_validation(int8):
     assert record["source_sha256"] == shipped.sha256 and m.version == shipped.manifest.version + "+int8"
     assert m.name == shipped.manifest.name + "-int8" and m.created == record["date"]
     assert record["target_sensitivity"] == 0.95 and record["reference_images"] == 4
-    assert 0 < record["validation"]["max_p_malignant_change"] <= record["validation"]["max_probability_change"] * 3
+    # a working copy moves some images' P(malignant) a little (0.28 at most for the shipped one), a broken one a lot
+    assert 0 < record["validation"]["max_p_malignant_change"] < 0.6
     v = record["validation"]
     assert v["images"] == 855
     assert v["top1_agreement"] >= 0.9 and v["referral_agreement"] >= 0.85

@@ -25,6 +25,11 @@ _TIER_STYLE = {"high": "bold white on red3", "moderate": "bold black on dark_ora
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or zip, or the name of a model "
                                                 "installed with dermscreen: default, default-int8 (default: "
                                                 "$DERMSCREEN_MODEL, then the installed default model).")]
+# options calibrate and quantize share (both refit a bundle's thresholds on labelled images)
+ImagesOpt = Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")]
+SensitivityOpt = Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating point, at "
+                                                    "least 0.5 and below 1.")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 
 
 # what predict itself writes (--heatmap): never screened as a lesion when a later run walks the same folder
@@ -392,13 +397,12 @@ def calibrate(
                                               "labels are found.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the recalibrated bundle.")],
     model: ModelOpt = None,
-    images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,
+    images: ImagesOpt = None,
     split_file: Annotated[Optional[Path], typer.Option(help="image_id,split CSV; use only the --split images.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Which split to use (as for dermscreen evaluate); the "
                                                      "model's train split is refused.")] = None,
-    sensitivity: Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating "
-                                                     "point, at least 0.5 and below 1.")] = 0.95,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+    sensitivity: SensitivityOpt = 0.95,
+    batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Fit a bundle's temperature and referral thresholds again on your own labelled images (new bundle)."""
     from rich.progress import Progress
@@ -489,12 +493,11 @@ def quantize(
                                               "split is remade from it.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New, empty folder for the int8 bundle.")],
     model: ModelOpt = None,
-    images: Annotated[Optional[Path], typer.Option(help="Images folder (default: as for dermscreen evaluate).")] = None,
+    images: ImagesOpt = None,
     calibration_images: Annotated[int, typer.Option(min=10, help="Training images whose activation ranges set the "
                                                                  "int8 scales.")] = 300,
-    sensitivity: Annotated[float, typer.Option(help="Target sensitivity of the sensitivity-first operating "
-                                                     "point, at least 0.5 and below 1.")] = 0.95,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+    sensitivity: SensitivityOpt = 0.95,
+    batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Write an 8-bit integer copy of a bundle (its classifier ~2x faster on CPUs with VNNI), refitted on validation."""
     from rich.progress import Progress

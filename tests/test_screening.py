@@ -199,6 +199,87 @@ def test_real_images(screener, ham_dir):
         assert result.status == "ok" and result.quality.passed
 
 
+def _same_answer(one: ScreeningResult, other: ScreeningResult) -> None:
+    """Two results of the same image agree in everything but when and how fast they were made."""
+    skip = {"timings_ms", "analysed_at"}
+    assert one.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+    if one.heatmaps is not None:
+        assert np.array_equal(one.heatmaps.raw_malignant, other.heatmaps.raw_malignant)
+        assert np.array_equal(one.heatmaps.raw_top_class, other.heatmaps.raw_top_class)
+    assert (one.heatmaps is None) == (other.heatmaps is None)
+
+
+def _counting_runs(screener: Screener, monkeypatch) -> list[int]:
+    """The rows of each model run the screener makes from now on."""
+    rows: list[int] = []
+    run = screener.bundle.run
+
+    def counted(images, *args, **kwargs):
+        rows.append(len(images))
+        return run(images, *args, **kwargs)
+
+    monkeypatch.setattr(screener.bundle, "run", counted)
+    return rows
+
+
+@pytest.mark.data
+def test_analyze_many_gives_each_file_its_own_answer_from_one_model_run(ham_dir, ham224_dir, monkeypatch):
+    # The shipped model on real images of both copies, with a bad file among them: the model runs once for all
+    # the images that reach it, each answer is analyze's for that file, and the bad file is answered in its place.
+    screener = Screener(None, ScreenerSettings(threads=1))
+    good = [p.read_bytes() for p in sorted((ham_dir / "images").glob("*.jpg"))[:3]]
+    good += [p.read_bytes() for p in sorted((ham224_dir / "images").glob("*.jpg"))[:2]]
+    files = [(good[0], "a.jpg"), (b"not an image at all", "notes.txt"), *[(d, f"{i}.jpg") for i, d in
+                                                                           enumerate(good[1:])]]
+    files.append((good[1][: len(good[1]) // 3], "cut.jpg"))  # a truncated JPEG
+    alone = []
+    for data, name in files:
+        try:
+            alone.append(screener.analyze(data, filename=name, age=50, sex="male", site="back"))
+        except ImageError as exc:
+            alone.append(exc)
+    rows = _counting_runs(screener, monkeypatch)
+    together = screener.analyze_many(files, age=50, sex="male", site="back")
+    assert len(together) == len(files)
+    reached = [r for r in together if isinstance(r, ScreeningResult) and "model" in r.timings_ms]
+    assert rows == [len(reached)] and len(reached) >= 4
+    for one, other in zip(alone, together):
+        if isinstance(one, Exception):
+            assert type(other) is type(one) and str(other) == str(one)
+            continue
+        _same_answer(one, other)
+        stages = {k: v for k, v in other.timings_ms.items() if k != "total"}
+        assert other.timings_ms["total"] == pytest.approx(sum(stages.values()), abs=0.05)
+    assert isinstance(together[1], ImageError) and "notes.txt" in str(together[1])
+    assert isinstance(together[-1], ImageError)
+
+
+def test_analyze_many_with_flips_and_metadata(tiny_bundle_meta, monkeypatch):
+    # TTA sends four rows per image and a metadata model gets one metadata row per image row
+    screener = Screener(tiny_bundle_meta, ScreenerSettings(ood_refusal=False))
+    files = [(_jpeg(_lesion(seed)), None) for seed in range(3)]
+    alone = [screener.analyze(data, tta=True, age=70, sex="female", site="face") for data, _ in files]
+    rows = _counting_runs(screener, monkeypatch)
+    together = screener.analyze_many(files, tta=True, age=70, sex="female", site="face")
+    assert rows == [12]
+    for one, other in zip(alone, together):
+        assert one.debug.metadata_used and one.debug.tta
+        _same_answer(one, other)
+    assert screener.analyze_many([]) == [] and rows == [12]
+
+
+def test_analyze_many_returns_option_errors_per_file_and_runs_no_model(screener, monkeypatch):
+    rows = _counting_runs(screener, monkeypatch)
+    answers = screener.analyze_many([(_jpeg(_lesion(1)), None), (_jpeg(_lesion(2)), None)], age=300)
+    assert [type(a) for a in answers] == [InputError, InputError] and "out of range" in str(answers[0])
+    assert rows == []
+    # an image the quality gate refuses never reaches the model; the others still share one run
+    blank = np.full((150, 200, 3), 128, np.uint8)
+    answers = screener.analyze_many([(_jpeg(blank), None), (_jpeg(_lesion(1)), None), (_jpeg(_lesion(2)), None)])
+    assert [a.status for a in answers] == ["cannot_assess", "ok", "ok"] and rows == [2]
+    assert "model" not in answers[0].timings_ms
+
+
 def test_quality_thresholds_from_bundle_then_settings(tiny_bundle, tmp_path):
     from dermscreen.bundle import ARRAYS_FILE, MODEL_FILE
 

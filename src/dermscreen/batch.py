@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .errors import DermscreenError, ImageError, printable
+from .errors import ImageError, printable
 
-# what one file costs a worker to send back is small; chunks amortise the inter-process round trip
+# Files a worker takes at a time. Its answers are small, so a chunk amortises the inter-process round trip, and the
+# model runs once per chunk (Screener.analyze_many): on one core an int8 EfficientNet-Lite0 pair took 5.3 ms per
+# image alone, 4.0 ms in fours and no less in eights.
 CHUNK = 4
 
 
@@ -57,22 +59,42 @@ def _init(model, settings, writer, options) -> None:
     _writer, _options = writer, options
 
 
-def analyze_file(screener, index: int, path: Path, stem: str, writer: Optional[Writer], options: dict) -> FileOutcome:
-    """Analyse one file with ``screener``; a bad file becomes an error outcome, never an exception."""
-    try:
-        result = screener.analyze(_read_image_bytes(path), filename=printable(path.name), **options)
-    except (ImageError, OSError) as exc:
+def analyze_files(screener, jobs: list[tuple[int, Path, str]], writer: Optional[Writer],
+                  options: dict) -> list[FileOutcome]:
+    """Analyse (index, path, stem) jobs with ``screener``, the model once for all → FileOutcome per job, in order;
+    a bad file becomes an error outcome, never an exception."""
+    outcomes: dict[int, FileOutcome] = {}
+    readable = []
+    for index, path, stem in jobs:
+        try:
+            readable.append((index, path, stem, _read_image_bytes(path)))
+        except (ImageError, OSError) as exc:
+            outcomes[index] = _error(index, path, exc)
+    answers = screener.analyze_many([(data, printable(path.name)) for _, path, _, data in readable], **options)
+    for (index, path, stem, _), result in zip(readable, answers):
+        outcomes[index] = _error(index, path, result) if isinstance(result, Exception) else \
+            _written(index, path, stem, result, writer)
+    return [outcomes[index] for index, _, _ in jobs]
+
+
+def _error(index: int, path: Path, exc: Exception) -> FileOutcome:
+    """The outcome of a file that could not be analysed."""
+    if isinstance(exc, (ImageError, OSError)):
         message = str(exc) if isinstance(exc, ImageError) else f"cannot read the file ({exc.strerror or exc})."
         return FileOutcome(index, path, error=message, error_type=type(exc).__name__)
-    except DermscreenError as exc:  # e.g. an unknown --site: it fails every file alike
-        return FileOutcome(index, path, error=str(exc), error_type=type(exc).__name__, fatal=True)
+    # e.g. an unknown --site: it fails every file alike
+    return FileOutcome(index, path, error=str(exc), error_type=type(exc).__name__, fatal=True)
+
+
+def _written(index: int, path: Path, stem: str, result, writer: Optional[Writer]) -> FileOutcome:
+    """The outcome of an analysed file, once the files the caller asked for (``writer``) are written."""
     try:
         written = tuple(writer(path, stem, result, result.image_rgb)) if writer else ()
     except OSError as exc:  # a full disk or a folder made read-only: every next report would fail alike
         where = f" {exc.filename}" if exc.filename else ""
         return FileOutcome(index, path, result.to_json(), error_type=type(exc).__name__, fatal=True,
                            error=f"could not write the report{where} ({exc.strerror or exc}); this image's result "
-                                 "is above, the images after it were not analysed.")
+                                 "is above, the images after it were not reported.")
     return FileOutcome(index, path, result.to_json(), written=written)
 
 
@@ -96,7 +118,7 @@ def _read_image_bytes(path: Path) -> bytes:
 
 def _work_chunk(jobs: list[tuple[int, Path, str]]) -> list[FileOutcome]:
     """A chunk of files, in a worker process (one round trip per chunk: the answers are small)."""
-    return [analyze_file(_screener, index, path, stem, _writer, _options) for index, path, stem in jobs]
+    return analyze_files(_screener, jobs, _writer, _options)
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -138,8 +160,8 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
             from .screening import Screener
 
             screener = Screener(model, settings)
-        for i, path, stem in jobs:
-            yield analyze_file(screener, i, path, stem, writer, options)
+        for k in range(0, len(jobs), CHUNK):
+            yield from analyze_files(screener, jobs[k:k + CHUNK], writer, options)
         return
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
     queued = 4 * (workers - 1)  # chunks handed to the pool ahead: enough that no spawned worker idles
@@ -152,7 +174,7 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
     given = 1  # chunks handed out so far (to the pool or to this process), in order
 
     def here(k: int) -> list[FileOutcome]:
-        return [analyze_file(screener, i, path, stem, writer, options) for i, path, stem in chunks[k]]
+        return analyze_files(screener, chunks[k], writer, options)
 
     def top_up() -> None:
         nonlocal given

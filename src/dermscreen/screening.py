@@ -14,7 +14,7 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generator, Literal, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from . import DISCLAIMER
 from .bundle import Bundle, resolve_bundle_path, without_paths
 from .calibration import OperatingPoint, softmax
-from .errors import BundleError, InputError
+from .errors import BundleError, DermscreenError, ImageError, InputError
 from .evaluation.held_out import held_out_for
 from .explain import Heatmaps, cam, data_url, malignant_direction
 from .imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, limit_side
@@ -295,6 +295,13 @@ def resolve_bundle(bundle: Bundle | str | Path | None) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.load(resolve_bundle_path(bundle))
 
 
+class ModelCall(NamedTuple):
+    """What one image's pipeline asks of the model: its input rows (1, or 4 with flips) and their metadata."""
+
+    images: np.ndarray  # (rows, 3, S, S) float32
+    metadata: np.ndarray | None  # (rows, dim) float32, None for a model without metadata
+
+
 def _flips(x: np.ndarray) -> np.ndarray:
     """(3, S, S) → (4, 3, S, S): identity, horizontal, vertical, both flips."""
     return np.stack([x, x[:, :, ::-1], x[:, ::-1, :], x[:, ::-1, ::-1]])
@@ -345,6 +352,34 @@ class Screener:
                                max_side=self.settings.max_side)
         decode_ms = (time.perf_counter() - t0) * 1000
         return self._analyze_decoded(decoded, {"decode": decode_ms}, age, sex, site, heatmap, tta, t0)
+
+    def analyze_many(self, files: Sequence[tuple[bytes, str | None]], *, age: float | None = None,
+                     sex: str | None = None, site: str | None = None, heatmap: bool | None = True,
+                     tta: bool | None = None) -> list[ScreeningResult | DermscreenError]:
+        """Screen several files' (bytes, filename) with the same options → per file, in order, its ScreeningResult
+        or the ImageError / InputError that stopped it: returned, not raised, so one bad file spoils no other.
+
+        The answers are ``analyze``'s, but the model runs once on every image that reaches it: on one core it
+        costs ~25 % less per image in batches of 4 than one at a time (batch folders). Each result's model time
+        is its share of that run, and its total the sum of its own stages.
+        """
+        results: list = [None] * len(files)
+        waiting: list[tuple[int, DecodedImage, dict[str, float]]] = []
+        for i, (data, filename) in enumerate(files):
+            t0 = time.perf_counter()
+            try:
+                decoded = decode_image(data, max_pixels=self.settings.max_pixels, filename=filename,
+                                       max_side=self.settings.max_side)
+            except ImageError as exc:
+                results[i] = exc
+                continue
+            waiting.append((i, decoded, {"decode": (time.perf_counter() - t0) * 1000}))
+        answers = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
+                                       for _, decoded, timings in waiting])
+        for (i, decoded, timings), answer in zip(waiting, answers):
+            results[i] = answer if isinstance(answer, DermscreenError) else \
+                self._finish(answer, decoded, timings, None)
+        return results
 
     def analyze_image(self, rgb: np.ndarray, *, age: float | None = None, sex: str | None = None,
                       site: str | None = None, heatmap: bool | None = True, tta: bool | None = None) -> ScreeningResult:
@@ -470,20 +505,28 @@ class Screener:
         x0, y0 = min(max(0, cx - side // 2), w - side), min(max(0, cy - side // 2), h - side)
         return segment_region(self.segmenter, rgb, (x0, y0, x0 + side, y0 + side), image)
 
-    def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
-        """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""
-        t0 = time.perf_counter()
+    def _model_input(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> ModelCall:
+        """The model's input rows for one view: the preprocessed image (and its flips with TTA), and metadata."""
         x = preprocess(rgb, self.bundle.manifest.preprocessing)
         batch = _flips(x) if tta else x[None]
-        if meta is not None:
-            meta = np.repeat(meta, len(batch), axis=0)
-        t1 = time.perf_counter()
-        out = self.bundle.run(batch, meta, threads=self.settings.threads)
+        return ModelCall(batch, None if meta is None else np.repeat(meta, len(batch), axis=0))
+
+    @staticmethod
+    def _model_output(out: dict[str, np.ndarray], tta: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's rows of the model's outputs → (logits (C,), embedding (D,), features (D, h, w))."""
         if tta:  # average logits (not probabilities) so the bundle's temperature keeps its meaning; the OOD check
             # scores the unflipped view's embedding, as its threshold was chosen on (an average of four views
             # lies nearer the training mean and would let out-of-distribution images through)
-            return out["logits"].mean(0), out["embedding"][0], _unflip_mean(out["features"]), (t1 - t0) * 1000
-        return out["logits"][0], out["embedding"][0], out["features"][0], (t1 - t0) * 1000
+            return out["logits"].mean(0), out["embedding"][0], _unflip_mean(out["features"])
+        return out["logits"][0], out["embedding"][0], out["features"][0]
+
+    def _run_model(self, rgb: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, ...]:
+        """Preprocess and run the ONNX model → (logits (C,), embedding (D,), features (D, h, w), preprocess ms)."""
+        t0 = time.perf_counter()
+        call = self._model_input(rgb, meta, tta)
+        t1 = time.perf_counter()
+        out = self.bundle.run(call.images, call.metadata, threads=self.settings.threads)
+        return (*self._model_output(out, tta), (t1 - t0) * 1000)
 
     def _colour(self, rgb: np.ndarray) -> float | None:
         """The colour-statistics OOD distance, or None when the bundle has no such check or refusal is off."""
@@ -533,16 +576,54 @@ class Screener:
     def _analyze_decoded(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
                          heatmap: bool | None, tta: bool | None, t_start: float) -> ScreeningResult:
         """The pipeline after decoding; ``timings`` already holds the decode time."""
-        result = self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
-        result._rgb = decoded.rgb
-        # the overlays' size (explain.Heatmaps.display_size), so the outline, the heatmaps and the preview stack
-        # exactly; set for refused images too, whose preview is all a client can show of them
-        result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
-        return self._finish(result, timings, t_start)
+        result = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)])[0]
+        if isinstance(result, DermscreenError):
+            raise result
+        return self._finish(result, decoded, timings, t_start)
+
+    def _run_pipelines(self, pipelines: list[Generator]) -> list[ScreeningResult | DermscreenError]:
+        """Run each image's ``_pipeline`` up to its model call, the model once on all their rows, then each to its end.
+
+        → per pipeline its ScreeningResult, or the DermscreenError that stopped it (an invalid age, say). Each
+        pipeline's model time is its share of the joint run, by rows.
+        """
+        results: list = [None] * len(pipelines)
+        calls: dict[int, ModelCall] = {}
+        for i, steps in enumerate(pipelines):
+            try:
+                calls[i] = next(steps)
+            except StopIteration as done:  # refused before the model
+                results[i] = done.value
+            except DermscreenError as exc:
+                results[i] = exc
+        if not calls:
+            return results
+        asked = list(calls.values())
+        t = time.perf_counter()
+        images = asked[0].images if len(asked) == 1 else np.concatenate([c.images for c in asked])
+        # a model that takes metadata gets it for every image (encoded unknown when not given), else none does
+        meta = None if asked[0].metadata is None else np.concatenate([c.metadata for c in asked])
+        out = self.bundle.run(images, meta, threads=self.settings.threads)
+        ms_per_row = (time.perf_counter() - t) * 1000 / len(images)
+        start = 0
+        for i, call in calls.items():
+            rows = slice(start, start + len(call.images))
+            start = rows.stop
+            try:
+                pipelines[i].send(({k: v[rows] for k, v in out.items()}, ms_per_row * len(call.images)))
+            except StopIteration as done:
+                results[i] = done.value
+            except DermscreenError as exc:
+                results[i] = exc
+        return results
 
     def _pipeline(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
-                  heatmap: bool | None, tta: bool | None) -> ScreeningResult:
-        """Quality gate, model, OOD, tier and heatmaps for a decoded image; fills ``timings``."""
+                  heatmap: bool | None, tta: bool | None) -> Generator[ModelCall, tuple, ScreeningResult]:
+        """Quality gate, model, OOD, tier and heatmaps for a decoded image; fills ``timings``.
+
+        A generator, so that several images can share one model run (``_run_pipelines``): it yields its
+        ModelCall, is sent back (its rows of the model's outputs, its model ms), and returns the result.
+        """
         tta = self.settings.tta if tta is None else bool(tta)
         want_heatmap = self.settings.heatmap if heatmap is None else bool(heatmap)
         meta = self._metadata_vector(age, sex, site)
@@ -574,8 +655,10 @@ class Screener:
                 view = decoded.rgb[top:bottom, left:right]
             timings["lesion"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        logits, embedding, features, timings["preprocess"] = self._run_model(view, meta, tta)
-        timings["model"] = (time.perf_counter() - t) * 1000 - timings["preprocess"]
+        call = self._model_input(view, meta, tta)
+        timings["preprocess"] = (time.perf_counter() - t) * 1000
+        out, timings["model"] = yield call
+        logits, embedding, features = self._model_output(out, tta)
         t = time.perf_counter()
         probs = softmax(logits[None], m.calibration.temperature)[0]
         p_mal = float(m.taxonomy.p_malignant(probs))
@@ -620,10 +703,14 @@ class Screener:
                                quality=quality, ood=ood, reasons=[r for r in reasons if r], image=image,
                                model=self.identity, analysed_at=_now(), debug=debug)
 
-    @staticmethod
-    def _finish(result: ScreeningResult, timings: dict[str, float], t_start: float) -> ScreeningResult:
-        """Attach rounded per-stage timings and the total."""
-        timings["total"] = (time.perf_counter() - t_start) * 1000
+    def _finish(self, result: ScreeningResult, decoded: DecodedImage, timings: dict[str, float],
+                t_start: float | None) -> ScreeningResult:
+        """Attach the image, rounded per-stage timings and the total (since ``t_start``; None: the stages' sum)."""
+        result._rgb = decoded.rgb
+        # the overlays' size (explain.Heatmaps.display_size), so the outline, the heatmaps and the preview stack
+        # exactly; set for refused images too, whose preview is all a client can show of them
+        result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
+        timings["total"] = sum(timings.values()) if t_start is None else (time.perf_counter() - t_start) * 1000
         result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
         return result
 

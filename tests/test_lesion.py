@@ -705,3 +705,48 @@ def test_perimeter_counts_the_edges_of_the_mask_padded_with_background():
         edges = np.abs(np.diff(m, axis=0)).sum() + np.abs(np.diff(m, axis=1)).sum()
         assert L.perimeter(mask) == float(edges) * math.pi / 4.0
     assert L.perimeter(np.zeros((0, 3), bool)) == 0.0
+
+
+def test_label_components_numbers_components_as_scipy_does():
+    # scipy.ndimage.label with its default cross is the reference: same labels, same order, same count, on noise
+    # of every density, on smooth blobs (resized noise) and on the edge cases (empty, full, one row, one column)
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((5, 7), bool), np.ones((5, 7), bool), np.zeros((0, 4), bool), rng.random((1, 30)) < 0.5,
+             rng.random((30, 1)) < 0.5, np.eye(6, dtype=bool), np.eye(6, dtype=bool)[::-1]]
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        masks.append(rng.random((h, w)) < rng.uniform(0.05, 0.95))
+        coarse = (rng.random((max(1, h // 6), max(1, w // 6))) * 255).astype(np.uint8)
+        masks.append(np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR)) > 128)
+    spiral = np.zeros((41, 41), bool)  # one long winding component: many rounds of joining
+    for k in range(0, 20, 2):
+        spiral[k, k:41 - k] = spiral[k:41 - k, 40 - k] = spiral[40 - k, k + 2:41 - k] = True
+        spiral[k + 2:41 - k, k + 2] = True
+    masks.append(spiral)
+    for mask in masks:
+        expected, n_expected = ndi.label(mask)
+        labels, n = L.label_components(mask)
+        assert n == n_expected and labels.dtype == np.int32 and np.array_equal(labels, expected)
+    assert L.label_components(spiral)[1] == 1
+
+
+def test_the_segmenter_path_does_not_import_scipy(tmp_path):
+    # scipy.ndimage's import cost ~0.2 s in every screening process; only the classical fallback still needs it
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from dermscreen.screening import Screener, ScreenerSettings\n"
+            "s = Screener(None, ScreenerSettings(threads=1))\n"
+            "assert s.segmenter is not None\n"
+            "import numpy as np\n"
+            "yy, xx = np.mgrid[0:150, 0:200]\n"
+            "rgb = np.full((150, 200, 3), (200, 150, 130), np.uint8)\n"
+            "rgb[(xx - 100) ** 2 + (yy - 75) ** 2 < 30 ** 2] = (95, 55, 35)\n"
+            "s.analyze_image(rgb)\n"
+            "s.warm_up()\n"
+            "print('scipy.ndimage' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -1,4 +1,4 @@
-"""Lesion mask, smart crop and ABCD descriptors (numpy + Pillow; scipy.ndimage imported lazily).
+"""Lesion mask, smart crop and ABCD descriptors (numpy + Pillow; scipy.ndimage only for the classical fallback).
 
 Two ways to find the lesion, one result type (``Segmentation``):
 
@@ -208,17 +208,54 @@ def minimum_error_threshold(values: np.ndarray) -> int:
 
 def _vignette(value: np.ndarray) -> np.ndarray:
     """Regions whose brightest channel is very dark and that touch the frame border: a dermatoscope's lens edge."""
-    import scipy.ndimage as ndi
-
-    labels, n = ndi.label(value < VIGNETTE_LUMA)
+    labels, n = label_components(value < VIGNETTE_LUMA)
     if n == 0:
         return np.zeros(value.shape, dtype=bool)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     return np.isin(labels, edge[edge > 0])
 
 
-# ndi.label's default structure (4-connected), built once: generating it took a sixth of each call's time
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a 2-D bool mask → (int32 labels, 0 outside, 1..n in raster order of each
+    component's first pixel; n): exactly what ``scipy.ndimage.label`` gives with its default cross.
+
+    Here, not scipy's, because importing scipy.ndimage took ~0.2 s in every process that screens (each batch
+    worker, the server's start) and this is all the segmenter path needed of it. It works on runs (a row's
+    stretch of True pixels): runs that overlap in adjacent rows are joined by union-find in numpy, with
+    pointer jumping, so the loop turns a few times however long the component. ~0.13 ms on a 128 x 96 mask
+    against scipy's ~0.08 ms: cheaper than the import for any batch under ~2,000 images per process.
+    """
+    m = np.ascontiguousarray(mask, dtype=bool)
+    h, w = m.shape
+    starts = m.copy()
+    starts[:, 1:] &= ~m[:, :-1]
+    run = np.cumsum(starts.ravel(), dtype=np.int32).reshape(h, w)  # each pixel's run number (1-based)
+    n_runs = int(run[-1, -1]) if run.size else 0
+    if n_runs == 0:
+        return np.zeros((h, w), np.int32), 0
+    run *= m
+    # two overlapping runs of adjacent rows share one stretch of columns: its first column names the pair once
+    both = m[:-1] & m[1:]
+    first = both.copy()
+    first[:, 1:] &= ~both[:, :-1]
+    a, b = run[:-1][first], run[1:][first]
+    parent = np.arange(n_runs + 1, dtype=np.int32)  # parent[r] <= r; a component's root is its first run
+    while a.size:
+        lower = np.minimum(parent[a], parent[b])
+        np.minimum.at(parent, parent[a], lower)
+        np.minimum.at(parent, parent[b], lower)
+        while True:  # pointer jumping: every run straight to its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        joined = parent[a] == parent[b]
+        a, b = a[~joined], b[~joined]
+    roots = np.unique(parent[1:])  # ascending run numbers: raster order of each component's first pixel
+    number = np.zeros(n_runs + 1, np.int32)
+    number[1:] = np.searchsorted(roots, parent[1:]) + 1
+    return number[run], len(roots)
+
 
 
 @functools.lru_cache(maxsize=8)
@@ -263,11 +300,9 @@ def clean_mask(candidate: np.ndarray, smooth: int = 5, confidence: np.ndarray | 
 
 def _kept_component(candidate: np.ndarray, smooth: int = 5, confidence: np.ndarray | None = None) -> np.ndarray:
     """``clean_mask`` before its holes are filled (which leaves the mask's bounding box as it is)."""
-    import scipy.ndimage as ndi
-
     smooth = smooth if smooth > 1 else 0
     m = _box_morph(_box_morph(candidate, smooth, False), smooth, True) if smooth else candidate
-    labels, n = ndi.label(m, _CROSS)
+    labels, n = label_components(m)
     if n == 0:
         return m
     if n == 1 and not smooth:  # one component (the segmenter's usual answer): nothing to choose
@@ -293,9 +328,7 @@ def _kept_component(candidate: np.ndarray, smooth: int = 5, confidence: np.ndarr
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the background regions that do not reach the frame border (faster than ndi.binary_fill_holes)."""
-    import scipy.ndimage as ndi
-
-    labels, n = ndi.label(~mask, _CROSS)
+    labels, n = label_components(~mask)
     if n == 0:
         return mask
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])

@@ -393,11 +393,13 @@ class Screener:
     def warm_up(self) -> dict[str, float]:
         """Run the lesion and model stages once on a synthetic lesion (nothing real, nothing kept) → ms per stage.
 
-        The first analysis in a process otherwise pays for scipy.ndimage's import (~0.5 s) and onnxruntime's
-        first-run allocations: measured 480-700 ms for a server's first request against ~65 ms after. The
-        quality gate and OOD check are skipped, so they cannot refuse the synthetic image before the lesion stage.
+        The first analysis in a process otherwise pays for onnxruntime's first-run allocations (and, with the
+        classical segmentation, scipy.ndimage's import): measured 480-700 ms for a server's first request against
+        ~65 ms after, when the segmenter path still imported scipy. The quality gate and OOD check are skipped, so
+        they cannot refuse the synthetic image before the lesion stage.
         """
-        import scipy.ndimage  # noqa: F401 (the import is the point: lesion.py imports it lazily)
+        if self.segmenter is None and (self.settings.smart_crop or self.settings.abcd):
+            import scipy.ndimage  # noqa: F401 (the import is the point: segment_classical imports it lazily)
 
         yy, xx = np.mgrid[0:150, 0:200]
         rgb = np.empty((150, 200, 3), np.uint8)

@@ -209,6 +209,38 @@ def test_the_calling_process_works_beside_its_workers_and_order_is_kept(tiny_bun
     assert outcomes[0].written[0].suffix == f".pid{os.getpid()}"  # the first answer never waits for a worker
 
 
+def test_a_chunk_keeps_its_order_around_unreadable_files_and_stops_writing_at_a_full_disk(tiny_bundle, ham_dir,
+                                                                                          tmp_path):
+    # analyze_files: one model run per chunk, answers in the chunk's order whatever could not be read, and once a
+    # report could not be written no later file of the chunk is written (each says why, as the first did)
+    import errno
+
+    from dermscreen.batch import analyze_files
+    from dermscreen.screening import Screener, ScreenerSettings
+
+    real = sorted((ham_dir / "images").glob("*.jpg"))[:4]
+    paths = [real[0], tmp_path / "missing.jpg", tmp_path, real[1], real[2], real[3]]
+    jobs = [(10 + i, p, f"s{i}") for i, p in enumerate(paths)]
+    screener = Screener(tiny_bundle, ScreenerSettings(threads=1))
+    calls: list[str] = []
+
+    def writer(path, stem, result, rgb):
+        calls.append(stem)
+        if stem == "s3":
+            raise OSError(errno.ENOSPC, "No space left on device", f"out/{stem}.html")
+        return [Path(f"out/{stem}.html")]
+
+    outcomes = analyze_files(screener, jobs, writer, {"heatmap": False})
+    assert [o.index for o in outcomes] == [10, 11, 12, 13, 14, 15] and [o.path for o in outcomes] == paths
+    assert outcomes[0].written == (Path("out/s0.html"),) and outcomes[0].error is None
+    assert "cannot read the file" in outcomes[1].error and not outcomes[1].fatal
+    assert "not a regular file" in outcomes[2].error and not outcomes[2].fatal
+    assert outcomes[3].fatal and "No space left on device" in outcomes[3].error and outcomes[3].result
+    assert calls == ["s0", "s3"]  # s4 and s5 were analysed, not written
+    for later in outcomes[4:]:
+        assert later.fatal and later.error == outcomes[3].error and later.result and not later.written
+
+
 def test_no_lesion_skips_the_outline_and_abcd(app, ham_dir):
     # a real photograph, the shipped model: outlined and measured by default, not with --no-lesion (bulk screening)
     image_id = (ham_dir / "HAM10000_metadata.csv").read_text().splitlines()[1].split(",")[1]

@@ -199,13 +199,29 @@ def test_real_images(screener, ham_dir):
         assert result.status == "ok" and result.quality.passed
 
 
+def _close(a, b, where: str = "") -> None:
+    """Nested dumps equal, floats to rounding (onnxruntime may pick other kernels for other batch sizes)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{k}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
 def _same_answer(one: ScreeningResult, other: ScreeningResult) -> None:
     """Two results of the same image agree in everything but when and how fast they were made."""
     skip = {"timings_ms", "analysed_at"}
-    assert one.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+    _close(one.model_dump(exclude=skip), other.model_dump(exclude=skip))
     if one.heatmaps is not None:
-        assert np.array_equal(one.heatmaps.raw_malignant, other.heatmaps.raw_malignant)
-        assert np.array_equal(one.heatmaps.raw_top_class, other.heatmaps.raw_top_class)
+        assert np.allclose(one.heatmaps.raw_malignant, other.heatmaps.raw_malignant, rtol=1e-5, atol=1e-6)
+        assert np.allclose(one.heatmaps.raw_top_class, other.heatmaps.raw_top_class, rtol=1e-5, atol=1e-6)
     assert (one.heatmaps is None) == (other.heatmaps is None)
 
 
@@ -248,8 +264,10 @@ def test_analyze_many_gives_each_file_its_own_answer_from_one_model_run(ham_dir,
             assert type(other) is type(one) and str(other) == str(one)
             continue
         _same_answer(one, other)
-        stages = {k: v for k, v in other.timings_ms.items() if k != "total"}
-        assert other.timings_ms["total"] == pytest.approx(sum(stages.values()), abs=0.05)
+        for timed in (one, other):  # the total covers every stage and what lies between them
+            stages = {k: v for k, v in timed.timings_ms.items() if k != "total"}
+            assert {"decode", "quality", "lesion", "preprocess", "model", "postprocess"} <= set(stages)
+            assert timed.timings_ms["total"] >= sum(stages.values()) - 0.05
     assert isinstance(together[1], ImageError) and "notes.txt" in str(together[1])
     assert isinstance(together[-1], ImageError)
 

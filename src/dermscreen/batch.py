@@ -71,9 +71,16 @@ def analyze_files(screener, jobs: list[tuple[int, Path, str]], writer: Optional[
         except (ImageError, OSError) as exc:
             outcomes[index] = _error(index, path, exc)
     answers = screener.analyze_many([(data, printable(path.name)) for _, path, _, data in readable], **options)
+    unwritable: Optional[FileOutcome] = None  # once a report could not be written, no later one is attempted
     for (index, path, stem, _), result in zip(readable, answers):
-        outcomes[index] = _error(index, path, result) if isinstance(result, Exception) else \
-            _written(index, path, stem, result, writer)
+        if isinstance(result, Exception):
+            outcomes[index] = _error(index, path, result)
+        elif unwritable is not None:
+            outcomes[index] = FileOutcome(index, path, result.to_json(), error=unwritable.error,
+                                          error_type=unwritable.error_type, fatal=True)
+        else:
+            outcomes[index] = _written(index, path, stem, result, writer)
+            unwritable = outcomes[index] if outcomes[index].fatal else None
     return [outcomes[index] for index, _, _ in jobs]
 
 
@@ -94,7 +101,7 @@ def _written(index: int, path: Path, stem: str, result, writer: Optional[Writer]
         where = f" {exc.filename}" if exc.filename else ""
         return FileOutcome(index, path, result.to_json(), error_type=type(exc).__name__, fatal=True,
                            error=f"could not write the report{where} ({exc.strerror or exc}); this image's result "
-                                 "is above, the images after it were not reported.")
+                                 "is above, the images after it are not shown.")
     return FileOutcome(index, path, result.to_json(), written=written)
 
 
@@ -200,10 +207,9 @@ def screen_files(paths: list[Path], model, settings, *, workers: int | None = No
             top_up()
             yield from outcomes
         finished = True
-    except GeneratorExit:  # the caller stopped early (a fatal error, Ctrl-C): drop the queued work
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
     finally:
-        # Every answer is in: the workers exit (onnxruntime and interpreter teardown, ~0.13 s) while the caller
-        # goes on, and Python joins them at exit. Stopped early, this waits, so no file is written afterwards.
-        pool.shutdown(wait=not finished)
+        # Every answer is in: the workers' teardown (onnxruntime and the interpreter, ~0.13 s) overlaps what the
+        # caller does next, e.g. printing the table; Python still joins them before the process exits. Stopped
+        # early (any exception), queued chunks are dropped and this waits for the running ones, so no report is
+        # written after it returns.
+        pool.shutdown(wait=not finished, cancel_futures=not finished)

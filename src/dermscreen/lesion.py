@@ -257,7 +257,6 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return number[run], len(roots)
 
 
-
 @functools.lru_cache(maxsize=8)
 def _centre_distance(shape: tuple[int, int]) -> np.ndarray:
     """(h, w) squared distance from the centre, 1 at the middle of each edge (cached: masks come in few sizes)."""

@@ -357,11 +357,14 @@ class Screener:
                      sex: str | None = None, site: str | None = None, heatmap: bool | None = True,
                      tta: bool | None = None) -> list[ScreeningResult | DermscreenError]:
         """Screen several files' (bytes, filename) with the same options → per file, in order, its ScreeningResult
-        or the ImageError / InputError that stopped it: returned, not raised, so one bad file spoils no other.
+        or the DermscreenError (ImageError, InputError) that stopped it: returned, not raised, so one bad file
+        spoils no other. Any other exception (a fault, not a file's) is raised.
 
         The answers are ``analyze``'s, but the model runs once on every image that reaches it: on one core it
-        costs ~25 % less per image in batches of 4 than one at a time (batch folders). Each result's model time
-        is its share of that run, and its total the sum of its own stages.
+        costs ~25 % less per image in batches of 4 than one at a time (batch folders). The results were equal bit
+        for bit on the machine where this was measured; onnxruntime does not promise that for every CPU and batch
+        size, so expect differences at float rounding. Each result's model time is its share of that run, and its
+        total the time spent on it: decoding, its own steps and that share.
         """
         results: list = [None] * len(files)
         waiting: list[tuple[int, DecodedImage, dict[str, float]]] = []
@@ -374,11 +377,11 @@ class Screener:
                 results[i] = exc
                 continue
             waiting.append((i, decoded, {"decode": (time.perf_counter() - t0) * 1000}))
-        answers = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
-                                       for _, decoded, timings in waiting])
-        for (i, decoded, timings), answer in zip(waiting, answers):
+        answers, spent = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)
+                                              for _, decoded, timings in waiting])
+        for (i, decoded, timings), answer, ms in zip(waiting, answers, spent):
             results[i] = answer if isinstance(answer, DermscreenError) else \
-                self._finish(answer, decoded, timings, None)
+                self._finish(answer, decoded, timings, time.perf_counter(), timings["decode"] + ms)
         return results
 
     def analyze_image(self, rgb: np.ndarray, *, age: float | None = None, sex: str | None = None,
@@ -578,46 +581,52 @@ class Screener:
     def _analyze_decoded(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
                          heatmap: bool | None, tta: bool | None, t_start: float) -> ScreeningResult:
         """The pipeline after decoding; ``timings`` already holds the decode time."""
-        result = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)])[0]
+        result = self._run_pipelines([self._pipeline(decoded, timings, age, sex, site, heatmap, tta)])[0][0]
         if isinstance(result, DermscreenError):
             raise result
         return self._finish(result, decoded, timings, t_start)
 
-    def _run_pipelines(self, pipelines: list[Generator]) -> list[ScreeningResult | DermscreenError]:
+    def _run_pipelines(self, pipelines: list[Generator]) -> tuple[list[ScreeningResult | DermscreenError], list[float]]:
         """Run each image's ``_pipeline`` up to its model call, the model once on all their rows, then each to its end.
 
-        → per pipeline its ScreeningResult, or the DermscreenError that stopped it (an invalid age, say). Each
-        pipeline's model time is its share of the joint run, by rows.
+        → (per pipeline its ScreeningResult, or the DermscreenError that stopped it (an invalid age, say); the ms
+        spent on it: its own steps plus its share, by rows, of the joint model run, which is also its model time).
+        Any other exception is raised.
         """
         results: list = [None] * len(pipelines)
+        spent = [0.0] * len(pipelines)
         calls: dict[int, ModelCall] = {}
-        for i, steps in enumerate(pipelines):
+
+        def step(i: int, value=None) -> None:
+            t = time.perf_counter()
             try:
-                calls[i] = next(steps)
-            except StopIteration as done:  # refused before the model
+                calls[i] = pipelines[i].send(value)
+            except StopIteration as done:  # answered (or refused before the model)
                 results[i] = done.value
             except DermscreenError as exc:
                 results[i] = exc
+            spent[i] += (time.perf_counter() - t) * 1000
+
+        for i in range(len(pipelines)):
+            step(i)
         if not calls:
-            return results
-        asked = list(calls.values())
+            return results, spent
+        asked = list(calls.items())
+        calls.clear()
         t = time.perf_counter()
-        images = asked[0].images if len(asked) == 1 else np.concatenate([c.images for c in asked])
+        images = asked[0][1].images if len(asked) == 1 else np.concatenate([c.images for _, c in asked])
         # a model that takes metadata gets it for every image (encoded unknown when not given), else none does
-        meta = None if asked[0].metadata is None else np.concatenate([c.metadata for c in asked])
+        meta = None if asked[0][1].metadata is None else np.concatenate([c.metadata for _, c in asked])
         out = self.bundle.run(images, meta, threads=self.settings.threads)
         ms_per_row = (time.perf_counter() - t) * 1000 / len(images)
         start = 0
-        for i, call in calls.items():
+        for i, call in asked:
             rows = slice(start, start + len(call.images))
             start = rows.stop
-            try:
-                pipelines[i].send(({k: v[rows] for k, v in out.items()}, ms_per_row * len(call.images)))
-            except StopIteration as done:
-                results[i] = done.value
-            except DermscreenError as exc:
-                results[i] = exc
-        return results
+            share = ms_per_row * len(call.images)
+            spent[i] += share
+            step(i, ({k: v[rows] for k, v in out.items()}, share))
+        return results, spent
 
     def _pipeline(self, decoded: DecodedImage, timings: dict[str, float], age, sex, site,
                   heatmap: bool | None, tta: bool | None) -> Generator[ModelCall, tuple, ScreeningResult]:
@@ -705,14 +714,14 @@ class Screener:
                                quality=quality, ood=ood, reasons=[r for r in reasons if r], image=image,
                                model=self.identity, analysed_at=_now(), debug=debug)
 
-    def _finish(self, result: ScreeningResult, decoded: DecodedImage, timings: dict[str, float],
-                t_start: float | None) -> ScreeningResult:
-        """Attach the image, rounded per-stage timings and the total (since ``t_start``; None: the stages' sum)."""
+    def _finish(self, result: ScreeningResult, decoded: DecodedImage, timings: dict[str, float], t_start: float,
+                earlier_ms: float = 0.0) -> ScreeningResult:
+        """Attach the image, rounded per-stage timings and the total: ``earlier_ms`` plus the time since ``t_start``."""
         result._rgb = decoded.rgb
         # the overlays' size (explain.Heatmaps.display_size), so the outline, the heatmaps and the preview stack
         # exactly; set for refused images too, whose preview is all a client can show of them
         result._display_size = fit_within(*decoded.size, self.settings.heatmap_max_side)
-        timings["total"] = sum(timings.values()) if t_start is None else (time.perf_counter() - t_start) * 1000
+        timings["total"] = earlier_ms + (time.perf_counter() - t_start) * 1000
         result.timings_ms = {k: round(v, 2) for k, v in timings.items()}
         return result
 

@@ -323,6 +323,9 @@ def test_ambiguous_forms_are_refused(client, jpeg):
     two_images = client.post("/api/v1/analyze", files=[("image", ("a.jpg", jpeg, "image/jpeg")),
                                                        ("image", ("b.jpg", jpeg, "image/jpeg"))])
     assert_error(two_images, 422, "more than one image")
+    in_query = client.post("/api/v1/analyze?age=30&heatmap=false&age=40", content=jpeg,
+                           headers={"content-type": "image/jpeg"})
+    assert_error(in_query, 422, "query option 'age' was sent more than once")
     assert analyze(client, jpeg, age="40").status_code == 200
 
 

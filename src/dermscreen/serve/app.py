@@ -170,6 +170,16 @@ def _split_body(body: bytes, content_type: str) -> Upload:
     return upload
 
 
+def _refuse_repeated_query(request: Request) -> None:
+    """A query option given twice (?age=30&age=40) is refused, as a repeated form field is: the framework would
+    keep one of them, and the answer must not depend on which."""
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name in seen:
+            raise UploadError(422, f"The query option '{name}' was sent more than once: send it once.")
+        seen.add(name)
+
+
 def parse_options(query: AnalyzeOptions, fields: dict[str, str]) -> AnalyzeOptions:
     """Query options overridden by form fields, validated (the Screener checks the site against its model)."""
     unknown = sorted(set(fields) - set(AnalyzeOptions.model_fields))
@@ -280,6 +290,7 @@ def _install_routes(app: FastAPI, settings: ServeSettings, screener, limiter: an
               openapi_extra=IMAGE_BODY_DOC, responses={200: result_doc, **ERROR_RESPONSES})
     async def analyze(request: Request, query: Annotated[AnalyzeOptions, Query()]) -> Response:
         """Analyse one image (multipart or raw body) and return the Screener's result as JSON."""
+        _refuse_repeated_query(request)
         upload = await read_upload(request, settings.max_upload_bytes, budget)
         try:
             return await _analyze(screener, upload, parse_options(query, upload.fields), limiter,

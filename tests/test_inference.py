@@ -11,7 +11,7 @@ import dermscreen.bundle
 from dermscreen import inference
 from dermscreen.bundle import Bundle
 from dermscreen.calibration import softmax
-from dermscreen.errors import BundleError, ImageError
+from dermscreen.errors import BundleError, ImageError, InputError
 from dermscreen.inference import load_rgb, predict_files, predict_samples, resolve_model
 from dermscreen.manifests import Sample
 from dermscreen.ood import MahalanobisOOD
@@ -82,6 +82,28 @@ def test_metadata_is_encoded_and_fed(tmp_path, tiny_bundle_meta):
     direct = bundle.run(image, spec.encode(80, "male", "back")[None])["logits"]
     np.testing.assert_allclose(preds.logits[0], direct[0], atol=1e-5)
     assert inference.metadata_matrix(Bundle.load(tiny_bundle_meta), [old]).shape == (1, spec.dim)
+
+
+def test_every_front_end_reads_sex_the_same_way(tmp_path):
+    # one table of spellings (metadata.SEX_SPELLINGS) serves the CSV reader, the encoding and the Screener (and the
+    # API's validator: test_serve_api)
+    from dermscreen.manifests import _parse_sex
+    from dermscreen.metadata import MetadataSpec, sex_code
+    from dermscreen.screening import Screener
+
+    spec = MetadataSpec()
+    for spelling, code in (("M", "male"), (" male ", "male"), ("f", "female"), ("FEMALE", "female"),
+                           ("u", "unknown"), ("Unknown", "unknown"), ("x", None), ("", None), (None, None)):
+        assert sex_code(spelling) == code, spelling
+        assert _parse_sex(spelling) == (code if code in ("male", "female") else None), spelling
+        flags = spec.encode(None, spelling, None)[2:5]
+        assert list(flags) == [code == "male", code == "female", code not in ("male", "female")], spelling
+    check = Screener._metadata_vector
+    fake = type("S", (), {"metadata_spec": None})()
+    for fine in ("M", "female", "u", "", None):
+        check(fake, None, fine, None)
+    with pytest.raises(InputError, match="not recognised"):
+        check(fake, None, "x", None)
 
 
 def test_exif_orientation_is_applied(tmp_path):

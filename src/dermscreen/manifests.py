@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import ManifestError, TaxonomyError, printable
+from .metadata import sex_code
 from .taxonomy import HAM10000, Taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 HAM_COLUMNS = ("lesion_id", "image_id", "dx")
 ISIC_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
-_SEX_ALIASES = {"m": "male", "male": "male", "f": "female", "female": "female"}
 _MISSING = {"", "unknown", "nan", "na", "n/a", "none", "null", "?"}
 
 
@@ -156,8 +156,8 @@ def _parse_age(value: str | None, where: str) -> float | None:
 
 
 def _parse_sex(value: str | None) -> str | None:
-    v = _clean(value)
-    return None if v is None else _SEX_ALIASES.get(v.lower())
+    code = sex_code(_clean(value))
+    return code if code in ("male", "female") else None  # unknown and unreadable alike: not known
 
 
 def _find_image(folder: Path, image_id: str) -> Path | None:

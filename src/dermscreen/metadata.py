@@ -9,6 +9,15 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
+# Every spelling of sex dermscreen accepts (CSV columns, --sex, the API), case and spaces ignored
+SEX_SPELLINGS = {"male": "male", "m": "male", "female": "female", "f": "female", "unknown": "unknown", "u": "unknown"}
+
+
+def sex_code(value: object) -> str | None:
+    """'male', 'female' or 'unknown' for an accepted spelling; None for anything else."""
+    return SEX_SPELLINGS.get(value.strip().lower()) if isinstance(value, str) else None
+
+
 HAM10000_SITES = [
     "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
     "lower extremity", "neck", "scalp", "trunk", "upper extremity",
@@ -31,10 +40,10 @@ class MetadataSpec(BaseModel):
             v[1] = 1.0
         else:
             v[0] = float(age) / 100.0
-        sex_key = (sex or "").strip().lower()
-        if sex_key in ("male", "m"):
+        code = sex_code(sex)
+        if code == "male":
             v[2] = 1.0
-        elif sex_key in ("female", "f"):
+        elif code == "female":
             v[3] = 1.0
         else:
             v[4] = 1.0

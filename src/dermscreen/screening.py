@@ -41,7 +41,7 @@ from .lesion import (
     segment_region,
     smart_crop_box,
 )
-from .metadata import HAM10000_SITES, MetadataSpec
+from .metadata import HAM10000_SITES, MetadataSpec, sex_code
 from .ood import ColourOOD, MahalanobisOOD, colour_features
 from .preprocess import LARGE_IMAGE_REDUCING_GAP, fit_within, model_box, preprocess
 from .quality import QualityReport, QualityThresholds, assess
@@ -446,7 +446,7 @@ class Screener:
                 raise InputError(f"Age must be a number of years, not {age!r}.") from None
             if not 0 <= age <= 120:
                 raise InputError(f"Age {age:g} is out of range: give the patient's age in years (0-120).")
-        if sex is not None and str(sex).strip().lower() not in ("", "male", "female", "m", "f", "u", "unknown"):
+        if sex is not None and str(sex).strip() and sex_code(str(sex)) is None:
             raise InputError(f"Sex {sex!r} is not recognised: use male, female or unknown.")
         sites = self.metadata_spec.sites if self.metadata_spec else HAM10000_SITES
         # "unknown" is a site as HAM10000 itself records it (and as --sex accepts it): encoded as missing

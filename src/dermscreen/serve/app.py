@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import DISCLAIMER, __version__
 from ..errors import BundleError, DermscreenError, ImageError
-from ..metadata import HAM10000_SITES
+from ..metadata import HAM10000_SITES, sex_code
 from ..screening import Screener, ScreenerSettings, ScreeningResult
 from .middleware import (UNEXPECTED_MESSAGE, AccessLogMiddleware, PrivacyHeadersMiddleware,
                          UnexpectedErrorMiddleware)
@@ -66,10 +66,7 @@ class AnalyzeOptions(BaseModel):
     @field_validator("sex", mode="before")
     @classmethod
     def _sex_aliases(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            return {"m": "male", "f": "female", "u": "unknown"}.get(value, value)
-        return value
+        return sex_code(value) or value  # an unknown spelling is left for the Literal to refuse
 
 
 class ErrorBody(BaseModel):

@@ -3,7 +3,7 @@
 EfficientNet-Lite was designed for 8-bit inference (ReLU6, no squeeze-and-excitation), and onnxruntime runs
 int8 convolutions with the CPU's integer dot-product instructions (AVX-512 VNNI, AVX-VNNI, ARM dot product): the
 default model's forward pass took ~9 ms in float and ~4.4 ms in int8 on one core of an AMD EPYC, and `dermscreen
-predict FOLDER`'s workers screened 155-198 images/s (median 185) with the int8 copy against 120-127 with the float
+predict FOLDER`'s workers screened 145-198 images/s (median 183) with the int8 copy against 120-127 with the float
 model on 2 cores (2026-11-23, benchmarks/RESULTS.md, session 13).
 
 Quantization moves the logits a little, so everything that was fitted on them is fitted again, exactly as
